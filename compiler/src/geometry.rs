@@ -1,0 +1,190 @@
+//! Cache geometry of MoA, computed in exactly one place.
+//!
+//! For a sequence length N = prompt_len + max_new_tokens, every query head gets a
+//! capacity C (semantics section 2), every KV head the max over its group (native
+//! GQA), and every layer a packed, batch-major layout (see `docs/kernel-abi.md`):
+//! element (b, kv head j, slot s, d) of one layer's K (or V) buffer lives at
+//! `((b * total_slots + kv_offset[j] + s) * head_dim + d)`.
+
+use crate::error::{Error, Result};
+use crate::plan::{HeadRule, Settings, ValidPlan};
+
+/// Largest N moac accepts: kernels index positions with 32-bit integers.
+pub const MAX_N: u64 = i32::MAX as u64;
+
+/// Element type of the K/V cache and activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    F16,
+    Bf16,
+}
+
+impl Dtype {
+    pub fn size_bytes(self) -> u64 {
+        2
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F16 => "f16",
+            Dtype::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::fmt::Display for Dtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Capacity of one head (semantics section 2):
+/// `c = min(trunc(alpha + beta * N), N)`, `C = ceil(max(c, min) / gran) * gran`.
+/// The sum is done in IEEE double without FMA, exactly like the generated kernels.
+pub fn capacity(rule: HeadRule, n: u64, settings: &Settings) -> u64 {
+    let nf = n as f64;
+    let span = rule.alpha + rule.beta * nf;
+    let c = if span >= nf {
+        n
+    } else if span <= 0.0 {
+        0
+    } else {
+        span.trunc() as u64
+    };
+    let c = c.max(settings.min_capacity);
+    c.div_ceil(settings.granularity) * settings.granularity
+}
+
+/// Geometry of one layer.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LayerGeometry {
+    /// C per query head.
+    pub query_capacity: Vec<u64>,
+    /// C per KV head: max over its group.
+    pub kv_capacity: Vec<u64>,
+    /// First slot of each KV head's region within a sequence's slots.
+    pub kv_offset: Vec<u64>,
+    /// Slots per sequence in this layer (sum of `kv_capacity`).
+    pub total_slots: u64,
+}
+
+impl LayerGeometry {
+    /// Ring length of a query head (its window minus the sink).
+    pub fn query_local(&self, head: usize, sink: u64) -> u64 {
+        self.query_capacity[head] - sink
+    }
+    /// Ring length of a KV head's region.
+    pub fn kv_local(&self, kv_head: usize, sink: u64) -> u64 {
+        self.kv_capacity[kv_head] - sink
+    }
+}
+
+/// Geometry of a whole plan for one N.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CacheGeometry {
+    pub prompt_len: u64,
+    pub max_new_tokens: u64,
+    /// N = prompt_len + max_new_tokens.
+    pub n: u64,
+    pub sink: u64,
+    pub head_dim: u64,
+    pub num_query_heads: usize,
+    pub num_kv_heads: usize,
+    pub layers: Vec<LayerGeometry>,
+}
+
+impl CacheGeometry {
+    /// Computes every capacity and offset of `plan` for a sequence of `prompt_len`
+    /// prompt tokens followed by up to `max_new_tokens` generated ones.
+    pub fn new(plan: &ValidPlan, prompt_len: u64, max_new_tokens: u64) -> Result<Self> {
+        let n = prompt_len
+            .checked_add(max_new_tokens)
+            .filter(|&n| (1..=MAX_N).contains(&n))
+            .ok_or_else(|| {
+                Error::Usage(format!(
+                    "prompt length {prompt_len} + max new tokens {max_new_tokens} must be between 1 and {MAX_N}"
+                ))
+            })?;
+        let settings = plan.settings();
+        let g = plan.model().group_size();
+        let layers = plan
+            .layers()
+            .map(|rules| {
+                let query_capacity: Vec<u64> = rules.iter().map(|&r| capacity(r, n, settings)).collect();
+                let kv_capacity: Vec<u64> = query_capacity
+                    .chunks(g)
+                    .map(|grp| grp.iter().copied().max().unwrap_or(settings.min_capacity))
+                    .collect();
+                let mut kv_offset = Vec::with_capacity(kv_capacity.len());
+                let mut total_slots = 0;
+                for &c in &kv_capacity {
+                    kv_offset.push(total_slots);
+                    total_slots += c;
+                }
+                LayerGeometry {
+                    query_capacity,
+                    kv_capacity,
+                    kv_offset,
+                    total_slots,
+                }
+            })
+            .collect();
+        Ok(CacheGeometry {
+            prompt_len,
+            max_new_tokens,
+            n,
+            sink: settings.sink,
+            head_dim: plan.model().head_dim as u64,
+            num_query_heads: plan.model().num_query_heads,
+            num_kv_heads: plan.model().num_kv_heads,
+            layers,
+        })
+    }
+
+    /// Bytes of one layer's compacted cache, K and V, for `batch` sequences.
+    pub fn layer_kv_bytes(&self, layer: usize, dtype: Dtype, batch: u64) -> u64 {
+        2 * batch * self.layers[layer].total_slots * self.head_dim * dtype.size_bytes()
+    }
+
+    /// Bytes of the whole compacted cache (all layers, K and V).
+    pub fn kv_bytes(&self, dtype: Dtype, batch: u64) -> u64 {
+        (0..self.layers.len()).map(|l| self.layer_kv_bytes(l, dtype, batch)).sum()
+    }
+
+    /// Bytes of a dense cache holding all N tokens for every KV head.
+    pub fn dense_kv_bytes(&self, dtype: Dtype, batch: u64) -> u64 {
+        2 * batch * self.layers.len() as u64 * self.num_kv_heads as u64 * self.n * self.head_dim * dtype.size_bytes()
+    }
+
+    /// Bytes of the official MoA cache: one region per QUERY head (GQA expanded to MHA).
+    pub fn mha_expanded_kv_bytes(&self, dtype: Dtype, batch: u64) -> u64 {
+        let slots: u64 = self.layers.iter().flat_map(|l| l.query_capacity.iter()).sum();
+        2 * batch * slots * self.head_dim * dtype.size_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(alpha: f64, beta: f64) -> HeadRule {
+        HeadRule { alpha, beta }
+    }
+
+    #[test]
+    fn capacity_follows_section_two() {
+        let s = Settings::default();
+        // Worked by hand: trunc, min with N, at least 128, round up to 64.
+        assert_eq!(capacity(rule(0.0, 0.5), 5120, &s), 2560);
+        assert_eq!(capacity(rule(1024.0, 0.125), 5120, &s), 1664);
+        assert_eq!(capacity(rule(-1024.0, 0.125), 5120, &s), 128);
+        assert_eq!(capacity(rule(8192.0, 0.0), 5120, &s), 5120);
+        assert_eq!(capacity(rule(0.0, 1.0), 100, &s), 128);
+        assert_eq!(capacity(rule(0.0, 1.0), 130, &s), 192);
+        assert_eq!(capacity(rule(200.9, 0.0), 1000, &s), 256);
+        assert_eq!(capacity(rule(192.0, 0.0), 1000, &s), 192);
+        assert_eq!(capacity(rule(192.99, 0.0), 1000, &s), 192);
+        assert_eq!(capacity(rule(-5.5, 0.0), 1000, &s), 128);
+        assert_eq!(capacity(rule(1e300, 0.0), 777, &s), 832);
+    }
+}

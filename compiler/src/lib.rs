@@ -1,0 +1,15 @@
+//! moac: a compiler for MoA (Mixture of Sparse Attention) plans.
+//!
+//! The pipeline shows in the modules: [`plan`] (parse and validate into a
+//! [`plan::ValidPlan`]), [`geometry`] (capacities, offsets and bytes for one N, computed in
+//! one place), [`inspect`] (reports).
+
+pub mod error;
+pub mod fsutil;
+pub mod geometry;
+pub mod inspect;
+pub mod plan;
+
+pub use error::{Error, Result};
+pub use geometry::{CacheGeometry, Dtype};
+pub use plan::ValidPlan;
