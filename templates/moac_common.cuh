@@ -5,13 +5,20 @@
 #ifndef MOAC_EMU
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
-#endif
-
 #ifndef INFINITY
-#define INFINITY __builtin_huge_valf()
+#define INFINITY __int_as_float(0x7f800000)
+#endif
 #endif
 
 #define MOAC_FULL_MASK 0xffffffffu
+
+// __launch_bounds__ with a minimum of resident blocks (a register budget for ptxas);
+// the emulation only sees the thread bound.
+#ifndef MOAC_EMU
+#define MOAC_LAUNCH_BOUNDS(max_threads, min_blocks) __launch_bounds__(max_threads, min_blocks)
+#else
+#define MOAC_LAUNCH_BOUNDS(max_threads, min_blocks) __launch_bounds__(max_threads)
+#endif
 
 // ---- element conversions ---------------------------------------------------------
 

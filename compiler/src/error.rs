@@ -93,7 +93,11 @@ impl Error {
         }
     }
 
-    pub(crate) fn plan(path: impl Into<PathBuf>, location: Location, message: impl Into<String>) -> Self {
+    pub(crate) fn plan(
+        path: impl Into<PathBuf>,
+        location: Location,
+        message: impl Into<String>,
+    ) -> Self {
         Error::Plan {
             path: path.into(),
             location,

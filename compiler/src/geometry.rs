@@ -13,7 +13,9 @@ use crate::plan::{HeadRule, Settings, ValidPlan};
 pub const MAX_N: u64 = i32::MAX as u64;
 
 /// Element type of the K/V cache and activations.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Dtype {
     F16,
@@ -110,7 +112,8 @@ impl CacheGeometry {
         let layers = plan
             .layers()
             .map(|rules| {
-                let query_capacity: Vec<u64> = rules.iter().map(|&r| capacity(r, n, settings)).collect();
+                let query_capacity: Vec<u64> =
+                    rules.iter().map(|&r| capacity(r, n, settings)).collect();
                 let kv_capacity: Vec<u64> = query_capacity
                     .chunks(g)
                     .map(|grp| grp.iter().copied().max().unwrap_or(settings.min_capacity))
@@ -148,17 +151,28 @@ impl CacheGeometry {
 
     /// Bytes of the whole compacted cache (all layers, K and V).
     pub fn kv_bytes(&self, dtype: Dtype, batch: u64) -> u64 {
-        (0..self.layers.len()).map(|l| self.layer_kv_bytes(l, dtype, batch)).sum()
+        (0..self.layers.len())
+            .map(|l| self.layer_kv_bytes(l, dtype, batch))
+            .sum()
     }
 
     /// Bytes of a dense cache holding all N tokens for every KV head.
     pub fn dense_kv_bytes(&self, dtype: Dtype, batch: u64) -> u64 {
-        2 * batch * self.layers.len() as u64 * self.num_kv_heads as u64 * self.n * self.head_dim * dtype.size_bytes()
+        2 * batch
+            * self.layers.len() as u64
+            * self.num_kv_heads as u64
+            * self.n
+            * self.head_dim
+            * dtype.size_bytes()
     }
 
     /// Bytes of the official MoA cache: one region per QUERY head (GQA expanded to MHA).
     pub fn mha_expanded_kv_bytes(&self, dtype: Dtype, batch: u64) -> u64 {
-        let slots: u64 = self.layers.iter().flat_map(|l| l.query_capacity.iter()).sum();
+        let slots: u64 = self
+            .layers
+            .iter()
+            .flat_map(|l| l.query_capacity.iter())
+            .sum();
         2 * batch * slots * self.head_dim * dtype.size_bytes()
     }
 }

@@ -49,7 +49,11 @@ pub fn report_json(plan: &ValidPlan, geo: &CacheGeometry, dtype: Dtype) -> serde
 
 /// Number of distinct (alpha, beta) rules in one layer.
 pub fn distinct_rules(plan: &ValidPlan, layer: usize) -> usize {
-    plan.layer(layer).iter().map(|r| r.key()).collect::<BTreeSet<_>>().len()
+    plan.layer(layer)
+        .iter()
+        .map(|r| r.key())
+        .collect::<BTreeSet<_>>()
+        .len()
 }
 
 /// Bytes in a human unit.
@@ -97,7 +101,8 @@ pub fn report_text(plan: &ValidPlan, geo: &CacheGeometry, dtype: Dtype) -> Strin
     for (l, lg) in geo.layers.iter().enumerate() {
         let (qmin, qmax) = min_max(&lg.query_capacity);
         let (kmin, kmax) = min_max(&lg.kv_capacity);
-        let avg = lg.kv_capacity.iter().sum::<u64>() as f64 / (lg.kv_capacity.len() as f64 * geo.n as f64);
+        let avg = lg.kv_capacity.iter().sum::<u64>() as f64
+            / (lg.kv_capacity.len() as f64 * geo.n as f64);
         let _ = writeln!(
             out,
             "{:>5}  {:>5}  {:>15}  {:>15}  {:>8.3}  {:>12}",
@@ -114,7 +119,12 @@ pub fn report_text(plan: &ValidPlan, geo: &CacheGeometry, dtype: Dtype) -> Strin
     let mha = geo.mha_expanded_kv_bytes(dtype, 1);
     let _ = writeln!(out);
     let _ = writeln!(out, "KV cache (K and V, all layers, batch 1):");
-    let _ = writeln!(out, "  moac (native GQA)         {:>12}  {:>14} B", human_bytes(kv), kv);
+    let _ = writeln!(
+        out,
+        "  moac (native GQA)         {:>12}  {:>14} B",
+        human_bytes(kv),
+        kv
+    );
     let _ = writeln!(
         out,
         "  dense, all N tokens        {:>12}  {:>14} B   moac/dense = {:.3}",
@@ -155,12 +165,17 @@ fn ramp(x: f64) -> String {
     let (x0, c0) = STOPS[i];
     let (x1, c1) = STOPS[i + 1];
     let t = ((x - x0) / (x1 - x0)).clamp(0.0, 1.0);
-    let c: Vec<u8> = (0..3).map(|k| (c0[k] + t * (c1[k] - c0[k])).round() as u8).collect();
+    let c: Vec<u8> = (0..3)
+        .map(|k| (c0[k] + t * (c1[k] - c0[k])).round() as u8)
+        .collect();
     format!("#{:02x}{:02x}{:02x}", c[0], c[1], c[2])
 }
 
 fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 /// Heatmap of capacity / N: layers down, query heads across, KV groups separated,
@@ -169,7 +184,10 @@ pub fn heatmap_svg(plan: &ValidPlan, geo: &CacheGeometry) -> String {
     let layers = geo.layers.len();
     let heads = geo.num_query_heads;
     let group = plan.model().group_size();
-    let cell = (560.0 / heads as f64).clamp(6.0, 22.0).min(640.0 / layers as f64).max(4.0);
+    let cell = (560.0 / heads as f64)
+        .clamp(6.0, 22.0)
+        .min(640.0 / layers as f64)
+        .max(4.0);
     let left = 70.0;
     let top = 78.0;
     let grid_w = cell * heads as f64;

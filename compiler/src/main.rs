@@ -7,7 +7,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "moac", version, about = "Compiler and tools for MoA (Mixture of Sparse Attention) plans")]
+#[command(
+    name = "moac",
+    version,
+    about = "Compiler and tools for MoA (Mixture of Sparse Attention) plans"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -89,9 +93,14 @@ fn run(cli: Cli) -> Result<()> {
             let mut file = plan.to_moac_file();
             file.source = Some(plan::SourceSection {
                 plan: input.plan.display().to_string(),
-                config: input.config.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+                config: input
+                    .config
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
             });
-            let mut text = serde_json::to_string_pretty(&file).map_err(|e| moac::Error::Internal(e.to_string()))?;
+            let mut text = serde_json::to_string_pretty(&file)
+                .map_err(|e| moac::Error::Internal(e.to_string()))?;
             text.push('\n');
             moac::fsutil::write_atomic(&output, text.as_bytes())?;
             eprintln!(

@@ -123,7 +123,11 @@ impl ValidPlan {
             None => false,
         };
         if !ok {
-            return Err(Error::plan(&self.source, Location::Head { layer, head }, "no such head"));
+            return Err(Error::plan(
+                &self.source,
+                Location::Head { layer, head },
+                "no such head",
+            ));
         }
         file.betas[layer][head] = rule.beta;
         validate::validate_moac(&self.source, file)
@@ -137,8 +141,16 @@ impl ValidPlan {
             name: Some(self.name.clone()),
             model: self.model,
             settings: self.settings,
-            alphas: self.layers.iter().map(|l| l.iter().map(|r| r.alpha).collect()).collect(),
-            betas: self.layers.iter().map(|l| l.iter().map(|r| r.beta).collect()).collect(),
+            alphas: self
+                .layers
+                .iter()
+                .map(|l| l.iter().map(|r| r.alpha).collect())
+                .collect(),
+            betas: self
+                .layers
+                .iter()
+                .map(|l| l.iter().map(|r| r.beta).collect())
+                .collect(),
             source: None,
         }
     }
@@ -173,7 +185,11 @@ fn read(path: &Path) -> Result<String> {
 /// names, else the file stem.
 fn plan_name(path: &Path) -> String {
     let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("plan");
-    match path.parent().and_then(|p| p.file_name()).and_then(|s| s.to_str()) {
+    match path
+        .parent()
+        .and_then(|p| p.file_name())
+        .and_then(|s| s.to_str())
+    {
         Some(parent) if stem.ends_with("alpha_beta") => format!("{parent}/{stem}"),
         _ => stem.to_string(),
     }

@@ -78,8 +78,11 @@ impl HfConfig {
         let head_dim = match self.head_dim {
             Some(_) => need(self.head_dim, "head_dim")?,
             None => {
-                let hidden = need(self.hidden_size, "hidden_size (needed because head_dim is absent)")?;
-                if hidden % num_query_heads != 0 {
+                let hidden = need(
+                    self.hidden_size,
+                    "hidden_size (needed because head_dim is absent)",
+                )?;
+                if !hidden.is_multiple_of(num_query_heads) {
                     return Err(err(format!(
                         "head_dim is absent and hidden_size {hidden} is not a multiple of num_attention_heads {num_query_heads}"
                     )));
@@ -87,7 +90,7 @@ impl HfConfig {
                 hidden / num_query_heads
             }
         };
-        if num_query_heads % num_kv_heads != 0 {
+        if !num_query_heads.is_multiple_of(num_kv_heads) {
             return Err(err(format!(
                 "num_attention_heads {num_query_heads} is not a multiple of num_key_value_heads {num_kv_heads}"
             )));

@@ -1,6 +1,6 @@
 //! Semantic checks that turn raw plans into a [`ValidPlan`].
 
-use super::{HeadRule, Location, ModelShape, MoaPlanJson, MoacPlanFile, Settings, ValidPlan};
+use super::{HeadRule, Location, MoaPlanJson, MoacPlanFile, ModelShape, Settings, ValidPlan};
 use super::{MOAC_PLAN_FORMAT, MOAC_PLAN_VERSION};
 use crate::error::{Error, Result};
 use std::path::Path;
@@ -17,12 +17,19 @@ pub fn validate(
     check_model(path, &model)?;
     check_settings(path, &settings)?;
     if alphas.is_empty() && betas.is_empty() {
-        return Err(plan_err(Location::Plan, "the plan is empty (no layers)".into()));
+        return Err(plan_err(
+            Location::Plan,
+            "the plan is empty (no layers)".into(),
+        ));
     }
     if alphas.len() != betas.len() {
         return Err(plan_err(
             Location::Plan,
-            format!("\"alphas\" has {} layers but \"betas\" has {}", alphas.len(), betas.len()),
+            format!(
+                "\"alphas\" has {} layers but \"betas\" has {}",
+                alphas.len(),
+                betas.len()
+            ),
         ));
     }
     if alphas.len() != model.num_layers {
@@ -56,7 +63,10 @@ pub fn validate(
                 return Err(plan_err(at, format!("alpha must be finite, got {alpha}")));
             }
             if !beta.is_finite() || beta < 0.0 {
-                return Err(plan_err(at, format!("beta must be finite and >= 0, got {beta}")));
+                return Err(plan_err(
+                    at,
+                    format!("beta must be finite and >= 0, got {beta}"),
+                ));
             }
             // Normalise -0.0 so that equal rules hash and compare equal.
             rules.push(HeadRule {
@@ -75,7 +85,12 @@ pub fn validate(
     })
 }
 
-pub(crate) fn validate_moa(path: &Path, raw: MoaPlanJson, model: ModelShape, settings: Settings) -> Result<ValidPlan> {
+pub(crate) fn validate_moa(
+    path: &Path,
+    raw: MoaPlanJson,
+    model: ModelShape,
+    settings: Settings,
+) -> Result<ValidPlan> {
     validate(path, model, settings, &raw.alphas, &raw.betas)
 }
 
@@ -84,7 +99,10 @@ pub(crate) fn validate_moac(path: &Path, file: MoacPlanFile) -> Result<ValidPlan
         return Err(Error::plan(
             path,
             Location::Plan,
-            format!("\"format\" must be \"{MOAC_PLAN_FORMAT}\", got \"{}\"", file.format),
+            format!(
+                "\"format\" must be \"{MOAC_PLAN_FORMAT}\", got \"{}\"",
+                file.format
+            ),
         ));
     }
     if file.version != MOAC_PLAN_VERSION {
@@ -100,7 +118,11 @@ pub(crate) fn validate_moac(path: &Path, file: MoacPlanFile) -> Result<ValidPlan
     let mut plan = validate(path, file.model, file.settings, &file.alphas, &file.betas)?;
     plan.name = match file.name {
         Some(n) if !n.is_empty() => n,
-        _ => path.file_stem().and_then(|s| s.to_str()).unwrap_or("plan").to_string(),
+        _ => path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("plan")
+            .to_string(),
     };
     Ok(plan)
 }
@@ -110,7 +132,7 @@ fn check_model(path: &Path, m: &ModelShape) -> Result<()> {
     if m.num_layers == 0 || m.num_query_heads == 0 || m.num_kv_heads == 0 || m.head_dim == 0 {
         return err(format!("every model dimension must be positive, got {m:?}"));
     }
-    if m.num_query_heads % m.num_kv_heads != 0 {
+    if !m.num_query_heads.is_multiple_of(m.num_kv_heads) {
         return err(format!(
             "{} query heads is not a multiple of {} KV heads",
             m.num_query_heads, m.num_kv_heads
@@ -122,7 +144,9 @@ fn check_model(path: &Path, m: &ModelShape) -> Result<()> {
 fn check_settings(path: &Path, s: &Settings) -> Result<()> {
     let err = |message: String| Err(Error::plan(path, Location::Plan, message));
     if s.sink == 0 || s.granularity == 0 {
-        return err(format!("settings: sink and granularity must be positive, got {s:?}"));
+        return err(format!(
+            "settings: sink and granularity must be positive, got {s:?}"
+        ));
     }
     if s.min_capacity <= s.sink {
         return err(format!(
