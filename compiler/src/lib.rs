@@ -4,10 +4,16 @@
 //! [`plan::ValidPlan`]), [`geometry`] (capacities, offsets and bytes for one N, computed in
 //! one place), [`inspect`] (reports).
 
+pub mod bindings;
+pub mod cache;
+pub mod compile;
+pub mod emit;
 pub mod error;
 pub mod fsutil;
 pub mod geometry;
 pub mod inspect;
+pub mod ir;
+pub mod nvrtc;
 pub mod plan;
 
 pub use error::{Error, Result};

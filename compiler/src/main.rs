@@ -1,6 +1,8 @@
 //! The `moac` command.
 
 use clap::{Args, Parser, Subcommand};
+use moac::cache::Cache;
+use moac::compile::{self, CompileOptions, EmitKind};
 use moac::geometry::{CacheGeometry, Dtype};
 use moac::{inspect, plan, Result};
 use std::path::PathBuf;
@@ -21,6 +23,8 @@ struct Cli {
 enum Command {
     /// Per-layer capacities and KV-cache bytes of a plan for one sequence length.
     Inspect(InspectArgs),
+    /// Generate CUDA kernels for a plan, compile them with NVRTC, write an artifact.
+    Compile(CompileArgs),
     /// Plan files: convert between forms.
     #[command(subcommand)]
     Plan(PlanCommand),
@@ -56,6 +60,45 @@ struct InspectArgs {
     svg: Option<PathBuf>,
 }
 
+#[derive(Args)]
+struct CompileArgs {
+    #[command(flatten)]
+    input: PlanInput,
+    /// Artifact folder to write (replaced whole if it exists).
+    #[arg(short, long)]
+    output: PathBuf,
+    /// GPU architectures, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "sm_80,sm_90")]
+    arch: Vec<String>,
+    /// Element type of Q, K, V and outputs.
+    #[arg(long, value_enum, default_value_t = Dtype::F16)]
+    dtype: Dtype,
+    /// Specialize to one N: with --max-new-tokens, capacities and offsets become constants.
+    #[arg(long)]
+    prompt_len: Option<u64>,
+    /// Generated tokens for a specialized build (default: the plan's setting, 1024).
+    #[arg(long, requires = "prompt_len")]
+    max_new_tokens: Option<u64>,
+    /// Only these layers, comma-separated (default: all).
+    #[arg(long, value_delimiter = ',')]
+    layers: Option<Vec<usize>>,
+    /// `all`: sources, PTX, CUBIN, bindings. `cuda`: sources and bindings only (no NVRTC needed).
+    #[arg(long, value_enum, default_value_t = EmitKind::All)]
+    emit: EmitKind,
+    /// Compile cache folder (default: $MOAC_CACHE_DIR, else ~/.cache/moac).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Do not read or write the compile cache.
+    #[arg(long)]
+    no_cache: bool,
+    /// Parallel NVRTC compiles (default: one per core).
+    #[arg(long, default_value_t = 0)]
+    jobs: usize,
+    /// Print the time of every kernel compile.
+    #[arg(long)]
+    timings: bool,
+}
+
 #[derive(Subcommand)]
 enum PlanCommand {
     /// Write a self-contained moac plan file from an official MoA plan and its config.
@@ -86,6 +129,51 @@ fn run(cli: Cli) -> Result<()> {
                     println!("heatmap written to {}", svg.display());
                 }
             }
+            Ok(())
+        }
+        Command::Compile(a) => {
+            let plan = plan::load(&a.input.plan, a.input.config.as_deref())?;
+            let fixed = a.prompt_len.map(|p| {
+                (
+                    p,
+                    a.max_new_tokens.unwrap_or(plan.settings().max_new_tokens),
+                )
+            });
+            let opts = CompileOptions {
+                dtype: a.dtype,
+                archs: a.arch,
+                fixed,
+                layers: a.layers,
+                emit: a.emit,
+                cache: (!a.no_cache)
+                    .then(|| Cache::new(a.cache_dir.unwrap_or_else(Cache::default_root))),
+                jobs: a.jobs,
+                progress: true,
+            };
+            let report = compile::compile(&plan, &opts, &a.output)?;
+            if a.timings {
+                for t in &report.timings {
+                    eprintln!(
+                        "{:<40} {:<6} {:>8.1} ms{}",
+                        t.kernel,
+                        t.arch,
+                        t.seconds * 1e3,
+                        if t.cached { " (cached)" } else { "" }
+                    );
+                }
+            }
+            eprintln!(
+                "wrote {}: {} kernels, {} NVRTC compiles, {} from cache, {:.2} s{}",
+                report.out_dir.display(),
+                report.kernels,
+                report.nvrtc_compiles,
+                report.cache_hits,
+                report.elapsed.as_secs_f64(),
+                match &report.nvrtc_version {
+                    Some(v) => format!(" (NVRTC {v})"),
+                    None => " (sources and bindings only)".to_string(),
+                }
+            );
             Ok(())
         }
         Command::Plan(PlanCommand::Import { input, output }) => {

@@ -1,0 +1,177 @@
+//! CUDA source from kernel specs. Rust decides every value; the tera templates under
+//! `templates/` only lay out code. Templates are compiled into the binary.
+
+use crate::error::{Error, Result};
+use crate::geometry::{capacity, Dtype};
+use crate::ir::KernelSpec;
+use crate::plan::Settings;
+use std::sync::OnceLock;
+
+/// Every template, by the name templates include each other with.
+pub const TEMPLATES: [(&str, &str); 7] = [
+    (
+        "moac_common.cuh",
+        include_str!("../../templates/moac_common.cuh"),
+    ),
+    (
+        "geometry.cuh.tera",
+        include_str!("../../templates/geometry.cuh.tera"),
+    ),
+    (
+        "decode.cu.tera",
+        include_str!("../../templates/decode.cu.tera"),
+    ),
+    (
+        "merge.cu.tera",
+        include_str!("../../templates/merge.cu.tera"),
+    ),
+    (
+        "append.cu.tera",
+        include_str!("../../templates/append.cu.tera"),
+    ),
+    ("fill.cu.tera", include_str!("../../templates/fill.cu.tera")),
+    (
+        "prefill.cu.tera",
+        include_str!("../../templates/prefill.cu.tera"),
+    ),
+];
+
+fn engine() -> Result<&'static tera::Tera> {
+    static ENGINE: OnceLock<std::result::Result<tera::Tera, String>> = OnceLock::new();
+    ENGINE
+        .get_or_init(|| {
+            let mut t = tera::Tera::default();
+            t.add_raw_templates(TEMPLATES.to_vec())
+                .map_err(|e| describe(&e))?;
+            Ok(t)
+        })
+        .as_ref()
+        .map_err(|message| Error::Template {
+            name: "templates/".into(),
+            message: message.clone(),
+        })
+}
+
+/// A tera error with its whole chain of causes.
+fn describe(e: &tera::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
+}
+
+/// A finite f64 as a C double literal that reads back to the same value.
+pub fn c_double(v: f64) -> String {
+    let s = format!("{v:?}");
+    if s.contains('.') || s.contains('e') || s.contains("inf") || s.contains("NaN") {
+        s
+    } else {
+        format!("{s}.0")
+    }
+}
+
+fn scalar(dtype: Dtype) -> &'static str {
+    match dtype {
+        Dtype::F16 => "__half",
+        Dtype::Bf16 => "__nv_bfloat16",
+    }
+}
+
+/// The template context of one kernel.
+pub fn context(spec: &KernelSpec) -> tera::Context {
+    let mut ctx = tera::Context::new();
+    ctx.insert("kernel_name", &spec.name);
+    ctx.insert("scalar", scalar(spec.dtype));
+    ctx.insert("dtype", spec.dtype.name());
+    ctx.insert("head_dim", &spec.head_dim);
+    ctx.insert("num_q_heads", &spec.num_query_heads);
+    ctx.insert("num_kv_heads", &spec.num_kv_heads);
+    ctx.insert("group", &spec.group_size());
+    ctx.insert("sink", &spec.sink);
+    ctx.insert("min_capacity", &spec.min_capacity);
+    ctx.insert("granularity", &spec.granularity);
+    let heads: Vec<serde_json::Value> = spec
+        .heads
+        .iter()
+        .map(|r| serde_json::json!({"alpha": c_double(r.alpha), "beta": c_double(r.beta)}))
+        .collect();
+    ctx.insert("heads", &heads);
+    ctx.insert("fixed_n", &spec.fixed_n.unwrap_or(0));
+    let (q_caps, kv_caps, kv_offsets, total_slots) = match spec.fixed_n {
+        Some(n) if !spec.heads.is_empty() => {
+            let settings = Settings {
+                sink: spec.sink,
+                min_capacity: spec.min_capacity,
+                granularity: spec.granularity,
+                max_new_tokens: 0,
+            };
+            let q: Vec<u64> = spec
+                .heads
+                .iter()
+                .map(|&r| capacity(r, n, &settings))
+                .collect();
+            let kv: Vec<u64> = q
+                .chunks(spec.group_size())
+                .map(|g| g.iter().copied().max().unwrap_or(0))
+                .collect();
+            let mut off = Vec::with_capacity(kv.len());
+            let mut total = 0;
+            for c in &kv {
+                off.push(total);
+                total += c;
+            }
+            (q, kv, off, total)
+        }
+        _ => (Vec::new(), Vec::new(), Vec::new(), 0),
+    };
+    ctx.insert("q_caps", &q_caps);
+    ctx.insert("kv_caps", &kv_caps);
+    ctx.insert("kv_offsets", &kv_offsets);
+    ctx.insert("total_slots", &total_slots);
+    // `launch.threads` and, for templates that name their kind, `launch.<kind>.threads`.
+    let mut launch = serde_json::to_value(spec.launch).unwrap_or_default();
+    if let Some(obj) = launch.as_object_mut() {
+        let own = serde_json::to_value(spec.launch).unwrap_or_default();
+        obj.insert(spec.kind.name().to_string(), own);
+    }
+    ctx.insert("launch", &launch);
+    ctx.insert(
+        "mode",
+        match spec.kind {
+            crate::ir::KernelKind::Prefill(m) => m.template_name(),
+            _ => "",
+        },
+    );
+    ctx
+}
+
+/// Renders one kernel's CUDA source.
+pub fn emit(spec: &KernelSpec) -> Result<String> {
+    let tera = engine()?;
+    tera.render(spec.kind.template(), &context(spec))
+        .map_err(|e| Error::Template {
+            name: format!("{} ({})", spec.kind.template(), spec.name),
+            message: describe(&e),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn doubles_read_back() {
+        for v in [0.0, 1024.0, -1024.0, 0.125, 1e300, 1.0 / 3.0, 123456789.5] {
+            let s = c_double(v);
+            assert_eq!(s.parse::<f64>().unwrap(), v, "{s}");
+            assert!(
+                s.contains('.') || s.contains('e'),
+                "{s} must be a double literal"
+            );
+        }
+    }
+}

@@ -1,0 +1,609 @@
+//! The IR between a plan and CUDA text: one [`KernelSpec`] per kernel.
+//!
+//! Lowering is pure: the same plan and options always give the same specs, in the same
+//! order, with the same names. A kernel's name (and so its source) depends only on what
+//! it computes, never on which layers use it: layers whose rules are identical share one
+//! kernel, and changing one layer's rules changes exactly that layer's kernels.
+
+use crate::error::{Error, Result};
+use crate::geometry::{CacheGeometry, Dtype};
+use crate::plan::{hex, HeadRule, ValidPlan};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+
+/// Head dims the kernel templates are built and tested for.
+pub const SUPPORTED_HEAD_DIMS: [usize; 2] = [64, 128];
+
+/// Largest group size the decode kernel keeps in registers.
+pub const MAX_GROUP: usize = 8;
+
+/// Which prefill mask (semantics section 3).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+pub enum PrefillMode {
+    /// Block-sparse sink + band of 64-token blocks, as MoA's own kernels compute.
+    #[value(name = "moa-block64")]
+    #[serde(rename = "moa-block64")]
+    Block64,
+    /// The decode rule applied to every query position.
+    #[value(name = "token")]
+    #[serde(rename = "token")]
+    Token,
+}
+
+impl PrefillMode {
+    pub fn template_name(self) -> &'static str {
+        match self {
+            PrefillMode::Block64 => "block64",
+            PrefillMode::Token => "token",
+        }
+    }
+}
+
+/// Kernel families.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelKind {
+    Decode,
+    Merge,
+    Append,
+    Fill,
+    Prefill(PrefillMode),
+}
+
+impl KernelKind {
+    /// The manifest's `kind` string.
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelKind::Decode => "decode",
+            KernelKind::Merge => "merge",
+            KernelKind::Append => "append",
+            KernelKind::Fill => "fill",
+            KernelKind::Prefill(_) => "prefill",
+        }
+    }
+    /// The template that renders this kind.
+    pub fn template(self) -> &'static str {
+        match self {
+            KernelKind::Decode => "decode.cu.tera",
+            KernelKind::Merge => "merge.cu.tera",
+            KernelKind::Append => "append.cu.tera",
+            KernelKind::Fill => "fill.cu.tera",
+            KernelKind::Prefill(_) => "prefill.cu.tera",
+        }
+    }
+    /// Part of the kernel name: `decode`, `prefill_block64`, ...
+    pub fn slug(self) -> String {
+        match self {
+            KernelKind::Prefill(m) => format!("prefill_{}", m.template_name()),
+            k => k.name().to_string(),
+        }
+    }
+}
+
+/// Launch configuration of one kernel. Which fields matter depends on the kind; the
+/// others keep their defaults so that specs compare and hash predictably.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+pub struct LaunchConfig {
+    /// Threads per block.
+    pub threads: u32,
+    /// decode: KV slots per split (CTA).
+    pub chunk: u32,
+    /// fill: slots per CTA.
+    pub rows: u32,
+    /// prefill: queries per CTA.
+    pub block_q: u32,
+    /// prefill: keys per shared-memory tile.
+    pub block_k: u32,
+}
+
+impl LaunchConfig {
+    /// The default heuristic for each kind (used when no tuning database applies).
+    pub fn default_for(kind: KernelKind, head_dim: usize) -> Self {
+        let base = LaunchConfig {
+            threads: 128,
+            chunk: 0,
+            rows: 0,
+            block_q: 0,
+            block_k: 0,
+        };
+        match kind {
+            KernelKind::Decode => LaunchConfig { chunk: 256, ..base },
+            KernelKind::Merge => LaunchConfig {
+                threads: head_dim as u32,
+                ..base
+            },
+            KernelKind::Append => LaunchConfig {
+                threads: (head_dim / 8).max(32) as u32,
+                ..base
+            },
+            KernelKind::Fill => LaunchConfig { rows: 64, ..base },
+            KernelKind::Prefill(_) => LaunchConfig {
+                threads: 128,
+                block_q: 64,
+                block_k: 64,
+                ..base
+            },
+        }
+    }
+}
+
+/// Everything that determines one kernel's source.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct KernelSpec {
+    /// Deterministic, filename-safe: `moac_<kind>_<16 hex>`.
+    pub name: String,
+    pub kind: KernelKind,
+    pub dtype: Dtype,
+    pub head_dim: usize,
+    pub num_query_heads: usize,
+    pub num_kv_heads: usize,
+    pub sink: u64,
+    pub min_capacity: u64,
+    pub granularity: u64,
+    /// (alpha, beta) of every query head of the layer(s), baked into the source. Empty
+    /// for `merge`, which does not depend on the rules.
+    pub heads: Vec<HeadRule>,
+    /// `Some(N)`: capacities and offsets are compile-time constants for this N.
+    pub fixed_n: Option<u64>,
+    pub launch: LaunchConfig,
+    /// Layers this kernel serves (not part of its identity).
+    pub layers: Vec<usize>,
+}
+
+impl KernelSpec {
+    /// Hash of everything but `name` and `layers`.
+    fn identity_hash(&self) -> String {
+        #[derive(Serialize)]
+        struct Identity<'a> {
+            kind: KernelKind,
+            dtype: Dtype,
+            head_dim: usize,
+            num_query_heads: usize,
+            num_kv_heads: usize,
+            sink: u64,
+            min_capacity: u64,
+            granularity: u64,
+            heads: Vec<(u64, u64)>,
+            fixed_n: Option<u64>,
+            launch: &'a LaunchConfig,
+        }
+        let id = Identity {
+            kind: self.kind,
+            dtype: self.dtype,
+            head_dim: self.head_dim,
+            num_query_heads: self.num_query_heads,
+            num_kv_heads: self.num_kv_heads,
+            sink: self.sink,
+            min_capacity: self.min_capacity,
+            granularity: self.granularity,
+            heads: self.heads.iter().map(|r| r.key()).collect(),
+            fixed_n: self.fixed_n,
+            launch: &self.launch,
+        };
+        let bytes = serde_json::to_vec(&id).unwrap_or_default();
+        hex(&Sha256::digest(&bytes))[..16].to_string()
+    }
+
+    pub fn group_size(&self) -> usize {
+        self.num_query_heads / self.num_kv_heads
+    }
+}
+
+/// Options of a lowering.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LowerOptions {
+    pub dtype: Dtype,
+    /// Specialize to one (prompt_len, max_new_tokens).
+    pub fixed: Option<(u64, u64)>,
+    /// Only these layers (all when `None`).
+    pub layers: Option<Vec<usize>>,
+    /// Launch configurations chosen elsewhere (tuning); keyed by kind.
+    pub launch_overrides: BTreeMap<String, LaunchConfig>,
+}
+
+impl Default for LowerOptions {
+    fn default() -> Self {
+        LowerOptions {
+            dtype: Dtype::F16,
+            fixed: None,
+            layers: None,
+            launch_overrides: BTreeMap::new(),
+        }
+    }
+}
+
+/// The kernels of one layer, by name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LayerKernels {
+    pub layer: usize,
+    pub decode: String,
+    pub merge: String,
+    pub append: String,
+    pub fill: String,
+    pub prefill_block64: String,
+    pub prefill_token: String,
+}
+
+/// A lowered plan: every distinct kernel once, and which kernels each layer uses.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lowered {
+    pub kernels: Vec<KernelSpec>,
+    pub layers: Vec<LayerKernels>,
+    pub geometry: Option<CacheGeometry>,
+}
+
+/// Checks that the kernels can be generated for this plan at all.
+pub fn check_supported(plan: &ValidPlan) -> Result<()> {
+    let m = plan.model();
+    let s = plan.settings();
+    if !SUPPORTED_HEAD_DIMS.contains(&m.head_dim) {
+        return Err(Error::Unsupported(format!(
+            "{}: head_dim {} is not supported by the kernels (supported: {:?})",
+            plan.source().display(),
+            m.head_dim,
+            SUPPORTED_HEAD_DIMS
+        )));
+    }
+    if m.group_size() > MAX_GROUP {
+        return Err(Error::Unsupported(format!(
+            "{}: {} query heads per KV head; the decode kernel supports groups up to {MAX_GROUP}",
+            plan.source().display(),
+            m.group_size()
+        )));
+    }
+    if !s.sink.is_multiple_of(64) || !s.granularity.is_multiple_of(64) {
+        return Err(Error::Unsupported(format!(
+            "{}: the kernels need sink and granularity to be multiples of 64 (64-token blocks), got sink {} and granularity {}",
+            plan.source().display(),
+            s.sink,
+            s.granularity
+        )));
+    }
+    Ok(())
+}
+
+/// Lowers a plan to kernel specs.
+pub fn lower(plan: &ValidPlan, opts: &LowerOptions) -> Result<Lowered> {
+    check_supported(plan)?;
+    let m = plan.model();
+    let s = plan.settings();
+    let layers: Vec<usize> = match &opts.layers {
+        Some(ls) => {
+            for &l in ls {
+                if l >= plan.num_layers() {
+                    return Err(Error::Usage(format!(
+                        "layer {l} does not exist: {} has {} layers",
+                        plan.source().display(),
+                        plan.num_layers()
+                    )));
+                }
+            }
+            let mut ls = ls.clone();
+            ls.sort_unstable();
+            ls.dedup();
+            ls
+        }
+        None => (0..plan.num_layers()).collect(),
+    };
+    if layers.is_empty() {
+        return Err(Error::Usage("no layers selected".into()));
+    }
+    let geometry = match opts.fixed {
+        Some((p, mnt)) => Some(CacheGeometry::new(plan, p, mnt)?),
+        None => None,
+    };
+    let fixed_n = geometry.as_ref().map(|g| g.n);
+    let launch = |kind: KernelKind| {
+        opts.launch_overrides
+            .get(&kind.slug())
+            .copied()
+            .unwrap_or_else(|| LaunchConfig::default_for(kind, m.head_dim))
+    };
+    let make = |kind: KernelKind, heads: Vec<HeadRule>, layer: usize| {
+        let mut spec = KernelSpec {
+            name: String::new(),
+            kind,
+            dtype: opts.dtype,
+            head_dim: m.head_dim,
+            num_query_heads: m.num_query_heads,
+            num_kv_heads: m.num_kv_heads,
+            sink: s.sink,
+            min_capacity: s.min_capacity,
+            granularity: s.granularity,
+            heads,
+            fixed_n,
+            launch: launch(kind),
+            layers: vec![layer],
+        };
+        spec.name = format!("moac_{}_{}", kind.slug(), spec.identity_hash());
+        spec
+    };
+    let mut kernels: Vec<KernelSpec> = Vec::new();
+    let mut index: BTreeMap<String, usize> = BTreeMap::new();
+    let mut add = |spec: KernelSpec| -> String {
+        let name = spec.name.clone();
+        match index.get(&name) {
+            Some(&i) => kernels[i].layers.extend(spec.layers),
+            None => {
+                index.insert(name.clone(), kernels.len());
+                kernels.push(spec);
+            }
+        }
+        name
+    };
+    let mut layer_kernels = Vec::new();
+    for &l in &layers {
+        let rules = plan.layer(l).to_vec();
+        let decode = add(make(KernelKind::Decode, rules.clone(), l));
+        let merge = add(make(KernelKind::Merge, Vec::new(), l));
+        let append = add(make(KernelKind::Append, rules.clone(), l));
+        let fill = add(make(KernelKind::Fill, rules.clone(), l));
+        let prefill_block64 = add(make(
+            KernelKind::Prefill(PrefillMode::Block64),
+            rules.clone(),
+            l,
+        ));
+        let prefill_token = add(make(KernelKind::Prefill(PrefillMode::Token), rules, l));
+        layer_kernels.push(LayerKernels {
+            layer: l,
+            decode,
+            merge,
+            append,
+            fill,
+            prefill_block64,
+            prefill_token,
+        });
+    }
+    Ok(Lowered {
+        kernels,
+        layers: layer_kernels,
+        geometry,
+    })
+}
+
+/// Element type behind a pointer parameter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Elem {
+    /// The build's dtype (f16 or bf16).
+    Scalar,
+    #[serde(rename = "f32")]
+    Float,
+    #[serde(rename = "i32")]
+    Int,
+}
+
+/// Type of one kernel parameter, as passed through `cuLaunchKernel`'s `void**`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", content = "elem", rename_all = "snake_case")]
+pub enum Param {
+    ConstPtr(Elem),
+    MutPtr(Elem),
+    I32,
+    I64,
+    F32,
+}
+
+/// The parameters of each kernel kind, in order (docs/kernel-abi.md).
+pub fn params(kind: KernelKind) -> &'static [(&'static str, Param)] {
+    use Elem::{Float, Int, Scalar};
+    use Param::*;
+    match kind {
+        KernelKind::Append => &[
+            ("k_new", ConstPtr(Scalar)),
+            ("v_new", ConstPtr(Scalar)),
+            ("k_cache", MutPtr(Scalar)),
+            ("v_cache", MutPtr(Scalar)),
+            ("seq_lens", ConstPtr(Int)),
+            ("n", I64),
+            ("batch", I32),
+        ],
+        KernelKind::Fill => &[
+            ("k", ConstPtr(Scalar)),
+            ("v", ConstPtr(Scalar)),
+            ("k_cache", MutPtr(Scalar)),
+            ("v_cache", MutPtr(Scalar)),
+            ("prompt_lens", ConstPtr(Int)),
+            ("p_stride", I32),
+            ("n", I64),
+            ("batch", I32),
+        ],
+        KernelKind::Decode => &[
+            ("q", ConstPtr(Scalar)),
+            ("k_cache", ConstPtr(Scalar)),
+            ("v_cache", ConstPtr(Scalar)),
+            ("seq_lens", ConstPtr(Int)),
+            ("part_o", MutPtr(Float)),
+            ("part_lse", MutPtr(Float)),
+            ("n", I64),
+            ("batch", I32),
+            ("nsplit", I32),
+            ("scale", F32),
+        ],
+        KernelKind::Merge => &[
+            ("part_o", ConstPtr(Float)),
+            ("part_lse", ConstPtr(Float)),
+            ("out", MutPtr(Scalar)),
+            ("batch", I32),
+            ("nsplit", I32),
+        ],
+        KernelKind::Prefill(_) => &[
+            ("q", ConstPtr(Scalar)),
+            ("k", ConstPtr(Scalar)),
+            ("v", ConstPtr(Scalar)),
+            ("o", MutPtr(Scalar)),
+            ("prompt_lens", ConstPtr(Int)),
+            ("p_stride", I32),
+            ("n", I64),
+            ("scale", F32),
+        ],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{validate, ModelShape, Settings};
+    use std::path::Path;
+
+    fn plan(layers: Vec<Vec<(f64, f64)>>, kv: usize) -> ValidPlan {
+        let hq = layers[0].len();
+        let model = ModelShape {
+            num_layers: layers.len(),
+            num_query_heads: hq,
+            num_kv_heads: kv,
+            head_dim: 128,
+        };
+        let alphas: Vec<Vec<f64>> = layers
+            .iter()
+            .map(|l| l.iter().map(|r| r.0).collect())
+            .collect();
+        let betas: Vec<Vec<f64>> = layers
+            .iter()
+            .map(|l| l.iter().map(|r| r.1).collect())
+            .collect();
+        validate(
+            Path::new("t.json"),
+            model,
+            Settings::default(),
+            &alphas,
+            &betas,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn identical_layers_share_kernels() {
+        let a = vec![(0.0, 0.5), (1024.0, 0.25), (0.0, 0.5), (0.0, 0.5)];
+        let b = vec![(0.0, 0.25); 4];
+        let p = plan(vec![a.clone(), b, a], 2);
+        let low = lower(&p, &LowerOptions::default()).unwrap();
+        // Two distinct rule sets x 5 rule-dependent kernels + one merge.
+        assert_eq!(low.kernels.len(), 11);
+        assert_eq!(
+            low.layers[0],
+            LayerKernels {
+                layer: 2,
+                ..low.layers[2].clone()
+            }
+        );
+        assert_ne!(low.layers[0].decode, low.layers[1].decode);
+        assert_eq!(low.layers[0].merge, low.layers[1].merge);
+        let shared = low
+            .kernels
+            .iter()
+            .find(|k| k.name == low.layers[0].decode)
+            .unwrap();
+        assert_eq!(shared.layers, vec![0, 2]);
+        // Deterministic.
+        assert_eq!(low, lower(&p, &LowerOptions::default()).unwrap());
+    }
+
+    #[test]
+    fn changing_one_head_changes_only_its_layers_kernels() {
+        let rows = vec![
+            vec![(0.0, 0.5); 4],
+            vec![(1024.0, 0.125); 4],
+            vec![(0.0, 0.5); 4],
+        ];
+        let p = plan(rows, 2);
+        let before = lower(&p, &LowerOptions::default()).unwrap();
+        let q = p
+            .with_rule(
+                1,
+                3,
+                HeadRule {
+                    alpha: 2048.0,
+                    beta: 0.125,
+                },
+            )
+            .unwrap();
+        let after = lower(&q, &LowerOptions::default()).unwrap();
+        for (x, y) in before.layers.iter().zip(&after.layers) {
+            if x.layer == 1 {
+                assert_ne!(x.decode, y.decode);
+                assert_ne!(x.fill, y.fill);
+                assert_ne!(x.append, y.append);
+                assert_ne!(x.prefill_block64, y.prefill_block64);
+                assert_ne!(x.prefill_token, y.prefill_token);
+                assert_eq!(x.merge, y.merge);
+            } else {
+                assert_eq!(x, y, "layer {} must keep its kernels", x.layer);
+            }
+        }
+    }
+
+    #[test]
+    fn options_change_names() {
+        let p = plan(vec![vec![(0.0, 0.5); 4]], 4);
+        let f16 = lower(&p, &LowerOptions::default()).unwrap();
+        let bf16 = lower(
+            &p,
+            &LowerOptions {
+                dtype: Dtype::Bf16,
+                ..LowerOptions::default()
+            },
+        )
+        .unwrap();
+        let fixed = lower(
+            &p,
+            &LowerOptions {
+                fixed: Some((4096, 1024)),
+                ..LowerOptions::default()
+            },
+        )
+        .unwrap();
+        assert_ne!(f16.layers[0].decode, bf16.layers[0].decode);
+        assert_ne!(f16.layers[0].decode, fixed.layers[0].decode);
+        assert_eq!(fixed.geometry.as_ref().unwrap().n, 5120);
+        for k in &f16.kernels {
+            assert!(k.name.starts_with(&format!("moac_{}_", k.kind.slug())));
+            assert!(k
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_'));
+        }
+    }
+
+    #[test]
+    fn unsupported_inputs() {
+        let mut p = plan(vec![vec![(0.0, 0.5); 4]], 2);
+        assert!(lower(
+            &p,
+            &LowerOptions {
+                layers: Some(vec![3]),
+                ..LowerOptions::default()
+            }
+        )
+        .is_err());
+        let model = ModelShape {
+            num_layers: 1,
+            num_query_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 80,
+        };
+        p = validate(
+            Path::new("t.json"),
+            model,
+            Settings::default(),
+            &[vec![0.0; 4]],
+            &[vec![0.5; 4]],
+        )
+        .unwrap();
+        let err = lower(&p, &LowerOptions::default()).unwrap_err().to_string();
+        assert!(err.contains("head_dim 80"), "{err}");
+    }
+}
