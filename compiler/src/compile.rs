@@ -265,8 +265,7 @@ fn run_nvrtc(
     };
     let next = AtomicUsize::new(0);
     type Slot = Option<Result<(Compiled, KernelTiming)>>;
-    let results: Mutex<Vec<Slot>> =
-        Mutex::new((0..jobs.len()).map(|_| None).collect());
+    let results: Mutex<Vec<Slot>> = Mutex::new((0..jobs.len()).map(|_| None).collect());
     let hits = AtomicUsize::new(0);
     std::thread::scope(|s| {
         for _ in 0..workers {

@@ -493,13 +493,11 @@ mod tests {
         let low = lower(&p, &LowerOptions::default()).unwrap();
         // Two distinct rule sets x 5 rule-dependent kernels + one merge.
         assert_eq!(low.kernels.len(), 11);
-        assert_eq!(
-            low.layers[0],
-            LayerKernels {
-                layer: 2,
-                ..low.layers[2].clone()
-            }
-        );
+        let same_as_0 = LayerKernels {
+            layer: 2,
+            ..low.layers[0].clone()
+        };
+        assert_eq!(same_as_0, low.layers[2]);
         assert_ne!(low.layers[0].decode, low.layers[1].decode);
         assert_eq!(low.layers[0].merge, low.layers[1].merge);
         let shared = low
