@@ -173,11 +173,13 @@ constexpr int warpSize = 32;
 // ---- 4. Scheduler internals ---------------------------------------------------------
 #if MOAC_EMU_ASM_SWITCH
 // moac_emu_ctx_switch(void** save_sp, void* load_sp): push the callee-saved registers
-// (SysV: rbp rbx r12-r15, plus MXCSR and the x87 control word) on the current stack,
-// store rsp in *save_sp, load load_sp and pop the other context's registers.
+// (SysV: rbp rbx r12-r15) on the current stack, store rsp in *save_sp, load load_sp and
+// pop the other context's registers. MXCSR and the x87 control word are not switched:
+// every fiber of a worker shares them, and the worker sets IEEE defaults once (see
+// FpEnv), which is cheaper than ldmxcsr/fldcw on every switch.
 // moac_emu_fiber_tramp: first "return address" of a new fiber; calls r12(rbx).
 // SAFETY: the initial frame built by detail::init_context must match this pop order
-// exactly: [csr][r15][r14][r13][r12][rbx][rbp][ret]. Both symbols are weak + hidden in
+// exactly: [r15][r14][r13][r12][rbx][rbp][ret]. Both symbols are weak + hidden in
 // a COMDAT group, so several translation units including this header link fine.
 extern "C" __attribute__((visibility("hidden"))) void moac_emu_ctx_switch(void** save_sp,
                                                                          void* load_sp);
@@ -195,14 +197,8 @@ moac_emu_ctx_switch:
     pushq %r13
     pushq %r14
     pushq %r15
-    subq  $8, %rsp
-    stmxcsr (%rsp)
-    fnstcw  4(%rsp)
     movq  %rsp, (%rdi)
     movq  %rsi, %rsp
-    ldmxcsr (%rsp)
-    fldcw   4(%rsp)
-    addq  $8, %rsp
     popq  %r15
     popq  %r14
     popq  %r13
@@ -341,9 +337,8 @@ inline void uc_tramp(unsigned hi, unsigned lo) {
 // Prepare `c` so that switching to it runs entry(arg) on [lo, lo+size).
 inline void init_context(Context& c, char* lo, size_t size, void (*entry)(void*), void* arg) {
 #if MOAC_EMU_ASM_SWITCH
-    // SAFETY: the stack is ours (mmap'd, >= 16 KiB); we write 9 words below its top
-    // in the order moac_emu_ctx_switch pops them. MXCSR/x87 CW get IEEE defaults
-    // (round to nearest, no flush-to-zero) whatever the host thread uses.
+    // SAFETY: the stack is ours (mmap'd, >= 16 KiB); we write 8 words below its top
+    // in the order moac_emu_ctx_switch pops them.
     uintptr_t top = (reinterpret_cast<uintptr_t>(lo) + size) & ~uintptr_t(15);
     uint64_t* sp = reinterpret_cast<uint64_t*>(top);
     *--sp = 0;                                                 // keeps 16-byte alignment
@@ -354,7 +349,6 @@ inline void init_context(Context& c, char* lo, size_t size, void (*entry)(void*)
     *--sp = 0;                                                 // r13
     *--sp = 0;                                                 // r14
     *--sp = 0;                                                 // r15
-    *--sp = uint64_t(0x1F80) | (uint64_t(0x037F) << 32);       // MXCSR, x87 CW
     c.sp = sp;
 #else
     getcontext(&c.uc);
@@ -502,14 +496,42 @@ inline std::string describe_deadlock(const Block& b) {
 }
 
 // ---- 4e. Leaving a fiber ----
+// Fibers run in thread order within a pass: a fiber that blocks (or ends) switches
+// straight to the next Ready fiber after it, and to the scheduler only at the end of
+// the pass; the scheduler then starts the next pass from thread 0. This is the same
+// order as a scheduler loop visiting every fiber, with half the switches.
+inline Fiber* next_ready(Block& b, unsigned from) {
+    for (unsigned i = from; i < b.n; ++i)
+        if (b.f[i].st == St::Ready) return &b.f[i];
+    return nullptr;
+}
+
+// Switch away from fiber f, whose state is already updated. Returns when f is resumed,
+// never when `final` (f has ended).
+inline void leave(Worker& w, Fiber& f, bool final) {
+    void** fake = final ? nullptr : &f.asan_fake;  // nullptr tells ASan f is gone
+    Fiber* nx = w.block->failed ? nullptr : next_ready(*w.block, f.lin + 1);
+    if (nx) {
+        w.cur = nx;
+        threadIdx = nx->tid;
+        asan_start(fake, nx->stack_lo, nx->stack_size);
+        raw_switch(f.ctx, nx->ctx);
+    } else {
+        w.cur = nullptr;
+        asan_start(fake, w.sched_lo, w.sched_size);
+        raw_switch(f.ctx, w.sched);
+    }
+    // Resumed: whoever switched here has set w.cur and threadIdx for us.
+    asan_finish(f.asan_fake, nullptr, nullptr);
+}
+
 // SAFETY: the fiber's stack is abandoned (never resumed), so no destructors run past
 // this point; callers keep no owning objects alive (messages are copied into the Block
 // before the switch).
 [[noreturn]] inline void exit_fiber(Worker& w, Fiber& f) {
     f.st = St::Done;
     w.block->live--;
-    asan_start(nullptr, w.sched_lo, w.sched_size);  // nullptr: this fiber never returns
-    raw_switch(f.ctx, w.sched);
+    leave(w, f, true);
     __builtin_unreachable();
 }
 
@@ -528,17 +550,21 @@ inline std::string describe_deadlock(const Block& b) {
     exit_fiber(*w, *w->cur);
 }
 
-// Switch from the running fiber back to the scheduler; returns when resumed.
-inline void yield(Worker& w, Fiber& f) {
-    asan_start(&f.asan_fake, w.sched_lo, w.sched_size);
-    raw_switch(f.ctx, w.sched);
-    asan_finish(f.asan_fake, nullptr, nullptr);
-}
+// Block the running fiber until it is Ready again.
+inline void yield(Worker& w, Fiber& f) { leave(w, f, false); }
 
 inline void fiber_main(void* arg) {
     Fiber& f = *static_cast<Fiber*>(arg);
     Worker& w = *tl_worker;
-    asan_finish(nullptr, &w.sched_lo, &w.sched_size);
+    // The first fiber a worker ever runs is entered from the scheduler: learn the
+    // scheduler's stack from ASan then (later fibers may be entered from a fiber).
+    const void* from_lo = nullptr;
+    size_t from_size = 0;
+    asan_finish(nullptr, &from_lo, &from_size);
+    if (!w.sched_lo) {
+        w.sched_lo = from_lo;
+        w.sched_size = from_size;
+    }
     Block& b = *w.block;
     char msg[512] = {0};
     try {
@@ -784,34 +810,55 @@ inline bool run_block(Worker& w, Block& b) {
         f.pipe_batch = 0;
         f.pending.clear();
         f.asan_fake = nullptr;
-        init_context(f.ctx, f.stack_lo, f.stack_size, &fiber_main, &f);
+        // Stack colouring: stacks are a multiple of 4 KiB apart, so without an offset
+        // every fiber's hot top-of-stack lines would fall in the same cache sets.
+        const size_t colour = size_t((i * 4 + i / 16) % 64) * 64;
+        init_context(f.ctx, f.stack_lo, f.stack_size - colour, &fiber_main, &f);
     }
     w.block = &b;
     while (b.live > 0) {
-        bool ran = false;
-        for (unsigned i = 0; i < b.n; ++i) {
-            Fiber& f = b.f[i];
-            if (f.st != St::Ready) continue;
-            ran = true;
-            w.cur = &f;
-            threadIdx = f.tid;
-            asan_start(&w.sched_fake, f.stack_lo, f.stack_size);
-            raw_switch(w.sched, f.ctx);
-            asan_finish(w.sched_fake, nullptr, nullptr);
-            w.cur = nullptr;
-            if (b.failed) return false;
-        }
-        if (!ran) {
+        // One pass: run the first Ready fiber; it hands over to the next ones itself.
+        Fiber* f = next_ready(b, 0);
+        if (!f) {  // every live fiber waits for something that cannot happen
             b.err = describe_deadlock(b);
             b.failed = true;
             return false;
         }
+        w.cur = f;
+        threadIdx = f->tid;
+        asan_start(&w.sched_fake, f->stack_lo, f->stack_size);
+        raw_switch(w.sched, f->ctx);
+        asan_finish(w.sched_fake, nullptr, nullptr);
+        w.cur = nullptr;
+        if (b.failed) return false;
     }
     return true;
 }
 
+// IEEE floating-point defaults (round to nearest, no flush-to-zero / denormals-are-zero)
+// for the worker's lifetime, whatever the host thread uses; restored afterwards.
+struct FpEnv {
+#if defined(__x86_64__)
+    unsigned mxcsr;
+    unsigned short x87;
+    FpEnv() {
+        asm volatile("stmxcsr %0" : "=m"(mxcsr));
+        asm volatile("fnstcw %0" : "=m"(x87));
+        unsigned dflt = 0x1F80;
+        unsigned short dflt87 = 0x037F;
+        asm volatile("ldmxcsr %0" : : "m"(dflt));
+        asm volatile("fldcw %0" : : "m"(dflt87));
+    }
+    ~FpEnv() {
+        asm volatile("ldmxcsr %0" : : "m"(mxcsr));
+        asm volatile("fldcw %0" : : "m"(x87));
+    }
+#endif
+};
+
 inline void worker_loop(GridState& gs, dim3 grid, dim3 block, void (*invoke)(void*), void* ctx,
                         size_t stack_bytes) {
+    FpEnv fp_env;
     try {
         Worker w;
         Worker* saved = tl_worker;
