@@ -1,9 +1,9 @@
 //! NVRTC through cudarc: finding the library, compiling to PTX and CUBIN, and reading
 //! the resource figures ptxas reports.
 //!
-//! moac looks for NVRTC in this order: the folder in `MOAC_NVRTC_DIR` (holding
-//! `libnvrtc.so.13`, or a Python venv or site-packages root that has `nvidia/cu13/lib`),
-//! then the project-local venv `.venv` that `scripts/setup-nvrtc.sh` creates (searched
+//! moac looks for NVRTC in the folder in `MOAC_NVRTC_DIR` when it is set (holding
+//! `libnvrtc.so.13`, or a Python venv that has `nvidia/cu13/lib`), and otherwise in
+//! the project-local venv `.venv` that `scripts/setup-nvrtc.sh` creates (searched
 //! upwards from the current folder and from the executable's folder), then the system's
 //! library path. Nobody has to export anything.
 
@@ -44,10 +44,31 @@ pub fn check_arch(arch: &str) -> Result<&str> {
 /// Folders that may hold `lib/libnvrtc.so.13` and `include/`, best first.
 fn candidates() -> Vec<PathBuf> {
     let mut roots: Vec<PathBuf> = Vec::new();
-    if let Some(dir) = std::env::var_os("MOAC_NVRTC_DIR") {
-        roots.push(PathBuf::from(dir));
-    }
     let mut starts = Vec::new();
+    if let Some(dir) = std::env::var_os("MOAC_NVRTC_DIR") {
+        // An explicit choice is the only place searched.
+        roots.push(PathBuf::from(dir));
+    } else {
+        collect_starts(&mut starts);
+        for var in ["CUDA_HOME", "CUDA_PATH"] {
+            if let Some(dir) = std::env::var_os(var) {
+                roots.push(PathBuf::from(dir));
+            }
+        }
+        roots.push(PathBuf::from("/usr/local/cuda"));
+    }
+    for start in starts {
+        for dir in start.ancestors() {
+            let venv = dir.join(".venv");
+            if venv.is_dir() {
+                roots.push(venv);
+            }
+        }
+    }
+    expand(roots)
+}
+
+fn collect_starts(starts: &mut Vec<PathBuf>) {
     if let Ok(cwd) = std::env::current_dir() {
         starts.push(cwd);
     }
@@ -59,14 +80,9 @@ fn candidates() -> Vec<PathBuf> {
     if let Some(dir) = option_env!("CARGO_MANIFEST_DIR") {
         starts.push(PathBuf::from(dir));
     }
-    for start in starts {
-        for dir in start.ancestors() {
-            let venv = dir.join(".venv");
-            if venv.is_dir() {
-                roots.push(venv);
-            }
-        }
-    }
+}
+
+fn expand(roots: Vec<PathBuf>) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for root in roots {
         // The folder itself, a cu13 folder, or a venv / site-packages above it.
@@ -85,7 +101,7 @@ fn candidates() -> Vec<PathBuf> {
 
 fn find() -> Option<(PathBuf, PathBuf)> {
     for c in candidates() {
-        for lib in [c.join("lib"), c.clone()] {
+        for lib in [c.join("lib"), c.join("lib64"), c.clone()] {
             if lib.join("libnvrtc.so.13").is_file() {
                 let include = if c.join("include/cuda_fp16.h").is_file() {
                     c.join("include")

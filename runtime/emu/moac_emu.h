@@ -908,8 +908,22 @@ inline void worker_loop(GridState& gs, dim3 grid, dim3 block, void (*invoke)(voi
     }
 }
 
+#if MOAC_EMU_ASAN
+// When ASan/UBSan kill the process, say which CUDA thread was running.
+inline void sanitizer_death_note() {
+    Worker* w = tl_worker;
+    if (w && w->cur && w->block)
+        fprintf(stderr, "moac_emu: the sanitizer report above happened in %s thread %s\n",
+                block_str(*w->block).c_str(), thread_str(*w->block, w->cur->lin).c_str());
+}
+#endif
+
 inline int run_grid(dim3 grid, dim3 block, void (*invoke)(void*), void* ctx, char* err,
                     size_t errlen) {
+#if MOAC_EMU_ASAN
+    static std::once_flag death_note_once;
+    std::call_once(death_note_once, [] { __sanitizer_set_death_callback(&sanitizer_death_note); });
+#endif
     const uint64_t nthreads = uint64_t(block.x) * block.y * block.z;
     if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 0x7fffffffu || grid.y > 65535 ||
         grid.z > 65535) {
@@ -1220,9 +1234,11 @@ inline unsigned long long __brevll(unsigned long long x) {
 }
 inline int __mulhi(int a, int b) { return int((int64_t(a) * b) >> 32); }
 inline unsigned __umulhi(unsigned a, unsigned b) { return unsigned((uint64_t(a) * b) >> 32); }
-inline long long __mul64hi(long long a, long long b) { return (long long)((__int128(a) * b) >> 64); }
+__extension__ typedef __int128 moac_emu_i128;
+__extension__ typedef unsigned __int128 moac_emu_u128;
+inline long long __mul64hi(long long a, long long b) { return (long long)((moac_emu_i128(a) * b) >> 64); }
 inline unsigned long long __umul64hi(unsigned long long a, unsigned long long b) {
-    return (unsigned long long)(((unsigned __int128)a * b) >> 64);
+    return (unsigned long long)((moac_emu_u128(a) * b) >> 64);
 }
 inline int __mul24(int a, int b) { return int(uint32_t((a << 8) >> 8) * uint32_t((b << 8) >> 8)); }
 inline unsigned __umul24(unsigned a, unsigned b) { return (a & 0xffffff) * (b & 0xffffff); }
