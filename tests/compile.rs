@@ -21,11 +21,33 @@ fn small_plan() -> ValidPlan {
 /// A plan of the given shape whose heads cycle through several rules (different rules
 /// inside every KV group).
 fn shaped_plan(hq: usize, hkv: usize, head_dim: usize, layers: usize) -> ValidPlan {
-    let rules = [(0.0, 0.5), (1024.0, 0.125), (-1024.0, 0.25), (8192.0, 0.0), (0.0, 1.0)];
-    let alphas: Vec<Vec<f64>> = (0..layers).map(|l| (0..hq).map(|h| rules[(h + l) % rules.len()].0).collect()).collect();
-    let betas: Vec<Vec<f64>> = (0..layers).map(|l| (0..hq).map(|h| rules[(h + l) % rules.len()].1).collect()).collect();
-    let model = ModelShape { num_layers: layers, num_query_heads: hq, num_kv_heads: hkv, head_dim };
-    moac::plan::validate(Path::new("shaped"), model, Settings::default(), &alphas, &betas).unwrap()
+    let rules = [
+        (0.0, 0.5),
+        (1024.0, 0.125),
+        (-1024.0, 0.25),
+        (8192.0, 0.0),
+        (0.0, 1.0),
+    ];
+    let alphas: Vec<Vec<f64>> = (0..layers)
+        .map(|l| (0..hq).map(|h| rules[(h + l) % rules.len()].0).collect())
+        .collect();
+    let betas: Vec<Vec<f64>> = (0..layers)
+        .map(|l| (0..hq).map(|h| rules[(h + l) % rules.len()].1).collect())
+        .collect();
+    let model = ModelShape {
+        num_layers: layers,
+        num_query_heads: hq,
+        num_kv_heads: hkv,
+        head_dim,
+    };
+    moac::plan::validate(
+        Path::new("shaped"),
+        model,
+        Settings::default(),
+        &alphas,
+        &betas,
+    )
+    .unwrap()
 }
 
 /// NVRTC is required when MOAC_REQUIRE_NVRTC is set (scripts/test.sh sets it, so CI
@@ -46,7 +68,10 @@ fn manifest(dir: &Path) -> Value {
 }
 
 fn options(cache: &Path) -> CompileOptions {
-    CompileOptions { cache: Some(Cache::new(cache)), ..CompileOptions::default() }
+    CompileOptions {
+        cache: Some(Cache::new(cache)),
+        ..CompileOptions::default()
+    }
 }
 
 #[test]
@@ -54,7 +79,14 @@ fn golden_sources() {
     // Snapshot of the emitted CUDA for layer 0 of the small plan; MOAC_UPDATE_GOLDEN=1
     // rewrites the snapshots after an intended change.
     let plan = small_plan();
-    let low = moac::ir::lower(&plan, &moac::ir::LowerOptions { layers: Some(vec![0]), ..Default::default() }).unwrap();
+    let low = moac::ir::lower(
+        &plan,
+        &moac::ir::LowerOptions {
+            layers: Some(vec![0]),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let dir = root().join("tests/golden");
     let update = std::env::var_os("MOAC_UPDATE_GOLDEN").is_some();
     for spec in &low.kernels {
@@ -65,9 +97,14 @@ fn golden_sources() {
             std::fs::create_dir_all(&dir).unwrap();
             std::fs::write(&path, &src).unwrap();
         } else {
-            let want = std::fs::read_to_string(&path)
-                .unwrap_or_else(|e| panic!("{}: {e} (run with MOAC_UPDATE_GOLDEN=1)", path.display()));
-            assert!(want == src, "{} differs from the emitted source (MOAC_UPDATE_GOLDEN=1 to accept)", path.display());
+            let want = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+                panic!("{}: {e} (run with MOAC_UPDATE_GOLDEN=1)", path.display())
+            });
+            assert!(
+                want == src,
+                "{} differs from the emitted source (MOAC_UPDATE_GOLDEN=1 to accept)",
+                path.display()
+            );
         }
     }
 }
@@ -76,20 +113,38 @@ fn golden_sources() {
 fn sources_bake_every_rule() {
     let plan = small_plan();
     let low = moac::ir::lower(&plan, &Default::default()).unwrap();
-    let decode = low.kernels.iter().find(|k| k.name == low.layers[0].decode).unwrap();
+    let decode = low
+        .kernels
+        .iter()
+        .find(|k| k.name == low.layers[0].decode)
+        .unwrap();
     let src = moac::emit::emit(decode).unwrap();
     for lit in ["1024.0", "-1024.0", "8192.0", "0.125", "0.375"] {
         assert!(src.contains(lit), "decode source lacks the literal {lit}");
     }
     assert!(src.contains(&decode.name));
     // A build specialized to one N has the capacities as constants.
-    let fixed = moac::ir::lower(&plan, &moac::ir::LowerOptions { fixed: Some((4000, 96)), ..Default::default() }).unwrap();
+    let fixed = moac::ir::lower(
+        &plan,
+        &moac::ir::LowerOptions {
+            fixed: Some((4000, 96)),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let geo = fixed.geometry.as_ref().unwrap();
-    let spec = fixed.kernels.iter().find(|k| k.name == fixed.layers[0].decode).unwrap();
+    let spec = fixed
+        .kernels
+        .iter()
+        .find(|k| k.name == fixed.layers[0].decode)
+        .unwrap();
     let src = moac::emit::emit(spec).unwrap();
     assert!(src.contains("4096"), "fixed N appears");
     for c in &geo.layers[0].kv_capacity {
-        assert!(src.contains(&c.to_string()), "KV capacity {c} appears as a constant");
+        assert!(
+            src.contains(&c.to_string()),
+            "KV capacity {c} appears as a constant"
+        );
     }
 }
 
@@ -99,7 +154,12 @@ fn emit_cuda_needs_no_nvrtc_and_plain_compile_says_how_to_install() {
     let out = tmp.path().join("art");
     let plan = fixture("small_gqa.moac.json");
     let run = |extra: &[&str]| {
-        let mut args = vec!["compile", plan.to_str().unwrap(), "-o", out.to_str().unwrap()];
+        let mut args = vec![
+            "compile",
+            plan.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ];
         args.extend_from_slice(extra);
         std::process::Command::new(env!("CARGO_BIN_EXE_moac"))
             .args(&args)
@@ -112,16 +172,27 @@ fn emit_cuda_needs_no_nvrtc_and_plain_compile_says_how_to_install() {
     assert_eq!(o.status.code(), Some(1));
     let err = stderr(&o);
     assert_eq!(err.lines().count(), 1, "one clear line: {err}");
-    assert!(err.contains("setup-nvrtc.sh") && err.contains("--emit cuda"), "{err}");
+    assert!(
+        err.contains("setup-nvrtc.sh") && err.contains("--emit cuda"),
+        "{err}"
+    );
     assert!(!out.exists(), "nothing is written without NVRTC");
-    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "no temporary leftovers");
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        0,
+        "no temporary leftovers"
+    );
 
     let o = run(&["--emit", "cuda"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let m = manifest(&out);
     assert_eq!(m["nvrtc_version"], Value::Null);
     let kernels = m["kernels"].as_array().unwrap();
-    assert_eq!(kernels.len(), 11, "3 layers, 2 of them identical: 2 x 5 + merge");
+    assert_eq!(
+        kernels.len(),
+        11,
+        "3 layers, 2 of them identical: 2 x 5 + merge"
+    );
     for k in kernels {
         assert!(out.join(k["source"].as_str().unwrap()).is_file());
         assert_eq!(k["cubin"].as_object().unwrap().len(), 0);
@@ -135,13 +206,21 @@ fn emit_cuda_needs_no_nvrtc_and_plain_compile_says_how_to_install() {
 fn layers_with_identical_rules_share_kernels_in_the_manifest() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("art");
-    let opts = CompileOptions { emit: EmitKind::Cuda, ..options(&tmp.path().join("c")) };
+    let opts = CompileOptions {
+        emit: EmitKind::Cuda,
+        ..options(&tmp.path().join("c"))
+    };
     compile(&small_plan(), &opts, &out).unwrap();
     let m = manifest(&out);
     let layers = m["layers"].as_array().unwrap();
     assert_eq!(layers[0]["decode"], layers[2]["decode"]);
     assert_ne!(layers[0]["decode"], layers[1]["decode"]);
-    let shared = m["kernels"].as_array().unwrap().iter().find(|k| k["name"] == layers[0]["decode"]).unwrap();
+    let shared = m["kernels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["name"] == layers[0]["decode"])
+        .unwrap();
     assert_eq!(shared["layers"], serde_json::json!([0, 2]));
 }
 
@@ -169,13 +248,33 @@ fn compile_errors_write_nothing() {
     let cfg = tmp.path().join("config.json");
     std::fs::write(&cfg, r#"{"num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 80}"#).unwrap();
     let p = tmp.path().join("plan.json");
-    std::fs::write(&p, r#"{"alphas": [[0,0,0,0]], "betas": [[0.5,0.5,0.5,0.5]]}"#).unwrap();
-    let o = moac(&["compile", p.to_str().unwrap(), "--config", cfg.to_str().unwrap(), "-o", out.to_str().unwrap(), "--emit", "cuda"]);
+    std::fs::write(
+        &p,
+        r#"{"alphas": [[0,0,0,0]], "betas": [[0.5,0.5,0.5,0.5]]}"#,
+    )
+    .unwrap();
+    let o = moac(&[
+        "compile",
+        p.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--emit",
+        "cuda",
+    ]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("head_dim 80"), "{}", stderr(&o));
     assert!(!out.exists());
     // bf16 on an arch without bf16.
-    let o = go(&["-o", out.to_str().unwrap(), "--dtype", "bf16", "--arch", "sm_75"]);
+    let o = go(&[
+        "-o",
+        out.to_str().unwrap(),
+        "--dtype",
+        "bf16",
+        "--arch",
+        "sm_75",
+    ]);
     assert_eq!(o.status.code(), Some(1));
     assert!(!out.exists());
     // A failing compile leaves an existing artifact untouched.
@@ -184,13 +283,19 @@ fn compile_errors_write_nothing() {
     let before = std::fs::read_to_string(out.join("manifest.json")).unwrap();
     let o = go(&["-o", out.to_str().unwrap(), "--arch", "sm_1"]);
     assert_eq!(o.status.code(), Some(1));
-    assert_eq!(before, std::fs::read_to_string(out.join("manifest.json")).unwrap());
+    assert_eq!(
+        before,
+        std::fs::read_to_string(out.join("manifest.json")).unwrap()
+    );
     let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
         .unwrap()
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().starts_with(".moac"))
         .collect();
-    assert!(leftovers.is_empty(), "temporary folders left: {leftovers:?}");
+    assert!(
+        leftovers.is_empty(),
+        "temporary folders left: {leftovers:?}"
+    );
 }
 
 fn check_artifact(out: &Path, archs: &[&str]) -> Value {
@@ -199,13 +304,26 @@ fn check_artifact(out: &Path, archs: &[&str]) -> Value {
     for k in m["kernels"].as_array().unwrap() {
         let name = k["name"].as_str().unwrap();
         let src = std::fs::read(out.join(k["source"].as_str().unwrap())).unwrap();
-        assert_eq!(k["source_sha256"].as_str().unwrap(), moac::plan::hex(&sha2_digest(&src)));
-        assert!(out.join(k["ptx"].as_str().unwrap()).is_file(), "{name} has PTX");
+        assert_eq!(
+            k["source_sha256"].as_str().unwrap(),
+            moac::plan::hex(&sha2_digest(&src))
+        );
+        assert!(
+            out.join(k["ptx"].as_str().unwrap()).is_file(),
+            "{name} has PTX"
+        );
         for arch in archs {
             let c = &k["cubin"][arch];
-            let path = out.join(c["path"].as_str().unwrap_or_else(|| panic!("{name} lacks a {arch} CUBIN")));
+            let path = out.join(
+                c["path"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{name} lacks a {arch} CUBIN")),
+            );
             assert!(std::fs::metadata(&path).unwrap().len() > 0);
-            assert!(c["registers"].as_u64().unwrap() > 0, "{name} {arch}: registers reported");
+            assert!(
+                c["registers"].as_u64().unwrap() > 0,
+                "{name} {arch}: registers reported"
+            );
             let kind = k["kind"].as_str().unwrap();
             if kind == "decode" || kind == "append" {
                 assert_eq!(c["spill_bytes"], 0, "{name} {arch} spills");
@@ -213,7 +331,10 @@ fn check_artifact(out: &Path, archs: &[&str]) -> Value {
         }
         if k["kind"] == "decode" {
             let ptx = std::fs::read_to_string(out.join(k["ptx"].as_str().unwrap())).unwrap();
-            assert!(ptx.contains("ld.global.nc.v4") || ptx.contains("cp.async"), "{name}: decode PTX uses 16-byte loads");
+            assert!(
+                ptx.contains("ld.global.nc.v4") || ptx.contains("cp.async"),
+                "{name}: decode PTX uses 16-byte loads"
+            );
         }
     }
     m
@@ -235,7 +356,10 @@ fn every_kernel_compiles_for_sm80_and_sm90_in_both_dtypes_and_head_dims() {
         for dtype in [moac::Dtype::F16, moac::Dtype::Bf16] {
             let plan = shaped_plan(hq, hkv, d, 1);
             let out = tmp.path().join(format!("a{hq}_{hkv}_{d}_{dtype}"));
-            let opts = CompileOptions { dtype, ..options(&tmp.path().join("cache")) };
+            let opts = CompileOptions {
+                dtype,
+                ..options(&tmp.path().join("cache"))
+            };
             compile(&plan, &opts, &out).unwrap();
             check_artifact(&out, &["sm_80", "sm_90"]);
         }
@@ -249,7 +373,10 @@ fn second_identical_compile_does_no_nvrtc_work_and_corrupt_entries_rebuild() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let cache_dir = tmp.path().join("cache");
-    let opts = CompileOptions { archs: vec!["sm_90".into()], ..options(&cache_dir) };
+    let opts = CompileOptions {
+        archs: vec!["sm_90".into()],
+        ..options(&cache_dir)
+    };
     let plan = shaped_plan(8, 2, 64, 1);
     let first = compile(&plan, &opts, &tmp.path().join("a")).unwrap();
     assert_eq!(first.cache_hits, 0);
@@ -263,7 +390,10 @@ fn second_identical_compile_does_no_nvrtc_work_and_corrupt_entries_rebuild() {
         std::fs::read_to_string(tmp.path().join("b/manifest.json")).unwrap()
     );
     // Corrupt one entry's CUBIN: exactly that compile runs again.
-    let entry = walk(&cache_dir).into_iter().find(|p| p.ends_with("kernel.cubin")).unwrap();
+    let entry = walk(&cache_dir)
+        .into_iter()
+        .find(|p| p.ends_with("kernel.cubin"))
+        .unwrap();
     std::fs::write(&entry, b"garbage").unwrap();
     let third = compile(&plan, &opts, &tmp.path().join("c")).unwrap();
     assert_eq!(third.nvrtc_compiles, 1);
@@ -290,13 +420,35 @@ fn changing_one_alpha_recompiles_only_that_layer() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let opts = CompileOptions { archs: vec!["sm_90".into()], ..options(&tmp.path().join("cache")) };
+    let opts = CompileOptions {
+        archs: vec!["sm_90".into()],
+        ..options(&tmp.path().join("cache"))
+    };
     let plan = small_plan();
     compile(&plan, &opts, &tmp.path().join("a")).unwrap();
-    let changed = plan.with_rule(1, 5, HeadRule { alpha: 2048.0, beta: 0.25 }).unwrap();
+    let changed = plan
+        .with_rule(
+            1,
+            5,
+            HeadRule {
+                alpha: 2048.0,
+                beta: 0.25,
+            },
+        )
+        .unwrap();
     let report = compile(&changed, &opts, &tmp.path().join("b")).unwrap();
-    let (a, b) = (manifest(&tmp.path().join("a")), manifest(&tmp.path().join("b")));
-    let kinds = ["decode", "append", "fill", "prefill_block64", "prefill_token", "merge"];
+    let (a, b) = (
+        manifest(&tmp.path().join("a")),
+        manifest(&tmp.path().join("b")),
+    );
+    let kinds = [
+        "decode",
+        "append",
+        "fill",
+        "prefill_block64",
+        "prefill_token",
+        "merge",
+    ];
     for l in 0..3 {
         for kind in kinds {
             let (x, y) = (&a["layers"][l][kind], &b["layers"][l][kind]);
@@ -320,12 +472,22 @@ fn every_example_plan_compiles_to_a_complete_artifact() {
     for (i, (plan, config)) in example_plans().into_iter().enumerate() {
         let out = tmp.path().join(format!("art{i}"));
         let o = std::process::Command::new(env!("CARGO_BIN_EXE_moac"))
-            .args(["compile", plan.to_str().unwrap(), "--config", config.to_str().unwrap(), "-o", out.to_str().unwrap()])
+            .args([
+                "compile",
+                plan.to_str().unwrap(),
+                "--config",
+                config.to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+            ])
             .env("MOAC_CACHE_DIR", tmp.path().join("cache"))
             .output()
             .unwrap();
         assert!(o.status.success(), "{}: {}", plan.display(), stderr(&o));
         let m = check_artifact(&out, &["sm_80", "sm_90"]);
-        assert_eq!(m["layers"].as_array().unwrap().len(), 32.min(m["num_layers"].as_u64().unwrap() as usize));
+        assert_eq!(
+            m["layers"].as_array().unwrap().len(),
+            32.min(m["num_layers"].as_u64().unwrap() as usize)
+        );
     }
 }

@@ -9,7 +9,10 @@ use std::path::Path;
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let dir = root.join("examples/plans/gradientai--Llama-3-8B-Instruct-262k");
-    let plan = match moac::plan::load(&dir.join("moa_alpha_beta.json"), Some(&dir.join("config.json"))) {
+    let plan = match moac::plan::load(
+        &dir.join("moa_alpha_beta.json"),
+        Some(&dir.join("config.json")),
+    ) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("error: {e}");
@@ -28,8 +31,13 @@ fn main() {
         emit: EmitKind::All,
         ..CompileOptions::default()
     };
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    println!("Llama-3-8B MoA plan, archs {:?}, {} cores", opts.archs, cores);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    println!(
+        "Llama-3-8B MoA plan, archs {:?}, {} cores",
+        opts.archs, cores
+    );
     let cold = compile(&plan, &opts, &out).expect("cold compile");
     let warm = compile(&plan, &opts, &out).expect("warm compile");
     println!("kernel                                        arch    cold ms");
@@ -51,5 +59,8 @@ fn main() {
         warm.nvrtc_compiles,
         warm.cache_hits
     );
-    println!("cold/warm = {:.0}x", cold.elapsed.as_secs_f64() / warm.elapsed.as_secs_f64());
+    println!(
+        "cold/warm = {:.0}x",
+        cold.elapsed.as_secs_f64() / warm.elapsed.as_secs_f64()
+    );
 }

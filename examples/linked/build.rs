@@ -5,15 +5,22 @@
 use std::path::PathBuf;
 
 fn main() {
-    let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
+    let manifest_dir =
+        PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
     let root = manifest_dir.join("../..");
     let plan_dir = root.join("examples/plans/meta-llama--Llama-3.2-1B-Instruct");
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join("artifact");
     println!("cargo:rerun-if-changed={}", plan_dir.display());
-    println!("cargo:rerun-if-changed={}", root.join("templates").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("templates").display()
+    );
     println!("cargo:rerun-if-env-changed=MOAC_NVRTC_DIR");
 
-    let plan = match moac::plan::load(&plan_dir.join("moa_alpha_beta.json"), Some(&plan_dir.join("config.json"))) {
+    let plan = match moac::plan::load(
+        &plan_dir.join("moa_alpha_beta.json"),
+        Some(&plan_dir.join("config.json")),
+    ) {
         Ok(p) => p,
         Err(e) => panic!("example plan: {e}"),
     };

@@ -12,8 +12,9 @@
 //     until it reaches a barrier or a warp collective, then the next fiber runs. So threads
 //     interleave ONLY at sync points: a missing __syncthreads shows up as stale reads.
 //   * `__shared__` is `static thread_local`: one copy per OS thread, correct because an OS
-//     thread runs one block at a time. `extern __shared__` (dynamic shared memory) is not
-//     supported by this macro; see MOAC_EMU_DYNAMIC_SHARED below.
+//     thread runs one block at a time. `extern __shared__` cannot be expressed that way:
+//     write MOAC_EMU_DYNAMIC_SHARED(T, name) at function scope instead (section 5b) and
+//     launch with the dynamic size (launch overload / MOAC_EMU_ENTRY_DYN).
 //   * Deadlocks (no fiber of a block can proceed), traps and C++ exceptions end the launch
 //     with an error message naming the block and threads; the launch returns non-zero.
 //
@@ -25,8 +26,31 @@
 //   extern "C" int moac_emu_launch_<kernel>(unsigned gx, unsigned gy, unsigned gz,
 //                                           unsigned bx, unsigned by, unsigned bz,
 //                                           void** params, char* err, size_t errlen);
+//   MOAC_EMU_ENTRY_DYN(kernel) defines moac_emu_launch_dyn_<kernel>(..., unsigned bz,
+//                                    unsigned dyn_smem_bytes, void** params, char* err, size_t errlen)
 //   Return values: 0 ok, 1 the kernel failed (deadlock, trap, misaligned access,
 //   exception), 2 invalid launch (configuration or params), 3 internal (out of memory).
+//
+// Not emulated / limitations
+//   * Inline PTX, ldmatrix/mma, TMA, clusters, cooperative groups, cuda::pipeline: put
+//     them behind named helpers with a portable body.
+//   * Fibers are not preempted: a thread spinning on a flag that another thread of the
+//     same block (or a block not yet started) must set hangs. Barriers and collectives
+//     never hang: a block where no fiber can proceed is reported as a deadlock.
+//   * Strict barrier rule: every thread of the block must reach __syncthreads (a thread
+//     that exited makes the others' barrier a reported deadlock).
+//   * A shuffle whose source lane is outside the mask returns the caller's own value
+//     (undefined in CUDA). __activemask() returns the warp's non-exited lanes.
+//   * __expf/__logf/rsqrtf/... are the accurate libm functions; compare with tolerances.
+//   * Plain (non-__ldg) misaligned uint4/float4 accesses are only reported under
+//     -fsanitize=undefined (alignment check); __ldg, the __ld*/__st* hints,
+//     moac_emu_load16/store16 and __pipeline_memcpy_async check always.
+//   * A fiber stack overflow hits a guard page (SIGSEGV), it is not turned into an error.
+//     Raise MOAC_EMU_STACK (default 64 KiB, 256 KiB under ASan) for big local arrays.
+//   * The x86-64 switch does not maintain a CET shadow stack; build with
+//     -DMOAC_EMU_UCONTEXT where shadow stacks are enforced.
+//   * `assert` fails the launch; a later `#include <assert.h>` in the kernel restores
+//     the aborting libc macro.
 
 #ifndef MOAC_EMU_H
 #define MOAC_EMU_H
@@ -300,6 +324,8 @@ struct Worker {
 };
 
 inline thread_local Worker* tl_worker = nullptr;
+// Dynamic shared memory of the block running on this OS thread (MOAC_EMU_DYNAMIC_SHARED).
+inline thread_local unsigned char* tl_dyn_smem = nullptr;
 
 // ---- 4a. ASan fiber annotations (no-ops without ASan) ----
 inline void asan_start(void** fake_save, const void* lo, size_t size) {
@@ -857,16 +883,23 @@ struct FpEnv {
 };
 
 inline void worker_loop(GridState& gs, dim3 grid, dim3 block, void (*invoke)(void*), void* ctx,
-                        size_t stack_bytes) {
+                        size_t stack_bytes, size_t dyn_smem) {
     FpEnv fp_env;
     try {
         Worker w;
+        // 128-byte aligned like the GPU's shared window; one buffer per OS thread.
+        std::unique_ptr<unsigned char[]> dyn_store(new unsigned char[dyn_smem + 128]());
+        unsigned char* dyn = reinterpret_cast<unsigned char*>(
+            (reinterpret_cast<uintptr_t>(dyn_store.get()) + 127) & ~uintptr_t(127));
         Worker* saved = tl_worker;
+        unsigned char* saved_dyn = tl_dyn_smem;
         tl_worker = &w;
+        tl_dyn_smem = dyn;
         struct Restore {
             Worker* s;
-            ~Restore() { tl_worker = s; }
-        } restore{saved};
+            unsigned char* d;
+            ~Restore() { tl_worker = s; tl_dyn_smem = d; }
+        } restore{saved, saved_dyn};
         const unsigned n = block.x * block.y * block.z;
         StackPool pool;
         if (!pool.reserve(n, stack_bytes)) {
@@ -918,8 +951,8 @@ inline void sanitizer_death_note() {
 }
 #endif
 
-inline int run_grid(dim3 grid, dim3 block, void (*invoke)(void*), void* ctx, char* err,
-                    size_t errlen) {
+inline int run_grid(dim3 grid, dim3 block, size_t dyn_smem, void (*invoke)(void*), void* ctx,
+                    char* err, size_t errlen) {
 #if MOAC_EMU_ASAN
     static std::once_flag death_note_once;
     std::call_once(death_note_once, [] { __sanitizer_set_death_callback(&sanitizer_death_note); });
@@ -933,6 +966,10 @@ inline int run_grid(dim3 grid, dim3 block, void (*invoke)(void*), void* ctx, cha
     if (nthreads == 0 || nthreads > 1024 || block.z > 64) {
         write_err(err, errlen, fmt("invalid block (%u,%u,%u): 1..1024 threads, z <= 64",
                                    block.x, block.y, block.z));
+        return kInvalidLaunch;
+    }
+    if (dyn_smem > (64u << 20)) {
+        write_err(err, errlen, fmt("dynamic shared memory of %zu bytes is too large", dyn_smem));
         return kInvalidLaunch;
     }
     const uint64_t nblocks = uint64_t(grid.x) * grid.y * grid.z;
@@ -949,11 +986,11 @@ inline int run_grid(dim3 grid, dim3 block, void (*invoke)(void*), void* ctx, cha
     std::vector<std::thread> pool;
     try {
         for (unsigned i = 1; i < nworkers; ++i)
-            pool.emplace_back(worker_loop, std::ref(gs), grid, block, invoke, ctx, stack_bytes);
+            pool.emplace_back(worker_loop, std::ref(gs), grid, block, invoke, ctx, stack_bytes, dyn_smem);
     } catch (const std::system_error&) {
         // fewer OS threads than asked: the others share the work
     }
-    worker_loop(gs, grid, block, invoke, ctx, stack_bytes);  // the calling thread works too
+    worker_loop(gs, grid, block, invoke, ctx, stack_bytes, dyn_smem);  // the calling thread works too
     for (auto& t : pool) t.join();
     if (gs.code != kOk) write_err(err, errlen, gs.msg);
     else write_err(err, errlen, "");
@@ -966,7 +1003,7 @@ inline int run_grid(dim3 grid, dim3 block, void (*invoke)(void*), void* ctx, cha
 // Unpacks params[i] as *static_cast<A_i*>(params[i]) (cuLaunchKernel's kernelParams),
 // runs the whole grid and returns 0, or non-zero with a message in err.
 template <class... A>
-int launch(void (*kernel)(A...), dim3 grid, dim3 block, void** params, char* err,
+int launch(void (*kernel)(A...), dim3 grid, dim3 block, size_t dyn_smem, void** params, char* err,
            size_t errlen) {
     using Tup = std::tuple<std::decay_t<A>...>;
     constexpr size_t N = sizeof...(A);
@@ -993,12 +1030,22 @@ int launch(void (*kernel)(A...), dim3 grid, dim3 block, void** params, char* err
             Call* c = static_cast<Call*>(p);
             std::apply(c->k, *c->a);
         };
-        return detail::run_grid(grid, block, invoke, &call, err, errlen);
+        return detail::run_grid(grid, block, dyn_smem, invoke, &call, err, errlen);
     } catch (const std::exception& e) {
         detail::write_err(err, errlen, detail::fmt("internal error: %s", e.what()));
         return kInternalError;
     }
 }
+
+// The same without dynamic shared memory.
+template <class... A>
+int launch(void (*kernel)(A...), dim3 grid, dim3 block, void** params, char* err,
+           size_t errlen) {
+    return launch(kernel, grid, block, size_t(0), params, err, errlen);
+}
+
+// This block's dynamic shared memory (the size given at launch, zero-filled per launch).
+inline void* dynamic_shared() { return detail::tl_dyn_smem; }
 
 }  // namespace moac_emu
 
@@ -1009,6 +1056,18 @@ int launch(void (*kernel)(A...), dim3 grid, dim3 block, void** params, char* err
         return ::moac_emu::launch(kernel, dim3(gx, gy, gz), dim3(bx, by, bz), params, err,      \
                                   errlen);                                                      \
     }
+#define MOAC_EMU_ENTRY_DYN(kernel)                                                              \
+    extern "C" __attribute__((visibility("default"))) int moac_emu_launch_dyn_##kernel(         \
+        unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,           \
+        unsigned dyn_smem_bytes, void** params, char* err, size_t errlen) {                     \
+        return ::moac_emu::launch(kernel, dim3(gx, gy, gz), dim3(bx, by, bz),                   \
+                                  size_t(dyn_smem_bytes), params, err, errlen);                 \
+    }
+
+// ---- 5b. Dynamic shared memory ----
+// CUDA:  extern __shared__ __align__(16) T name[];
+// emu:   MOAC_EMU_DYNAMIC_SHARED(T, name);   (function scope; `name` is a T*)
+#define MOAC_EMU_DYNAMIC_SHARED(T, name) T* const name = static_cast<T*>(::moac_emu::dynamic_shared())
 
 // ---- 6. Traps, assert, alignment checks ---------------------------------------------
 // Ends the calling CUDA thread and fails the launch with `msg`.

@@ -1,1 +1,12 @@
-pub fn placeholder() {}
+//! moac-runtime: runs moac artifacts (MoA sparse attention with a compacted KV cache).
+//!
+//! Backends: `cpu` (the candle-core reference in [`reference`]), `emu` (the generated CUDA
+//! source run on the CPU) and `cuda`.
+
+pub mod error;
+pub mod layer;
+pub mod reference;
+pub mod semantics;
+
+pub use error::{Error, Result};
+pub use layer::LayerShape;

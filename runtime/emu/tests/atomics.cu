@@ -82,6 +82,6 @@ int main() {
     expect(c.guarded == nb && c.lock == 0, "CAS spin lock: %d", c.guarded);
     expect(total == float(nb) * (nb - 1) / 2, "threadfence reduction total %g", total);
     expect(g_threads.size() > 1, "blocks ran on %zu OS thread(s), want several", g_threads.size());
-    printf("  %d blocks ran on %zu OS threads\n", nb, g_threads.size());
+    printf("  [%d blocks ran on %zu OS threads]\n", nb, g_threads.size());
     return finish("atomics");
 }

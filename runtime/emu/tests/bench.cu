@@ -38,12 +38,15 @@ int main() {
     char err[512];
     int rc = 0;
     moac_emu::launch(many_barriers, dim3(8), dim3(128), p, err, sizeof err);  // warm up
-    const double t1 = time_ms([&] { rc = moac_emu::launch(many_barriers, dim3(1000), dim3(128), p, err, sizeof err); });
+    double t1 = 1e30, t2 = 1e30;
+    for (int rep = 0; rep < 3; ++rep)  // best of 3: the machine may be shared
+        t1 = std::min(t1, time_ms([&] { rc = moac_emu::launch(many_barriers, dim3(1000), dim3(128), p, err, sizeof err); }));
     expect(rc == 0, "barriers rc=%d %s", rc, err);
     float want = 0;
     for (int i = 0; i < 64; ++i) want += float(i % 128);
     expect(out[999] == want, "barrier kernel result %g want %g", out[999], want);
-    const double t2 = time_ms([&] { rc = moac_emu::launch(warp_shuffles, dim3(256), dim3(128), p, err, sizeof err); });
+    for (int rep = 0; rep < 3; ++rep)
+        t2 = std::min(t2, time_ms([&] { rc = moac_emu::launch(warp_shuffles, dim3(256), dim3(128), p, err, sizeof err); }));
     expect(rc == 0, "shuffles rc=%d %s", rc, err);
     for (int b : {0, 255}) {
         for (int t : {0, 33, 127}) {
@@ -57,10 +60,11 @@ int main() {
             expect(std::fabs(out[b * 128 + t] - w) <= 1e-3f * std::fabs(w), "shuffle result b%d t%d: %g want %g", b, t, out[b * 128 + t], w);
         }
     }
+    const unsigned nth = std::thread::hardware_concurrency();
     const char* th = getenv("MOAC_EMU_THREADS");
-    printf("  [%s OS threads] 1000 blocks x 128 threads x 64 __syncthreads: %.1f ms (%.1f ns per thread-barrier)\n",
-           th ? th : "default", t1, t1 * 1e6 / (1000.0 * 128 * 64));
-    printf("  [%s OS threads] 256 blocks x 128 threads x 60 warp shuffles: %.1f ms (%.1f ns per thread-shuffle)\n",
-           th ? th : "default", t2, t2 * 1e6 / (256.0 * 128 * 60));
+    printf("  [%s OS threads: 1000 blocks x 128 threads x 64 __syncthreads %.0f ms = %.1f ns/thread-barrier;"
+           " 256 blocks x 128 threads x 60 shuffles %.0f ms = %.1f ns/thread-shuffle]\n",
+           th ? th : std::to_string(nth).c_str(), t1, t1 * 1e6 / (1000.0 * 128 * 64), t2,
+           t2 * 1e6 / (256.0 * 128 * 60));
     return finish("bench");
 }

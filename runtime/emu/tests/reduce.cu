@@ -40,6 +40,22 @@ __global__ void reduce_3d(const int* __restrict__ in, int* __restrict__ out, int
     if (t == 0) out[b] = s[0];
 }
 
+// 1024 threads (32 warps), dynamic shared memory, warp shuffles + barrier.
+__global__ void reduce_1024_dyn(const float* __restrict__ in, float* __restrict__ out) {
+    MOAC_EMU_DYNAMIC_SHARED(float, partial);  // CUDA: extern __shared__ float partial[];
+    const int t = threadIdx.x, lane = t % 32, warp = t / 32;
+    float v = in[blockIdx.x * 1024 + t];
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        v = partial[lane];
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+        if (lane == 0) out[blockIdx.x] = v;
+    }
+}
+MOAC_EMU_ENTRY_DYN(reduce_1024_dyn)
+
 int main() {
     const int nb = 16;
     std::vector<float> in(nb * 128);
@@ -62,7 +78,7 @@ int main() {
     expect(rc == 0, "reduce_nosync rc=%d err=%s", rc, err);
     for (int b = 0; b < nb; ++b) wrong += o2[b] != o1[b];
     expect(wrong == nb, "without __syncthreads every block should be wrong, %d of %d were", wrong, nb);
-    printf("  block 0: with __syncthreads %g, without %g (stale shared memory)\n", o1[0], o2[0]);
+    printf("  [block sum with __syncthreads %g, without %g: stale shared memory]\n", o1[0], o2[0]);
 
     // 3-D
     const dim3 grid(2, 3, 2), block(8, 4, 4);
@@ -84,5 +100,18 @@ int main() {
             expect(ids[b * 128 + t] == z * 10000 + y * 100 + x, "threadIdx of linear thread %d", t);
         }
     }
+
+    // 1024-thread blocks with dynamic shared memory, via launch() and the C entry
+    std::vector<float> in4(4 * 1024), out4(4, -1);
+    for (int i = 0; i < 4 * 1024; ++i) in4[i] = float(i % 1024);
+    const float* pi4 = in4.data();
+    float* po4 = out4.data();
+    void* p4[] = {&pi4, &po4};
+    rc = moac_emu::launch(reduce_1024_dyn, dim3(4), dim3(1024), 32 * sizeof(float), p4, err, sizeof err);
+    expect(rc == 0, "reduce_1024_dyn rc=%d %s", rc, err);
+    for (int b = 0; b < 4; ++b) expect(out4[b] == 1023.0f * 1024 / 2, "1024-thread block %d: %g", b, out4[b]);
+    out4.assign(4, -1);
+    rc = moac_emu_launch_dyn_reduce_1024_dyn(4, 1, 1, 1024, 1, 1, 128, p4, err, sizeof err);
+    expect(rc == 0 && out4[3] == 1023.0f * 1024 / 2, "moac_emu_launch_dyn_ entry rc=%d %s", rc, err);
     return finish("reduce");
 }
