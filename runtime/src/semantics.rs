@@ -12,6 +12,7 @@ pub fn decode_sees(t: usize, sink: usize, local: usize, p: usize) -> bool {
 
 /// Prefill mode `moa-block64`: does query `q` see key `k`?
 /// `k <= q` and (`k/64 < sink/64` or `k/64 >= q/64 - local/64 + 1`).
+#[allow(clippy::int_plus_one)] // written exactly as the semantics page states it
 pub fn block64_sees(q: usize, k: usize, sink: usize, local: usize) -> bool {
     if k > q {
         return false;
