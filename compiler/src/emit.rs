@@ -175,3 +175,27 @@ mod tests {
         }
     }
 }
+
+/// One translation unit: a source file and the kernels it defines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceUnit {
+    /// File stem (filename-safe).
+    pub name: String,
+    pub source: String,
+    pub kernels: Vec<String>,
+}
+
+/// The translation units of a lowered plan.
+pub fn emit_units(lowered: &crate::ir::Lowered) -> Result<Vec<SourceUnit>> {
+    lowered
+        .kernels
+        .iter()
+        .map(|spec| {
+            Ok(SourceUnit {
+                name: spec.name.clone(),
+                source: emit(spec)?,
+                kernels: vec![spec.name.clone()],
+            })
+        })
+        .collect()
+}

@@ -3,6 +3,9 @@
 //! Backends: `cpu` (the candle-core reference in [`reference`]), `emu` (the generated CUDA
 //! source run on the CPU) and `cuda`.
 
+pub mod args;
+pub mod emu;
+pub mod emu_layer;
 pub mod error;
 pub mod layer;
 pub mod reference;

@@ -1,0 +1,344 @@
+//! Runs one layer's generated kernels on the `emu` engine over host buffers: the same
+//! grids, arguments and buffer layouts the `cuda` backend uses (docs/kernel-abi.md).
+//! Every output buffer is poisoned (NaN) before a launch, so an element a kernel fails
+//! to write shows up as a wrong number.
+
+use crate::args::{Arg, ArgPack};
+use crate::emu::{EmuBuild, EmuModule};
+use crate::error::{shape_err, Result};
+use crate::layer::LayerShape;
+use moac::geometry::Dtype;
+use moac::ir::{Elem, KernelKind, KernelSpec, LaunchConfig, LayerKernels, PrefillMode};
+use std::collections::BTreeMap;
+
+/// NaN in the element type, as raw bits.
+pub fn nan_bits(dtype: Dtype) -> u16 {
+    match dtype {
+        Dtype::F16 => 0x7e00,
+        Dtype::Bf16 => 0x7fc0,
+    }
+}
+
+/// f32 to the element type's bits (round to nearest even).
+pub fn to_bits(x: f32, dtype: Dtype) -> u16 {
+    match dtype {
+        Dtype::F16 => half::f16::from_f32(x).to_bits(),
+        Dtype::Bf16 => half::bf16::from_f32(x).to_bits(),
+    }
+}
+
+/// The element type's bits to f32 (exact).
+pub fn from_bits(x: u16, dtype: Dtype) -> f32 {
+    match dtype {
+        Dtype::F16 => half::f16::from_bits(x).to_f32(),
+        Dtype::Bf16 => half::bf16::from_bits(x).to_f32(),
+    }
+}
+
+/// One layer's compacted cache on the host: K and V `[B, total_slots, D]` as raw bits.
+#[derive(Debug, Clone)]
+pub struct HostCache {
+    pub batch: usize,
+    pub k: Vec<u16>,
+    pub v: Vec<u16>,
+}
+
+struct Kernel {
+    name: String,
+    kind: KernelKind,
+    launch: LaunchConfig,
+    module: usize,
+}
+
+/// A layer's kernels, built for the emu engine.
+pub struct EmuLayer {
+    pub shape: LayerShape,
+    pub dtype: Dtype,
+    modules: Vec<EmuModule>,
+    kernels: BTreeMap<&'static str, Kernel>,
+}
+
+fn ptr<T>(v: &[T], e: Elem) -> Arg {
+    Arg::Ptr(v.as_ptr() as u64, e)
+}
+
+/// A pointer the kernel writes through: taken from a mutable borrow.
+fn ptr_mut<T>(v: &mut [T], e: Elem) -> Arg {
+    Arg::Ptr(v.as_mut_ptr() as u64, e)
+}
+
+impl EmuLayer {
+    /// Builds the emu modules for one layer from its lowered kernels and their sources
+    /// (`units`: (source text, kernel names defined in it)).
+    pub fn new(
+        shape: LayerShape,
+        dtype: Dtype,
+        layer: &LayerKernels,
+        specs: &[KernelSpec],
+        units: &[(String, Vec<String>)],
+        build: &EmuBuild,
+    ) -> Result<EmuLayer> {
+        let roles: [(&'static str, &String); 6] = [
+            ("decode", &layer.decode),
+            ("merge", &layer.merge),
+            ("append", &layer.append),
+            ("fill", &layer.fill),
+            ("prefill_block64", &layer.prefill_block64),
+            ("prefill_token", &layer.prefill_token),
+        ];
+        let mut modules = Vec::new();
+        let mut module_of: BTreeMap<usize, usize> = BTreeMap::new();
+        let mut kernels = BTreeMap::new();
+        for (role, name) in roles {
+            let spec = specs.iter().find(|s| &s.name == name).ok_or_else(|| {
+                crate::Error::Backend(format!("kernel {name} is not in the lowered plan"))
+            })?;
+            let unit = units
+                .iter()
+                .position(|(_, ks)| ks.iter().any(|k| k == name))
+                .ok_or_else(|| crate::Error::Backend(format!("no source defines {name}")))?;
+            let m = match module_of.get(&unit) {
+                Some(&m) => m,
+                None => {
+                    let (src, ks) = &units[unit];
+                    let names: Vec<&str> = ks.iter().map(|s| s.as_str()).collect();
+                    modules.push(EmuModule::build(src, &names, build)?);
+                    module_of.insert(unit, modules.len() - 1);
+                    modules.len() - 1
+                }
+            };
+            kernels.insert(
+                role,
+                Kernel {
+                    name: name.clone(),
+                    kind: spec.kind,
+                    launch: spec.launch,
+                    module: m,
+                },
+            );
+        }
+        Ok(EmuLayer {
+            shape,
+            dtype,
+            modules,
+            kernels,
+        })
+    }
+
+    fn run(&self, role: &str, grid: (u32, u32, u32), threads: u32, args: &[Arg]) -> Result<()> {
+        let k = &self.kernels[role];
+        let mut pack = ArgPack::new(&k.name, k.kind, args)?;
+        self.modules[k.module].launch(&k.name, grid, (threads, 1, 1), &mut pack)
+    }
+
+    fn launch(&self, role: &str) -> LaunchConfig {
+        self.kernels[role].launch
+    }
+
+    fn max_kv_capacity(&self) -> usize {
+        self.shape.kv_capacity.iter().copied().max().unwrap_or(0)
+    }
+
+    /// A new cache for `batch` rows, poisoned with NaN.
+    pub fn new_cache(&self, batch: usize) -> HostCache {
+        let n = batch * self.shape.total_slots * self.shape.head_dim;
+        HostCache {
+            batch,
+            k: vec![nan_bits(self.dtype); n],
+            v: vec![nan_bits(self.dtype); n],
+        }
+    }
+
+    /// Sparse prefill attention: `q` [B,P,Hq,D], `k`/`v` [B,P,Hkv,D]; returns o [B,P,Hq,D].
+    pub fn prefill(
+        &self,
+        q: &[u16],
+        k: &[u16],
+        v: &[u16],
+        prompt_lens: &[i32],
+        p: usize,
+        mode: PrefillMode,
+        scale: f32,
+    ) -> Result<Vec<u16>> {
+        let s = &self.shape;
+        let b = prompt_lens.len();
+        if q.len() != b * p * s.num_query_heads * s.head_dim
+            || k.len() != b * p * s.num_kv_heads * s.head_dim
+            || v.len() != k.len()
+        {
+            return shape_err("prefill: buffer sizes do not match [B,P,H,D]");
+        }
+        self.check_lens(prompt_lens, p)?;
+        let mut o = vec![nan_bits(self.dtype); q.len()];
+        let role = match mode {
+            PrefillMode::Block64 => "prefill_block64",
+            PrefillMode::Token => "prefill_token",
+        };
+        let lc = self.launch(role);
+        let grid = (
+            p.div_ceil(lc.block_q as usize).max(1) as u32,
+            s.num_query_heads as u32,
+            b as u32,
+        );
+        let args = [
+            ptr(q, Elem::Scalar),
+            ptr(k, Elem::Scalar),
+            ptr(v, Elem::Scalar),
+            ptr_mut(&mut o, Elem::Scalar),
+            ptr(prompt_lens, Elem::Int),
+            Arg::I32(p as i32),
+            Arg::I64(s.n as i64),
+            Arg::F32(scale),
+        ];
+        self.run(role, grid, lc.threads, &args)?;
+        Ok(o)
+    }
+
+    fn check_lens(&self, lens: &[i32], p: usize) -> Result<()> {
+        for (b, &l) in lens.iter().enumerate() {
+            if l < 0 || l as usize > p || l as usize > self.shape.n {
+                return shape_err(format!(
+                    "row {b}: length {l} outside 0..={}",
+                    p.min(self.shape.n)
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Fills `cache` from a prompt.
+    pub fn fill(
+        &self,
+        cache: &mut HostCache,
+        k: &[u16],
+        v: &[u16],
+        prompt_lens: &[i32],
+        p: usize,
+    ) -> Result<()> {
+        let s = &self.shape;
+        let b = prompt_lens.len();
+        if b != cache.batch || k.len() != b * p * s.num_kv_heads * s.head_dim || v.len() != k.len()
+        {
+            return shape_err("fill: buffer sizes do not match [B,P,Hkv,D] and the cache");
+        }
+        self.check_lens(prompt_lens, p)?;
+        let lc = self.launch("fill");
+        let grid = (
+            self.max_kv_capacity().div_ceil(lc.rows as usize) as u32,
+            s.num_kv_heads as u32,
+            b as u32,
+        );
+        let args = [
+            ptr(k, Elem::Scalar),
+            ptr(v, Elem::Scalar),
+            ptr_mut(&mut cache.k, Elem::Scalar),
+            ptr_mut(&mut cache.v, Elem::Scalar),
+            ptr(prompt_lens, Elem::Int),
+            Arg::I32(p as i32),
+            Arg::I64(s.n as i64),
+            Arg::I32(b as i32),
+        ];
+        self.run("fill", grid, lc.threads, &args)
+    }
+
+    /// Appends one token per row (`seq_lens`: tokens held after the append).
+    pub fn append(
+        &self,
+        cache: &mut HostCache,
+        k_new: &[u16],
+        v_new: &[u16],
+        seq_lens: &[i32],
+    ) -> Result<()> {
+        let s = &self.shape;
+        let b = seq_lens.len();
+        if b != cache.batch
+            || k_new.len() != b * s.num_kv_heads * s.head_dim
+            || v_new.len() != k_new.len()
+        {
+            return shape_err("append: buffer sizes do not match [B,Hkv,D] and the cache");
+        }
+        self.check_steps(seq_lens)?;
+        let lc = self.launch("append");
+        let args = [
+            ptr(k_new, Elem::Scalar),
+            ptr(v_new, Elem::Scalar),
+            ptr_mut(&mut cache.k, Elem::Scalar),
+            ptr_mut(&mut cache.v, Elem::Scalar),
+            ptr(seq_lens, Elem::Int),
+            Arg::I64(s.n as i64),
+            Arg::I32(b as i32),
+        ];
+        self.run(
+            "append",
+            (s.num_kv_heads as u32, b as u32, 1),
+            lc.threads,
+            &args,
+        )
+    }
+
+    fn check_steps(&self, seq_lens: &[i32]) -> Result<()> {
+        for (b, &t) in seq_lens.iter().enumerate() {
+            if t < 1 || t as usize > self.shape.n {
+                return Err(crate::Error::Capacity(format!(
+                    "row {b}: {t} tokens do not fit a cache built for N = {}",
+                    self.shape.n
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Decode attention (split-KV kernel, then the merge): `q` [B,Hq,D] -> o [B,Hq,D].
+    pub fn decode(
+        &self,
+        cache: &HostCache,
+        q: &[u16],
+        seq_lens: &[i32],
+        scale: f32,
+    ) -> Result<Vec<u16>> {
+        let s = &self.shape;
+        let b = seq_lens.len();
+        if b != cache.batch || q.len() != b * s.num_query_heads * s.head_dim {
+            return shape_err("decode: buffer sizes do not match [B,Hq,D] and the cache");
+        }
+        self.check_steps(seq_lens)?;
+        let lc = self.launch("decode");
+        let nsplit = self.max_kv_capacity().div_ceil(lc.chunk as usize);
+        let mut part_o = vec![f32::NAN; b * s.num_query_heads * nsplit * s.head_dim];
+        let mut part_lse = vec![f32::NAN; b * s.num_query_heads * nsplit];
+        let args = [
+            ptr(q, Elem::Scalar),
+            ptr(&cache.k, Elem::Scalar),
+            ptr(&cache.v, Elem::Scalar),
+            ptr(seq_lens, Elem::Int),
+            ptr_mut(&mut part_o, Elem::Float),
+            ptr_mut(&mut part_lse, Elem::Float),
+            Arg::I64(s.n as i64),
+            Arg::I32(b as i32),
+            Arg::I32(nsplit as i32),
+            Arg::F32(scale),
+        ];
+        self.run(
+            "decode",
+            (nsplit as u32, s.num_kv_heads as u32, b as u32),
+            lc.threads,
+            &args,
+        )?;
+        let mut out = vec![nan_bits(self.dtype); q.len()];
+        let ml = self.launch("merge");
+        let args = [
+            ptr(&part_o, Elem::Float),
+            ptr(&part_lse, Elem::Float),
+            ptr_mut(&mut out, Elem::Scalar),
+            Arg::I32(b as i32),
+            Arg::I32(nsplit as i32),
+        ];
+        self.run(
+            "merge",
+            (s.num_query_heads as u32, b as u32, 1),
+            ml.threads,
+            &args,
+        )?;
+        Ok(out)
+    }
+}

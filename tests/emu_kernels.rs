@@ -1,0 +1,290 @@
+//! The generated kernels, run on the emu engine, against the cpu reference: prefill in
+//! both modes, fill (compared slot by slot, bit for bit), append and decode over runs
+//! that wrap the rings, for GQA groups of 4 and 3 with different windows inside a group,
+//! MHA, head_dim 64 and 128, f16 and bf16, ragged batches, t < sink and t == C.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+use candle_core::{DType, Device, Tensor};
+use moac::geometry::CacheGeometry;
+use moac::ir::{LowerOptions, PrefillMode};
+use moac::Dtype;
+use moac_runtime::emu::EmuBuild;
+use moac_runtime::emu_layer::{from_bits, to_bits, EmuLayer, HostCache};
+use moac_runtime::{reference, LayerShape};
+use support::*;
+
+pub struct Case {
+    pub name: &'static str,
+    pub hq: usize,
+    pub hkv: usize,
+    pub d: usize,
+    pub dtype: Dtype,
+    pub rules: Vec<(f64, f64)>,
+    pub prompt_lens: Vec<usize>,
+    pub max_new: usize,
+    pub steps: usize,
+    pub fixed: bool,
+}
+
+fn cdt(d: Dtype) -> DType {
+    match d {
+        Dtype::F16 => DType::F16,
+        Dtype::Bf16 => DType::BF16,
+    }
+}
+
+fn tol(dtype: Dtype) -> (f64, f64) {
+    match dtype {
+        Dtype::F16 => (2e-3, 4e-3),
+        Dtype::Bf16 => (1.6e-2, 1.6e-2),
+    }
+}
+
+fn compare(name: &str, what: &str, got: &[u16], want: &[f32], dtype: Dtype) {
+    let (atol, rtol) = tol(dtype);
+    let mut worst = 0f64;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let gv = from_bits(g, dtype) as f64;
+        let err = (gv - w as f64).abs();
+        assert!(
+            err <= atol + rtol * (w as f64).abs(),
+            "{name} {what}: element {i}: emu {gv} vs reference {w} (|err| {err})"
+        );
+        worst = worst.max(err);
+    }
+    eprintln!(
+        "{name} {what}: max abs error {worst:.2e} over {} elements",
+        got.len()
+    );
+}
+
+fn run(case: &Case) {
+    let mut rng = Rng::fresh(case.name);
+    let (hq, hkv, d, dtype) = (case.hq, case.hkv, case.d, case.dtype);
+    let b_ = case.prompt_lens.len();
+    let p_ = *case.prompt_lens.iter().max().unwrap();
+    let plan = plan(hq, hkv, d, &case.rules);
+    let geo = CacheGeometry::new(&plan, p_ as u64, case.max_new as u64).unwrap();
+    let shape = LayerShape::new(&geo, 0);
+    let opts = LowerOptions {
+        dtype,
+        fixed: case.fixed.then_some((p_ as u64, case.max_new as u64)),
+        ..Default::default()
+    };
+    let low = moac::ir::lower(&plan, &opts).unwrap();
+    let units: Vec<(String, Vec<String>)> = moac::emit::emit_units(&low)
+        .unwrap()
+        .into_iter()
+        .map(|u| (u.source, u.kernels))
+        .collect();
+    let emu = EmuLayer::new(
+        shape.clone(),
+        dtype,
+        &low.layers[0],
+        &low.kernels,
+        &units,
+        &EmuBuild::default(),
+    )
+    .unwrap();
+    let scale = 1.0 / (d as f32).sqrt();
+    let dev = Device::Cpu;
+    let bits = |x: &[f32]| x.iter().map(|&v| to_bits(v, dtype)).collect::<Vec<u16>>();
+    let tensor = |x: &[f32], dims: &[usize]| {
+        Tensor::from_vec(x.to_vec(), dims, &dev)
+            .unwrap()
+            .to_dtype(cdt(dtype))
+            .unwrap()
+    };
+    let lens_i32: Vec<i32> = case.prompt_lens.iter().map(|&l| l as i32).collect();
+
+    let qp = round(&rng.vec(b_ * p_ * hq * d, 1.0), dtype);
+    let kp = round(&rng.vec(b_ * p_ * hkv * d, 1.0), dtype);
+    let vp = round(&rng.vec(b_ * p_ * hkv * d, 1.0), dtype);
+    let (q, k, v) = (
+        tensor(&qp, &[b_, p_, hq, d]),
+        tensor(&kp, &[b_, p_, hkv, d]),
+        tensor(&vp, &[b_, p_, hkv, d]),
+    );
+    for mode in [PrefillMode::Block64, PrefillMode::Token] {
+        let want = reference::prefill(&q, &k, &v, &case.prompt_lens, &shape, mode, scale).unwrap();
+        let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let got = emu
+            .prefill(
+                &bits(&qp),
+                &bits(&kp),
+                &bits(&vp),
+                &lens_i32,
+                p_,
+                mode,
+                scale,
+            )
+            .unwrap();
+        compare(case.name, &format!("prefill {mode:?}"), &got, &want, dtype);
+    }
+
+    let mut cache: HostCache = emu.new_cache(b_);
+    emu.fill(&mut cache, &bits(&kp), &bits(&vp), &lens_i32, p_)
+        .unwrap();
+    let mut rcache = reference::fill(&k, &v, &case.prompt_lens, &shape).unwrap();
+    check_cache(
+        case.name,
+        "fill",
+        &cache,
+        &rcache,
+        &shape,
+        &case.prompt_lens,
+        dtype,
+    );
+
+    for s in 0..case.steps {
+        let lens: Vec<usize> = case.prompt_lens.iter().map(|&l| l + s + 1).collect();
+        let lens_i: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
+        let qd = round(&rng.vec(b_ * hq * d, 1.0), dtype);
+        let kd = round(&rng.vec(b_ * hkv * d, 1.0), dtype);
+        let vd = round(&rng.vec(b_ * hkv * d, 1.0), dtype);
+        emu.append(&mut cache, &bits(&kd), &bits(&vd), &lens_i)
+            .unwrap();
+        reference::append(
+            &mut rcache,
+            &tensor(&kd, &[b_, hkv, d]),
+            &tensor(&vd, &[b_, hkv, d]),
+            &lens,
+            &shape,
+        )
+        .unwrap();
+        let got = emu.decode(&cache, &bits(&qd), &lens_i, scale).unwrap();
+        let want =
+            reference::decode(&tensor(&qd, &[b_, hq, d]), &rcache, &lens, &shape, scale).unwrap();
+        let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        compare(case.name, &format!("decode step {s}"), &got, &want, dtype);
+        if s + 1 == case.steps {
+            check_cache(
+                case.name,
+                "after appends",
+                &cache,
+                &rcache,
+                &shape,
+                &lens,
+                dtype,
+            );
+        }
+    }
+}
+
+/// Valid slots (those a row holding `t` tokens has written) must match bit for bit.
+fn check_cache(
+    name: &str,
+    what: &str,
+    got: &HostCache,
+    want: &reference::LayerCache,
+    shape: &LayerShape,
+    lens: &[usize],
+    dtype: Dtype,
+) {
+    let d = shape.head_dim;
+    for (label, g, w) in [("K", &got.k, &want.k), ("V", &got.v, &want.v)] {
+        let w = w
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for (b, &t) in lens.iter().enumerate() {
+            for j in 0..shape.num_kv_heads {
+                for slot in 0..t.min(shape.kv_capacity[j]) {
+                    let base = (b * shape.total_slots + shape.kv_offset[j] + slot) * d;
+                    for i in 0..d {
+                        assert_eq!(
+                            from_bits(g[base + i], dtype),
+                            w[base + i],
+                            "{name} {what}: {label} row {b} KV head {j} slot {slot} dim {i}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn gqa4_d64_f16_ragged_wrapping() {
+    run(&Case {
+        name: "emu_gqa4_d64_f16",
+        hq: 8,
+        hkv: 2,
+        d: 64,
+        dtype: Dtype::F16,
+        rules: vec![
+            (-1024.0, 0.0),
+            (0.0, 0.375),
+            (0.0, 0.5),
+            (8192.0, 0.0),
+            (0.0, 0.25),
+            (-1024.0, 0.0),
+            (0.0, 0.5),
+            (0.0, 0.125),
+        ],
+        prompt_lens: vec![300, 37, 130],
+        max_new: 200,
+        steps: 140,
+        fixed: false,
+    });
+}
+
+#[test]
+fn gqa3_d128_bf16_t_equals_capacity() {
+    run(&Case {
+        name: "emu_gqa3_d128_bf16",
+        hq: 6,
+        hkv: 2,
+        d: 128,
+        dtype: Dtype::Bf16,
+        rules: vec![
+            (0.0, 0.5),
+            (8192.0, 0.0),
+            (0.0, 0.75),
+            (0.0, 0.5),
+            (0.0, 0.5),
+            (0.0, 0.5),
+        ],
+        prompt_lens: vec![128, 20],
+        max_new: 64,
+        steps: 64,
+        fixed: false,
+    });
+}
+
+#[test]
+fn mha_d128_f16_minimal_windows_fixed_n() {
+    run(&Case {
+        name: "emu_mha_d128_f16_fixed",
+        hq: 2,
+        hkv: 2,
+        d: 128,
+        dtype: Dtype::F16,
+        rules: vec![(0.0, 0.0), (-1024.0, 0.125)],
+        prompt_lens: vec![200, 64],
+        max_new: 150,
+        steps: 150,
+        fixed: true,
+    });
+}
+
+#[test]
+fn gqa4_d128_bf16_long_window_many_splits() {
+    // A window of 1024+ slots: several decode splits per KV head, merged.
+    run(&Case {
+        name: "emu_gqa4_d128_bf16_splits",
+        hq: 4,
+        hkv: 1,
+        d: 128,
+        dtype: Dtype::Bf16,
+        rules: vec![(8192.0, 0.0), (0.0, 0.25), (1024.0, 0.0), (-1024.0, 0.0)],
+        prompt_lens: vec![1100],
+        max_new: 40,
+        steps: 8,
+        fixed: false,
+    });
+}
