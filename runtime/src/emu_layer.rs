@@ -150,6 +150,7 @@ impl EmuLayer {
     }
 
     /// Sparse prefill attention: `q` [B,P,Hq,D], `k`/`v` [B,P,Hkv,D]; returns o [B,P,Hq,D].
+    #[allow(clippy::too_many_arguments)]
     pub fn prefill(
         &self,
         q: &[u16],
