@@ -4,7 +4,41 @@ use clap::{Args, Parser, Subcommand};
 use moac::cache::Cache;
 use moac::compile::{self, CompileOptions, EmitKind};
 use moac::geometry::{CacheGeometry, Dtype};
-use moac::{inspect, plan, Result};
+use moac::{inspect, plan};
+use moac_runtime::emu::EmuBuild;
+use moac_runtime::verify::{self, VerifyBackend, VerifyOptions};
+
+/// Any error of the command: the compiler's, the runtime's, or a failed check.
+#[derive(Debug)]
+enum CliError {
+    Compiler(moac::Error),
+    Runtime(moac_runtime::Error),
+    Failed(String),
+}
+
+impl std::fmt::Display for CliError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CliError::Compiler(e) => e.fmt(f),
+            CliError::Runtime(e) => e.fmt(f),
+            CliError::Failed(m) => f.write_str(m),
+        }
+    }
+}
+
+impl From<moac::Error> for CliError {
+    fn from(e: moac::Error) -> Self {
+        CliError::Compiler(e)
+    }
+}
+
+impl From<moac_runtime::Error> for CliError {
+    fn from(e: moac_runtime::Error) -> Self {
+        CliError::Runtime(e)
+    }
+}
+
+type Result<T> = std::result::Result<T, CliError>;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -25,6 +59,8 @@ enum Command {
     Inspect(InspectArgs),
     /// Generate CUDA kernels for a plan, compile them with NVRTC, write an artifact.
     Compile(CompileArgs),
+    /// Check every generated kernel of some layers against the cpu reference.
+    Verify(VerifyArgs),
     /// Plan files: convert between forms.
     #[command(subcommand)]
     Plan(PlanCommand),
@@ -97,6 +133,44 @@ struct CompileArgs {
     /// Print the time of every kernel compile.
     #[arg(long)]
     timings: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum KernelBackend {
+    Emu,
+    Cuda,
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    #[command(flatten)]
+    input: PlanInput,
+    /// Layers to check, comma-separated (default: the first and the last).
+    #[arg(long, value_delimiter = ',')]
+    layers: Option<Vec<usize>>,
+    /// Where the generated kernels run.
+    #[arg(long, value_enum, default_value_t = KernelBackend::Emu)]
+    backend: KernelBackend,
+    #[arg(long, value_enum, default_value_t = Dtype::F16)]
+    dtype: Dtype,
+    /// Prompt length of each batch row (ragged rows are right-padded).
+    #[arg(long, value_delimiter = ',', default_value = "320,191,60")]
+    prompt_lens: Vec<usize>,
+    /// M: N = max(prompt_lens) + M.
+    #[arg(long, default_value_t = 200)]
+    max_new_tokens: usize,
+    /// Decode steps after the prefill (enough to wrap the smallest rings).
+    #[arg(long, default_value_t = 80)]
+    steps: usize,
+    /// Seed of the random inputs (default: from the clock, printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Build the emu kernels with -fsanitize=address,undefined.
+    #[arg(long)]
+    sanitize: bool,
+    /// Test-only: plant a deliberate bug to show the check can fail.
+    #[arg(long, hide = true)]
+    plant_bug: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -174,6 +248,67 @@ fn run(cli: Cli) -> Result<()> {
                     None => " (sources and bindings only)".to_string(),
                 }
             );
+            Ok(())
+        }
+        Command::Verify(a) => {
+            let plan = plan::load(&a.input.plan, a.input.config.as_deref())?;
+            let layers = a.layers.unwrap_or_else(|| {
+                let last = plan.num_layers() - 1;
+                if last == 0 {
+                    vec![0]
+                } else {
+                    vec![0, last]
+                }
+            });
+            let seed = a.seed.unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(1)
+            });
+            let planted_bug = match a.plant_bug.as_deref() {
+                None => None,
+                Some("decode_window_off_by_one") => {
+                    Some(moac::ir::PlantedBug::DecodeWindowOffByOne)
+                }
+                Some(other) => {
+                    return Err(moac::Error::Usage(format!("unknown planted bug {other:?}")).into())
+                }
+            };
+            let opts = VerifyOptions {
+                layers,
+                dtype: a.dtype,
+                backend: match a.backend {
+                    KernelBackend::Emu => VerifyBackend::Emu,
+                    KernelBackend::Cuda => VerifyBackend::Cuda,
+                },
+                prompt_lens: a.prompt_lens,
+                max_new_tokens: a.max_new_tokens,
+                steps: a.steps,
+                seed,
+                emu: EmuBuild {
+                    sanitize: a.sanitize,
+                },
+                planted_bug,
+            };
+            println!(
+                "verify {} ({}), layers {:?}, prompt lengths {:?}, M {}, {} decode steps, seed {seed}",
+                plan.name(),
+                a.dtype,
+                opts.layers,
+                opts.prompt_lens,
+                opts.max_new_tokens,
+                opts.steps
+            );
+            let lines = verify::verify(&plan, &opts)?;
+            let failed = lines.iter().filter(|l| !l.passed).count();
+            for l in &lines {
+                println!("{l}");
+            }
+            println!("{} passed, {} failed", lines.len() - failed, failed);
+            if failed > 0 {
+                return Err(CliError::Failed(format!("{failed} kernel check(s) failed")));
+            }
             Ok(())
         }
         Command::Plan(PlanCommand::Import { input, output }) => {

@@ -334,6 +334,7 @@ pub fn compile(plan: &ValidPlan, opts: &CompileOptions, out: &Path) -> Result<Co
             fixed: opts.fixed,
             layers: opts.layers.clone(),
             launch_overrides: BTreeMap::new(),
+            planted_bug: None,
         },
     )?;
     let sources: Vec<String> = lowered

@@ -85,6 +85,10 @@ fn scalar(dtype: Dtype) -> &'static str {
 pub fn context(spec: &KernelSpec) -> tera::Context {
     let mut ctx = tera::Context::new();
     ctx.insert("kernel_name", &spec.name);
+    ctx.insert(
+        "planted_bug",
+        spec.planted_bug.map(|b| b.name()).unwrap_or(""),
+    );
     ctx.insert("scalar", scalar(spec.dtype));
     ctx.insert("dtype", spec.dtype.name());
     ctx.insert("head_dim", &spec.head_dim);

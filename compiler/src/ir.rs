@@ -52,6 +52,23 @@ impl PrefillMode {
     }
 }
 
+/// Test-only: a deliberate bug planted in the generated source, so tests can prove that
+/// verification catches a wrong window. Never set in a real build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PlantedBug {
+    /// Decode: every query head's ring is one token shorter than its window.
+    DecodeWindowOffByOne,
+}
+
+impl PlantedBug {
+    pub fn name(self) -> &'static str {
+        match self {
+            PlantedBug::DecodeWindowOffByOne => "decode_window_off_by_one",
+        }
+    }
+}
+
 /// Kernel families.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -159,6 +176,8 @@ pub struct KernelSpec {
     /// `Some(N)`: capacities and offsets are compile-time constants for this N.
     pub fixed_n: Option<u64>,
     pub launch: LaunchConfig,
+    /// Test-only deliberate bug (None in every real build).
+    pub planted_bug: Option<PlantedBug>,
     /// Layers this kernel serves (not part of its identity).
     pub layers: Vec<usize>,
 }
@@ -179,6 +198,8 @@ impl KernelSpec {
             heads: Vec<(u64, u64)>,
             fixed_n: Option<u64>,
             launch: &'a LaunchConfig,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            planted_bug: Option<PlantedBug>,
         }
         let id = Identity {
             kind: self.kind,
@@ -192,6 +213,7 @@ impl KernelSpec {
             heads: self.heads.iter().map(|r| r.key()).collect(),
             fixed_n: self.fixed_n,
             launch: &self.launch,
+            planted_bug: self.planted_bug,
         };
         let bytes = serde_json::to_vec(&id).unwrap_or_default();
         hex(&Sha256::digest(&bytes))[..16].to_string()
@@ -212,6 +234,8 @@ pub struct LowerOptions {
     pub layers: Option<Vec<usize>>,
     /// Launch configurations chosen elsewhere (tuning); keyed by kind.
     pub launch_overrides: BTreeMap<String, LaunchConfig>,
+    /// Test-only: plant a bug (see [`PlantedBug`]).
+    pub planted_bug: Option<PlantedBug>,
 }
 
 impl Default for LowerOptions {
@@ -221,6 +245,7 @@ impl Default for LowerOptions {
             fixed: None,
             layers: None,
             launch_overrides: BTreeMap::new(),
+            planted_bug: None,
         }
     }
 }
@@ -326,6 +351,7 @@ pub fn lower(plan: &ValidPlan, opts: &LowerOptions) -> Result<Lowered> {
             heads,
             fixed_n,
             launch: launch(kind),
+            planted_bug: opts.planted_bug,
             layers: vec![layer],
         };
         spec.name = format!("moac_{}_{}", kind.slug(), spec.identity_hash());
