@@ -114,7 +114,8 @@ impl Acc {
     fn add(&mut self, got: f64, want: f64, tol: (f64, f64)) {
         self.seen += 1;
         let err = (got - want).abs();
-        if !(err <= tol.0 + tol.1 * want.abs()) {
+        let within = err <= tol.0 + tol.1 * want.abs();
+        if err.is_nan() || !within {
             self.passed = false;
         }
         // NaN (an unwritten, poisoned element) counts as infinitely wrong.
