@@ -85,6 +85,18 @@ pub(crate) fn generate(plan: &ValidPlan, lowered: &Lowered, manifest: &Manifest)
         },
     };
 
+    // Every file once: kernels of one translation unit share its source and binaries.
+    let mut files: Vec<(String, bool)> = Vec::new();
+    let mut file_ident = |path: &str, binary: bool| {
+        let i = match files.iter().position(|(p, _)| p == path) {
+            Some(i) => i,
+            None => {
+                files.push((path.to_string(), binary));
+                files.len() - 1
+            }
+        };
+        format_ident!("FILE_{}", i)
+    };
     let mut kernel_consts = Vec::new();
     let mut kernel_idents = Vec::new();
     let mut launchers = Vec::new();
@@ -93,24 +105,31 @@ pub(crate) fn generate(plan: &ValidPlan, lowered: &Lowered, manifest: &Manifest)
         let ident = format_ident!("{}", mk.name.to_uppercase());
         let name = &mk.name;
         let kind = mk.kind;
-        let src = &mk.source;
+        let src = file_ident(&mk.source, false);
         let threads = spec.launch.threads;
         let layers = mk.layers.iter().map(|&l| lit_usize(l));
         let ptx = match &mk.ptx {
-            Some(p) => quote! { Some(include_str!(#p)) },
+            Some(p) => {
+                let f = file_ident(p, false);
+                quote! { Some(#f) }
+            }
             None => quote! { None },
         };
-        let cubins = mk.cubin.iter().map(|(arch, e)| {
-            let path = &e.path;
-            quote! { (#arch, include_bytes!(#path) as &[u8]) }
-        });
+        let cubins: Vec<TokenStream> = mk
+            .cubin
+            .iter()
+            .map(|(arch, e)| {
+                let f = file_ident(&e.path, true);
+                quote! { (#arch, #f) }
+            })
+            .collect();
         kernel_consts.push(quote! {
             pub const #ident: Kernel = Kernel {
                 name: #name,
                 kind: #kind,
                 layers: &[#(#layers),*],
                 threads: #threads,
-                source: include_str!(#src),
+                source: #src,
                 ptx: #ptx,
                 cubins: &[#(#cubins),*],
             };
@@ -118,6 +137,14 @@ pub(crate) fn generate(plan: &ValidPlan, lowered: &Lowered, manifest: &Manifest)
         kernel_idents.push(ident);
         launchers.push(launcher(name, spec.kind));
     }
+    let file_consts = files.iter().enumerate().map(|(i, (path, binary))| {
+        let id = format_ident!("FILE_{}", i);
+        if *binary {
+            quote! { const #id: &[u8] = include_bytes!(#path); }
+        } else {
+            quote! { const #id: &str = include_str!(#path); }
+        }
+    });
     let layer_rows = lowered.layers.iter().map(|lk| {
         let l = lit_usize(lk.layer);
         let ids = [
@@ -186,6 +213,8 @@ pub(crate) fn generate(plan: &ValidPlan, lowered: &Lowered, manifest: &Manifest)
             pub prefill_block64: &'static Kernel,
             pub prefill_token: &'static Kernel,
         }
+
+        #(#file_consts)*
 
         #(#kernel_consts)*
 

@@ -16,7 +16,8 @@ use crate::cache::{self, Cache};
 use crate::emit;
 use crate::error::{Error, Result};
 use crate::geometry::Dtype;
-use crate::ir::{self, KernelSpec, LowerOptions, Lowered};
+use crate::emit::SourceUnit;
+use crate::ir::{self, LowerOptions, Lowered};
 use crate::nvrtc::{self, Compiled, Resources};
 use crate::plan::{hex, ValidPlan};
 use serde::Serialize;
@@ -113,6 +114,9 @@ pub(crate) struct ManifestKernel {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prefill_mode: Option<ir::PrefillMode>,
     pub layers: Vec<usize>,
+    /// The translation unit (source file) that defines this kernel; kernels of one kind
+    /// share a unit so that their common body is compiled once.
+    pub unit: String,
     pub source: String,
     pub source_sha256: String,
     pub ptx: Option<String>,
@@ -234,16 +238,19 @@ fn write(dir: &Path, rel: &str, bytes: &[u8]) -> Result<()> {
     std::fs::write(&p, bytes).map_err(|e| Error::io(&p, e))
 }
 
-/// Runs NVRTC over every (kernel, arch) pair, in parallel, through the cache.
+/// Runs NVRTC over every (translation unit, arch) pair, in parallel, through the cache.
 fn run_nvrtc(
     nv: &nvrtc::Nvrtc,
-    specs: &[KernelSpec],
-    sources: &[String],
+    units: &[SourceUnit],
     archs: &[String],
     opts: &CompileOptions,
 ) -> Result<(Vec<Vec<Compiled>>, Vec<KernelTiming>, usize)> {
-    let jobs: Vec<(usize, usize)> = (0..specs.len())
-        .flat_map(|k| (0..archs.len()).map(move |a| (k, a)))
+    // Biggest units first, so the long compiles start early.
+    let mut order: Vec<usize> = (0..units.len()).collect();
+    order.sort_by_key(|&u| std::cmp::Reverse(units[u].kernels.len()));
+    let jobs: Vec<(usize, usize)> = order
+        .iter()
+        .flat_map(|&k| (0..archs.len()).map(move |a| (k, a)))
         .collect();
     let workers = match opts.jobs {
         0 => std::thread::available_parallelism()
@@ -272,16 +279,16 @@ fn run_nvrtc(
             s.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(&(k, a)) = jobs.get(i) else { break };
-                let (spec, arch) = (&specs[k], &archs[a]);
+                let (unit, arch) = (&units[k], &archs[a]);
                 let options = nvrtc::options(arch, &nv.include_dir);
-                let key = cache::key(&sources[k], &options, &nv.version, arch);
+                let key = cache::key(&unit.source, &options, &nv.version, arch);
                 let start = Instant::now();
                 let cached = opts.cache.as_ref().and_then(|c| c.get(&key));
                 let hit = cached.is_some();
                 let res = match cached {
                     Some(c) => Ok(c),
                     None => {
-                        nvrtc::compile(nv, &spec.name, &sources[k], arch, &options).inspect(|c| {
+                        nvrtc::compile(nv, &unit.name, &unit.source, arch, &options).inspect(|c| {
                             if let Some(cache) = &opts.cache {
                                 if let Err(e) = cache.put(&key, c) {
                                     bar.suspend(|| {
@@ -296,12 +303,12 @@ fn run_nvrtc(
                     hits.fetch_add(1, Ordering::Relaxed);
                 }
                 let timing = KernelTiming {
-                    kernel: spec.name.clone(),
+                    kernel: unit.name.clone(),
                     arch: arch.clone(),
                     seconds: start.elapsed().as_secs_f64(),
                     cached: hit,
                 };
-                bar.set_message(spec.name.clone());
+                bar.set_message(unit.name.clone());
                 bar.inc(1);
                 if let Ok(mut r) = results.lock() {
                     r[i] = Some(res.map(|c| (c, timing)));
@@ -313,14 +320,36 @@ fn run_nvrtc(
     let results = results
         .into_inner()
         .map_err(|_| Error::Internal("a compile worker panicked".into()))?;
-    let mut per_kernel: Vec<Vec<Compiled>> = (0..specs.len()).map(|_| Vec::new()).collect();
+    let mut per_unit: Vec<Vec<Option<Compiled>>> = (0..units.len()).map(|_| vec![None; archs.len()]).collect();
     let mut timings = Vec::new();
     for (i, r) in results.into_iter().enumerate() {
         let (c, t) = r.ok_or_else(|| Error::Internal(format!("compile job {i} did not run")))??;
-        per_kernel[jobs[i].0].push(c);
+        let (u, a) = jobs[i];
+        per_unit[u][a] = Some(c);
         timings.push(t);
     }
-    Ok((per_kernel, timings, hits.into_inner()))
+    let per_unit = per_unit
+        .into_iter()
+        .map(|v| v.into_iter().collect::<Option<Vec<_>>>())
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| Error::Internal("a compile job is missing".into()))?;
+    Ok((per_unit, timings, hits.into_inner()))
+}
+
+/// A kernel's figures from a unit's per-function figures: its entry plus the functions
+/// it calls (the unit's non-entry functions, compiled separately and linked): the most
+/// registers of any of them, and spills and stack added up.
+fn kernel_resources(per_function: &BTreeMap<String, Resources>, entries: &[String], kernel: &str) -> Option<Resources> {
+    let mut r = *per_function.get(kernel)?;
+    for (name, f) in per_function {
+        if !entries.contains(name) {
+            r.registers = r.registers.max(f.registers);
+            r.spill_bytes += f.spill_bytes;
+            r.stack_bytes += f.stack_bytes;
+            r.shared_bytes = r.shared_bytes.max(f.shared_bytes);
+        }
+    }
+    Some(r)
 }
 
 /// Compiles `plan` into an artifact folder `out`.
@@ -337,11 +366,7 @@ pub fn compile(plan: &ValidPlan, opts: &CompileOptions, out: &Path) -> Result<Co
             planted_bug: None,
         },
     )?;
-    let sources: Vec<String> = lowered
-        .kernels
-        .iter()
-        .map(emit::emit)
-        .collect::<Result<_>>()?;
+    let units = emit::emit_units(&lowered)?;
     // Find NVRTC before touching the output: a missing NVRTC writes nothing.
     let nv = match opts.emit {
         EmitKind::All => Some(nvrtc::load()?),
@@ -349,60 +374,71 @@ pub fn compile(plan: &ValidPlan, opts: &CompileOptions, out: &Path) -> Result<Co
     };
     let staged = staging_dir(out)?;
     let (compiled, timings, hits) = match nv {
-        Some(nv) => run_nvrtc(nv, &lowered.kernels, &sources, &archs, opts)?,
-        None => (
-            lowered.kernels.iter().map(|_| Vec::new()).collect(),
-            Vec::new(),
-            0,
-        ),
+        Some(nv) => run_nvrtc(nv, &units, &archs, opts)?,
+        None => (units.iter().map(|_| Vec::new()).collect(), Vec::new(), 0),
     };
     let dir = staged.path();
-    let mut manifest_kernels = Vec::new();
     let mut resources = String::new();
     let _ = writeln!(
         resources,
         "# generated by moac: ptxas figures per kernel and arch\n{:<40} {:<16} {:<7} {:>9} {:>11} {:>12} {:>11}",
         "kernel", "kind", "arch", "registers", "spill_bytes", "shared_bytes", "stack_bytes"
     );
-    for (k, spec) in lowered.kernels.iter().enumerate() {
-        let src_rel = format!("kernels/{}.cu", spec.name);
-        write(dir, &src_rel, sources[k].as_bytes())?;
-        let mut cubins = BTreeMap::new();
+    // Files of every unit, and which unit holds each kernel.
+    let mut unit_files: Vec<(String, String, Option<String>, Vec<String>)> = Vec::new();
+    let mut entry_resources: Vec<Vec<BTreeMap<String, Resources>>> = Vec::new();
+    for (u, unit) in units.iter().enumerate() {
+        let src_rel = format!("kernels/{}.cu", unit.name);
+        write(dir, &src_rel, unit.source.as_bytes())?;
         let mut ptx_rel = None;
-        for (a, c) in compiled[k].iter().enumerate() {
-            let arch = &archs[a];
-            let rel = format!("kernels/{}.{arch}.cubin", spec.name);
+        let mut cubins = Vec::new();
+        let mut per_arch = Vec::new();
+        for (a, c) in compiled[u].iter().enumerate() {
+            let rel = format!("kernels/{}.{}.cubin", unit.name, archs[a]);
             write(dir, &rel, &c.cubin)?;
             if a == 0 {
-                let rel = format!("kernels/{}.ptx", spec.name);
+                let rel = format!("kernels/{}.ptx", unit.name);
                 write(dir, &rel, c.ptx.as_bytes())?;
                 ptx_rel = Some(rel);
             }
-            let Resources {
-                registers,
-                spill_bytes,
-                shared_bytes,
-                stack_bytes,
-            } = c.resources;
+            cubins.push(rel);
+            per_arch.push(nvrtc::parse_entry_resources(&c.log));
+        }
+        unit_files.push((src_rel, sha256_hex(unit.source.as_bytes()), ptx_rel, cubins));
+        entry_resources.push(per_arch);
+    }
+    let mut manifest_kernels = Vec::new();
+    for spec in &lowered.kernels {
+        let u = units
+            .iter()
+            .position(|unit| unit.kernels.contains(&spec.name))
+            .ok_or_else(|| Error::Internal(format!("no unit holds {}", spec.name)))?;
+        let (src_rel, src_sha, ptx_rel, cubin_rels) = &unit_files[u];
+        let mut cubins = BTreeMap::new();
+        for (a, rel) in cubin_rels.iter().enumerate() {
+            let arch = &archs[a];
+            let r = kernel_resources(&entry_resources[u][a], &units[u].kernels, &spec.name).ok_or_else(|| {
+                Error::Internal(format!("the ptxas log of {} has no figures for {}", units[u].name, spec.name))
+            })?;
             let _ = writeln!(
                 resources,
                 "{:<40} {:<16} {:<7} {:>9} {:>11} {:>12} {:>11}",
                 spec.name,
                 spec.kind.slug(),
                 arch,
-                registers,
-                spill_bytes,
-                shared_bytes,
-                stack_bytes
+                r.registers,
+                r.spill_bytes,
+                r.shared_bytes,
+                r.stack_bytes
             );
             cubins.insert(
                 arch.clone(),
                 CubinEntry {
-                    path: rel,
-                    registers,
-                    spill_bytes,
-                    shared_bytes,
-                    stack_bytes,
+                    path: rel.clone(),
+                    registers: r.registers,
+                    spill_bytes: r.spill_bytes,
+                    shared_bytes: r.shared_bytes,
+                    stack_bytes: r.stack_bytes,
                 },
             );
         }
@@ -414,9 +450,10 @@ pub fn compile(plan: &ValidPlan, opts: &CompileOptions, out: &Path) -> Result<Co
                 _ => None,
             },
             layers: spec.layers.clone(),
-            source: src_rel,
-            source_sha256: sha256_hex(sources[k].as_bytes()),
-            ptx: ptx_rel,
+            unit: units[u].name.clone(),
+            source: src_rel.clone(),
+            source_sha256: src_sha.clone(),
+            ptx: ptx_rel.clone(),
             cubin: cubins,
             launch: spec.launch,
             launch_source: "heuristic",

@@ -5,13 +5,18 @@ use crate::error::{Error, Result};
 use crate::geometry::{capacity, Dtype};
 use crate::ir::KernelSpec;
 use crate::plan::Settings;
+use sha2::Digest;
 use std::sync::OnceLock;
 
 /// Every template, by the name templates include each other with.
-pub const TEMPLATES: [(&str, &str); 7] = [
+pub const TEMPLATES: [(&str, &str); 8] = [
     (
         "moac_common.cuh",
         include_str!("../../templates/moac_common.cuh"),
+    ),
+    (
+        "prelude.cuh.tera",
+        include_str!("../../templates/prelude.cuh.tera"),
     ),
     (
         "geometry.cuh.tera",
@@ -104,6 +109,25 @@ pub fn context(spec: &KernelSpec) -> tera::Context {
         .map(|r| serde_json::json!({"alpha": c_double(r.alpha), "beta": c_double(r.beta)}))
         .collect();
     ctx.insert("heads", &heads);
+    // Distinct rules in first-seen order, and each head's index into them.
+    let mut rules: Vec<crate::plan::HeadRule> = Vec::new();
+    let mut head_rule = Vec::with_capacity(spec.heads.len());
+    for r in &spec.heads {
+        let i = match rules.iter().position(|x| x.key() == r.key()) {
+            Some(i) => i,
+            None => {
+                rules.push(*r);
+                rules.len() - 1
+            }
+        };
+        head_rule.push(i);
+    }
+    let rules: Vec<serde_json::Value> = rules
+        .iter()
+        .map(|r| serde_json::json!({"alpha": c_double(r.alpha), "beta": c_double(r.beta)}))
+        .collect();
+    ctx.insert("rules", &rules);
+    ctx.insert("head_rule", &head_rule);
     ctx.insert("fixed_n", &spec.fixed_n.unwrap_or(0));
     let (q_caps, kv_caps, kv_offsets, total_slots) = match spec.fixed_n {
         Some(n) if !spec.heads.is_empty() => {
@@ -153,14 +177,32 @@ pub fn context(spec: &KernelSpec) -> tera::Context {
     ctx
 }
 
-/// Renders one kernel's CUDA source.
+/// Renders one kernel alone in its own translation unit.
 pub fn emit(spec: &KernelSpec) -> Result<String> {
-    let tera = engine()?;
-    tera.render(spec.kind.template(), &context(spec))
-        .map_err(|e| Error::Template {
-            name: format!("{} ({})", spec.kind.template(), spec.name),
-            message: describe(&e),
-        })
+    render_unit(std::slice::from_ref(spec))
+}
+
+fn render(name: &str, what: &str, ctx: &tera::Context) -> Result<String> {
+    engine()?.render(name, ctx).map_err(|e| Error::Template {
+        name: format!("{name} ({what})"),
+        message: describe(&e),
+    })
+}
+
+/// Renders a translation unit holding `specs` (same kind and shape; their rules differ):
+/// the kind's body once, then each kernel's baked geometry and entry point.
+fn render_unit(specs: &[KernelSpec]) -> Result<String> {
+    let first = specs
+        .first()
+        .ok_or_else(|| Error::Internal("a translation unit needs at least one kernel".into()))?;
+    let mut kernels = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let geometry = render("geometry.cuh.tera", &spec.name, &context(spec))?;
+        kernels.push(serde_json::json!({"name": spec.name, "geometry": geometry}));
+    }
+    let mut ctx = context(first);
+    ctx.insert("kernels", &kernels);
+    render(first.kind.template(), &first.name, &ctx)
 }
 
 #[cfg(test)]
@@ -189,16 +231,37 @@ pub struct SourceUnit {
     pub kernels: Vec<String>,
 }
 
-/// The translation units of a lowered plan.
+/// The key that puts kernels into one translation unit: everything but their rules.
+fn unit_key(spec: &KernelSpec) -> String {
+    let mut probe = spec.clone();
+    probe.name.clear();
+    probe.heads.clear();
+    probe.layers.clear();
+    serde_json::to_string(&probe).unwrap_or_default()
+}
+
+/// The translation units of a lowered plan: one per kernel kind (and shape), holding
+/// every kernel of that kind, so each kind's body is compiled once however many
+/// distinct layers the plan has. Kernels keep their own names and entry points.
 pub fn emit_units(lowered: &crate::ir::Lowered) -> Result<Vec<SourceUnit>> {
-    lowered
-        .kernels
-        .iter()
-        .map(|spec| {
+    let mut groups: Vec<(String, Vec<KernelSpec>)> = Vec::new();
+    for spec in &lowered.kernels {
+        let key = unit_key(spec);
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, g)) => g.push(spec.clone()),
+            None => groups.push((key, vec![spec.clone()])),
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(_, mut specs)| {
+            specs.sort_by(|a, b| a.name.cmp(&b.name));
+            let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
+            let digest = crate::plan::hex(&sha2::Sha256::digest(names.join(",").as_bytes()));
             Ok(SourceUnit {
-                name: spec.name.clone(),
-                source: emit(spec)?,
-                kernels: vec![spec.name.clone()],
+                name: format!("moac_{}_unit_{}", specs[0].kind.slug(), &digest[..16]),
+                source: render_unit(&specs)?,
+                kernels: names,
             })
         })
         .collect()

@@ -209,6 +209,40 @@ pub fn parse_resources(log: &str) -> Resources {
     r
 }
 
+/// Per-function figures from a ptxas log with several entries: lines after
+/// "Compiling entry function 'X'" or "Function properties for X" belong to X.
+pub fn parse_entry_resources(log: &str) -> std::collections::BTreeMap<String, Resources> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut current: Option<String> = None;
+    let mut block = String::new();
+    let mut flush = |name: &Option<String>, block: &mut String| {
+        if let Some(n) = name {
+            let r = parse_resources(block);
+            let e: &mut Resources = out.entry(n.clone()).or_default();
+            e.registers = e.registers.max(r.registers);
+            e.spill_bytes = e.spill_bytes.max(r.spill_bytes);
+            e.shared_bytes = e.shared_bytes.max(r.shared_bytes);
+            e.stack_bytes = e.stack_bytes.max(r.stack_bytes);
+        }
+        block.clear();
+    };
+    for line in log.lines() {
+        let name = line
+            .split_once("Compiling entry function '")
+            .or_else(|| line.split_once("Function properties for "))
+            .map(|(_, rest)| rest.split(['\'', ' ']).next().unwrap_or("").to_string());
+        if let Some(n) = name.filter(|n| !n.is_empty()) {
+            flush(&current, &mut block);
+            current = Some(n);
+        } else {
+            block.push_str(line);
+            block.push('\n');
+        }
+    }
+    flush(&current, &mut block);
+    out
+}
+
 /// Output of one NVRTC compile.
 #[derive(Debug, Clone)]
 pub struct Compiled {
@@ -265,12 +299,14 @@ pub fn compile(
             .unwrap_or_default();
         let out = match compiled {
             Err(e) => Err(err(format!("{e:?}\n{log}"))),
-            Ok(()) => get_outputs(prog).map_err(err).map(|(ptx, cubin)| Compiled {
-                resources: parse_resources(&log),
-                ptx,
-                cubin,
-                log,
-            }),
+            Ok(()) => get_outputs(prog)
+                .map_err(err)
+                .map(|(ptx, cubin)| Compiled {
+                    resources: parse_resources(&log),
+                    ptx,
+                    cubin,
+                    log,
+                }),
         };
         let _ = cudarc::nvrtc::result::destroy_program(prog);
         out
