@@ -14,9 +14,9 @@
 
 use crate::cache::{self, Cache};
 use crate::emit;
+use crate::emit::SourceUnit;
 use crate::error::{Error, Result};
 use crate::geometry::Dtype;
-use crate::emit::SourceUnit;
 use crate::ir::{self, LowerOptions, Lowered};
 use crate::nvrtc::{self, Compiled, Resources};
 use crate::plan::{hex, ValidPlan};
@@ -320,7 +320,8 @@ fn run_nvrtc(
     let results = results
         .into_inner()
         .map_err(|_| Error::Internal("a compile worker panicked".into()))?;
-    let mut per_unit: Vec<Vec<Option<Compiled>>> = (0..units.len()).map(|_| vec![None; archs.len()]).collect();
+    let mut per_unit: Vec<Vec<Option<Compiled>>> =
+        (0..units.len()).map(|_| vec![None; archs.len()]).collect();
     let mut timings = Vec::new();
     for (i, r) in results.into_iter().enumerate() {
         let (c, t) = r.ok_or_else(|| Error::Internal(format!("compile job {i} did not run")))??;
@@ -339,7 +340,11 @@ fn run_nvrtc(
 /// A kernel's figures from a unit's per-function figures: its entry plus the functions
 /// it calls (the unit's non-entry functions, compiled separately and linked): the most
 /// registers of any of them, and spills and stack added up.
-fn kernel_resources(per_function: &BTreeMap<String, Resources>, entries: &[String], kernel: &str) -> Option<Resources> {
+fn kernel_resources(
+    per_function: &BTreeMap<String, Resources>,
+    entries: &[String],
+    kernel: &str,
+) -> Option<Resources> {
     let mut r = *per_function.get(kernel)?;
     for (name, f) in per_function {
         if !entries.contains(name) {
@@ -417,9 +422,13 @@ pub fn compile(plan: &ValidPlan, opts: &CompileOptions, out: &Path) -> Result<Co
         let mut cubins = BTreeMap::new();
         for (a, rel) in cubin_rels.iter().enumerate() {
             let arch = &archs[a];
-            let r = kernel_resources(&entry_resources[u][a], &units[u].kernels, &spec.name).ok_or_else(|| {
-                Error::Internal(format!("the ptxas log of {} has no figures for {}", units[u].name, spec.name))
-            })?;
+            let r = kernel_resources(&entry_resources[u][a], &units[u].kernels, &spec.name)
+                .ok_or_else(|| {
+                    Error::Internal(format!(
+                        "the ptxas log of {} has no figures for {}",
+                        units[u].name, spec.name
+                    ))
+                })?;
             let _ = writeln!(
                 resources,
                 "{:<40} {:<16} {:<7} {:>9} {:>11} {:>12} {:>11}",

@@ -299,14 +299,12 @@ pub fn compile(
             .unwrap_or_default();
         let out = match compiled {
             Err(e) => Err(err(format!("{e:?}\n{log}"))),
-            Ok(()) => get_outputs(prog)
-                .map_err(err)
-                .map(|(ptx, cubin)| Compiled {
-                    resources: parse_resources(&log),
-                    ptx,
-                    cubin,
-                    log,
-                }),
+            Ok(()) => get_outputs(prog).map_err(err).map(|(ptx, cubin)| Compiled {
+                resources: parse_resources(&log),
+                ptx,
+                cubin,
+                log,
+            }),
         };
         let _ = cudarc::nvrtc::result::destroy_program(prog);
         out

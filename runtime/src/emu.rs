@@ -102,6 +102,15 @@ impl EmuModule {
     /// Builds (or finds in the cache) and loads the module for `source` with launch
     /// entries for `kernels`.
     pub fn build(source: &str, kernels: &[&str], build: &EmuBuild) -> Result<EmuModule> {
+        if build.sanitize
+            && !std::env::var("LD_PRELOAD")
+                .unwrap_or_default()
+                .contains("libasan")
+        {
+            return Err(Error::Unavailable(
+                "sanitized emu modules must run in a process with the ASan runtime loaded first: run with LD_PRELOAD=\"$(g++ -print-file-name=libasan.so) $(g++ -print-file-name=libubsan.so)\" ASAN_OPTIONS=detect_leaks=0".into(),
+            ));
+        }
         let mut unit = String::from(source);
         unit.push_str("\n// moac emu launch entries\n");
         for k in kernels {

@@ -1,0 +1,173 @@
+//! `moac verify` end to end: every example plan on two layers, both dtypes, on the emu
+//! backend against the cpu reference; a planted off-by-one fails; a sanitized build of a
+//! small configuration passes; the cuda backend without a GPU is one clear error.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+use common::*;
+use std::process::Command;
+
+fn verify(
+    plan: &std::path::Path,
+    config: Option<&std::path::Path>,
+    extra: &[&str],
+) -> std::process::Output {
+    let mut args = vec!["verify".to_string(), plan.display().to_string()];
+    if let Some(c) = config {
+        args.extend(["--config".to_string(), c.display().to_string()]);
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Command::new(env!("CARGO_BIN_EXE_moac"))
+        .args(&args)
+        .output()
+        .unwrap()
+}
+
+fn check_plan(name: &str, dtype: &str) {
+    let plans = example_plans();
+    let (plan, config) = plans
+        .iter()
+        .find(|(p, _)| p.to_string_lossy().contains(name))
+        .unwrap();
+    let out = verify(plan, Some(config), &["--dtype", dtype]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}\n{text}\n{}",
+        plan.display(),
+        stderr(&out)
+    );
+    // Two layers x six kernels, each on its own line.
+    assert!(text.contains("12 passed, 0 failed"), "{text}");
+    for kind in [
+        "prefill_block64",
+        "prefill_token",
+        "fill",
+        "append",
+        "decode",
+        "merge",
+    ] {
+        assert_eq!(
+            text.lines()
+                .filter(|l| l.contains(&format!(" {kind} ")) && l.ends_with("PASS"))
+                .count(),
+            2,
+            "{kind}: {text}"
+        );
+    }
+}
+
+#[test]
+fn llama3_8b_f16() {
+    check_plan("Llama-3-8B", "f16");
+}
+
+#[test]
+fn llama3_8b_bf16() {
+    check_plan("Llama-3-8B", "bf16");
+}
+
+#[test]
+fn llama32_1b_f16() {
+    check_plan("Llama-3.2-1B", "f16");
+}
+
+#[test]
+fn llama32_1b_bf16() {
+    check_plan("Llama-3.2-1B", "bf16");
+}
+
+#[test]
+fn vicuna_moa_f16() {
+    check_plan("vicuna-7b-v1.5-16k/moa", "f16");
+}
+
+#[test]
+fn vicuna_moa_bf16() {
+    check_plan("vicuna-7b-v1.5-16k/moa", "bf16");
+}
+
+#[test]
+fn vicuna_streamingllm_f16() {
+    check_plan("streamingllm", "f16");
+}
+
+#[test]
+fn vicuna_streamingllm_bf16() {
+    check_plan("streamingllm", "bf16");
+}
+
+#[test]
+fn a_planted_off_by_one_in_the_window_fails() {
+    let plan = root().join("tests/fixtures/small_gqa.moac.json");
+    let out = verify(
+        &plan,
+        None,
+        &["--layers", "0", "--plant-bug", "decode_window_off_by_one"],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let decode = text
+        .lines()
+        .find(|l| l.starts_with("layer") && l.contains(" decode "))
+        .unwrap();
+    assert!(decode.ends_with("FAIL"), "{text}");
+    // The other kernels are untouched by the planted bug and still pass.
+    assert!(
+        text.lines()
+            .filter(|l| l.contains(" fill ") || l.contains(" prefill_token "))
+            .all(|l| l.ends_with("PASS")),
+        "{text}"
+    );
+}
+
+#[test]
+fn small_configuration_under_address_and_undefined_sanitizers() {
+    let lib = |name: &str| {
+        let o = Command::new("g++")
+            .arg(format!("-print-file-name={name}"))
+            .output()
+            .unwrap();
+        String::from_utf8(o.stdout).unwrap().trim().to_string()
+    };
+    let plan = root().join("tests/fixtures/small_gqa.moac.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_moac"))
+        .args([
+            "verify",
+            plan.to_str().unwrap(),
+            "--layers",
+            "0",
+            "--prompt-lens",
+            "150,40",
+            "--max-new-tokens",
+            "64",
+            "--steps",
+            "40",
+            "--sanitize",
+        ])
+        .env(
+            "LD_PRELOAD",
+            format!("{} {}", lib("libasan.so"), lib("libubsan.so")),
+        )
+        .env("ASAN_OPTIONS", "detect_leaks=0")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", stderr(&out));
+    assert!(text.contains("6 passed, 0 failed"), "{text}");
+}
+
+#[test]
+fn cuda_backend_without_a_gpu_is_one_clear_line() {
+    // SAFETY-free probe: this test only runs where no CUDA driver is present.
+    if std::path::Path::new("/dev/nvidiactl").exists() {
+        eprintln!("skipped: this machine has a GPU");
+        return;
+    }
+    let plan = root().join("tests/fixtures/small_gqa.moac.json");
+    let out = verify(&plan, None, &["--backend", "cuda", "--layers", "0"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("cuda backend"), "{err}");
+}
