@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
 # The one command that runs every test: installs what the tests need (NVRTC into a
-# project-local venv), then format, lint and the whole test suite.
+# project-local venv), then format, lint, the emulation header's own tests and the
+# whole Rust test suite (which compiles every kernel with NVRTC and runs them on emu).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup-nvrtc.sh
+# Tests that need NVRTC must not skip silently here.
+export MOAC_REQUIRE_NVRTC=1
+# Keep compile and emu caches inside the checkout (fresh in CI, reused locally).
+export MOAC_CACHE_DIR="${MOAC_CACHE_DIR:-$root/target/moac-cache}"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+bash runtime/emu/tests/run.sh
 cargo test --workspace

@@ -61,6 +61,8 @@ enum Command {
     Compile(CompileArgs),
     /// Check every generated kernel of some layers against the cpu reference.
     Verify(VerifyArgs),
+    /// Run one layer's attention (prefill, then decode steps) over inputs from a safetensors file.
+    Run(RunArgs),
     /// Plan files: convert between forms.
     #[command(subcommand)]
     Plan(PlanCommand),
@@ -171,6 +173,40 @@ struct VerifyArgs {
     /// Test-only: plant a deliberate bug to show the check can fail.
     #[arg(long, hide = true)]
     plant_bug: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum RunBackend {
+    Cpu,
+    Emu,
+    Cuda,
+}
+
+#[derive(Args)]
+#[command(
+    after_help = "Inputs (f32, f16 or bf16; converted to --dtype): q_prefill [B,P,Hq,D], k_prefill and v_prefill [B,P,Hkv,D], q_decode [S,B,Hq,D], k_decode and v_decode [S,B,Hkv,D], optional prompt_lens [B] (int32; shorter rows are right-padded). Outputs (f32): o_prefill [B,P,Hq,D] (padding rows zero), o_decode [S,B,Hq,D]."
+)]
+struct RunArgs {
+    #[command(flatten)]
+    input: PlanInput,
+    /// The layer to run.
+    #[arg(long)]
+    layer: usize,
+    /// Input tensors (safetensors).
+    #[arg(long)]
+    inputs: PathBuf,
+    /// Output tensors (safetensors), written atomically.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, value_enum, default_value_t = RunBackend::Cpu)]
+    backend: RunBackend,
+    /// M: N = P + M (default: the plan's setting, 1024); S > M is an error.
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    #[arg(long, value_enum, default_value_t = moac::ir::PrefillMode::Block64)]
+    prefill_mode: moac::ir::PrefillMode,
+    #[arg(long, value_enum, default_value_t = Dtype::F16)]
+    dtype: Dtype,
 }
 
 #[derive(Subcommand)]
@@ -309,6 +345,44 @@ fn run(cli: Cli) -> Result<()> {
             if failed > 0 {
                 return Err(CliError::Failed(format!("{failed} kernel check(s) failed")));
             }
+            Ok(())
+        }
+        Command::Run(a) => {
+            let plan = plan::load(&a.input.plan, a.input.config.as_deref())?;
+            if a.layer >= plan.num_layers() {
+                return Err(moac::Error::Usage(format!(
+                    "--layer {} does not exist: the plan has {} layers",
+                    a.layer,
+                    plan.num_layers()
+                ))
+                .into());
+            }
+            let opts = moac_runtime::run::RunOptions {
+                layer: a.layer,
+                backend: match a.backend {
+                    RunBackend::Cpu => moac_runtime::Backend::Cpu,
+                    RunBackend::Emu => moac_runtime::Backend::Emu,
+                    RunBackend::Cuda => moac_runtime::Backend::Cuda,
+                },
+                dtype: a.dtype,
+                max_new_tokens: a
+                    .max_new_tokens
+                    .unwrap_or(plan.settings().max_new_tokens as usize),
+                prefill_mode: a.prefill_mode,
+            };
+            let r = moac_runtime::run::run(&plan, &a.inputs, &a.out, &opts)?;
+            eprintln!(
+                "layer {}: batch {}, prompt {}, {} decode steps, N = {}; KV cache {} (dense {}, {:.3}x); wrote {}",
+                a.layer,
+                r.batch,
+                r.prompt_len,
+                r.steps,
+                r.n,
+                inspect::human_bytes(r.kv_bytes),
+                inspect::human_bytes(r.dense_kv_bytes),
+                r.kv_bytes as f64 / r.dense_kv_bytes as f64,
+                a.out.display()
+            );
             Ok(())
         }
         Command::Plan(PlanCommand::Import { input, output }) => {
