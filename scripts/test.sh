@@ -14,3 +14,6 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 bash runtime/emu/tests/run.sh
 cargo test --workspace
+# The example model runs end to end on the cpu and emu backends (a short run).
+cargo run -q -p moac-runtime --example tiny_llama -- --backend cpu --prompt-len 512 --steps 40
+cargo run -q -p moac-runtime --example tiny_llama -- --backend emu --prompt-len 512 --steps 40
