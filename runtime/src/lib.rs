@@ -26,9 +26,11 @@
 
 pub mod args;
 pub mod artifact;
+pub mod cuda_layer;
 pub mod emu;
 pub mod emu_layer;
 pub mod error;
+pub mod exec;
 pub mod layer;
 pub mod reference;
 pub mod run;

@@ -2,6 +2,7 @@
 //! every backend.
 
 use crate::artifact::Artifact;
+use crate::cuda_layer::{CudaDevice, CudaLayer, DeviceCache};
 use crate::emu::EmuBuild;
 use crate::emu_layer::{from_bits, EmuLayer, HostCache};
 use crate::error::{shape_err, Error, Result};
@@ -39,6 +40,7 @@ impl std::str::FromStr for Backend {
 enum Store {
     Cpu(LayerCache),
     Emu(Box<EmuLayer>, HostCache),
+    Cuda(Box<CudaLayer>, DeviceCache),
 }
 
 /// One layer's part of the cache.
@@ -103,6 +105,8 @@ pub struct Runtime {
     pub artifact: Artifact,
     pub backend: Backend,
     pub emu: EmuBuild,
+    /// The GPU, for the cuda backend.
+    cuda: Option<std::sync::Arc<CudaDevice>>,
 }
 
 fn cdt(d: Dtype) -> DType {
@@ -144,17 +148,22 @@ impl Runtime {
     /// Binds an artifact to a backend. The cuda backend checks for a driver and a GPU
     /// first and fails with one clear error where there is none.
     pub fn new(artifact: Artifact, backend: Backend) -> Result<Runtime> {
-        if backend == Backend::Cuda {
-            crate::cuda_available()?;
-            return Err(Error::Unavailable(
-                "cuda backend: the driver-side launcher is not built into this runtime yet; use --backend emu or cpu".into(),
-            ));
-        }
+        let cuda = match backend {
+            // Checks `cuda_available()` before any other driver call.
+            Backend::Cuda => Some(CudaDevice::open()?),
+            _ => None,
+        };
         Ok(Runtime {
             artifact,
             backend,
             emu: EmuBuild::default(),
+            cuda,
         })
+    }
+
+    /// The GPU of the cuda backend (`None` on the others).
+    pub fn cuda_device(&self) -> Option<&std::sync::Arc<CudaDevice>> {
+        self.cuda.as_ref()
     }
 
     /// Allocates a cache for `batch` sequences of N = prompt_len + max_new_tokens.
@@ -209,7 +218,22 @@ impl Runtime {
                     let cache = emu.new_cache(batch);
                     Store::Emu(Box::new(emu), cache)
                 }
-                Backend::Cuda => return Err(Error::Unavailable("cuda backend unavailable".into())),
+                Backend::Cuda => {
+                    let dev = self.cuda.as_ref().ok_or_else(|| {
+                        Error::Unavailable("cuda backend: no GPU was opened".into())
+                    })?;
+                    let layer = CudaLayer::new(
+                        dev,
+                        shape.clone(),
+                        dtype,
+                        lk,
+                        &self.artifact.lowered.kernels,
+                        &units,
+                        &self.artifact.binaries,
+                    )?;
+                    let cache = layer.new_device_cache(batch)?;
+                    Store::Cuda(Box::new(layer), cache)
+                }
             };
             layers.push(LayerState {
                 layer: lk.layer,
@@ -289,6 +313,13 @@ impl Runtime {
                 emu.fill(c, &kb, &vb, &lens, p)?;
                 from_bits_tensor(&o, dtype, &[batch, p, s.num_query_heads, s.head_dim])?
             }
+            Store::Cuda(cl, c) => {
+                let lens: Vec<i32> = prompt_lens.iter().map(|&l| l as i32).collect();
+                let (kb, vb) = (bits(k, dtype)?, bits(v, dtype)?);
+                let o =
+                    cl.prefill_and_fill(c, &bits(q, dtype)?, &kb, &vb, &lens, p, mode, scale)?;
+                from_bits_tensor(&o, dtype, &[batch, p, s.num_query_heads, s.head_dim])?
+            }
         };
         st.lens = prompt_lens.to_vec();
         Ok(out)
@@ -336,6 +367,12 @@ impl Runtime {
                 let li: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
                 emu.append(c, &bits(k_new, dtype)?, &bits(v_new, dtype)?, &li)?;
                 let o = emu.decode(c, &bits(q, dtype)?, &li, scale)?;
+                from_bits_tensor(&o, dtype, &[batch, s.num_query_heads, s.head_dim])?
+            }
+            Store::Cuda(cl, c) => {
+                let li: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
+                cl.append_device(c, &bits(k_new, dtype)?, &bits(v_new, dtype)?, &li)?;
+                let o = cl.decode_device(c, &bits(q, dtype)?, &li, scale)?;
                 from_bits_tensor(&o, dtype, &[batch, s.num_query_heads, s.head_dim])?
             }
         };

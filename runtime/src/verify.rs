@@ -3,9 +3,11 @@
 //! appends and decode steps that wrap the rings. Outputs are poisoned before every
 //! launch, so an element a kernel never writes fails.
 
+use crate::cuda_layer::{CudaDevice, CudaLayer};
 use crate::emu::EmuBuild;
 use crate::emu_layer::{from_bits, to_bits, EmuLayer, HostCache};
 use crate::error::{Error, Result};
+use crate::exec::LayerExec;
 use crate::layer::LayerShape;
 use crate::reference;
 use candle_core::{DType, Device, Tensor};
@@ -153,23 +155,44 @@ pub fn verify(plan: &ValidPlan, opts: &VerifyOptions) -> Result<Vec<KernelCheck>
         .collect();
     let mut rng = Rng(opts.seed);
     let mut out = Vec::new();
+    let dev = match opts.backend {
+        VerifyBackend::Cuda => Some(CudaDevice::open()?),
+        VerifyBackend::Emu => None,
+    };
     for lk in &low.layers {
         let shape = LayerShape::new(&geo, lk.layer);
-        let emu = EmuLayer::new(
-            shape.clone(),
-            opts.dtype,
-            lk,
-            &low.kernels,
-            &units,
-            &opts.emu,
-        )?;
-        out.extend(verify_layer(&emu, &shape, lk, opts, &mut rng)?);
+        let lines = match &dev {
+            Some(dev) => {
+                let cuda = CudaLayer::new(
+                    dev,
+                    shape.clone(),
+                    opts.dtype,
+                    lk,
+                    &low.kernels,
+                    &units,
+                    &[],
+                )?;
+                verify_layer(&cuda, &shape, lk, opts, &mut rng)?
+            }
+            None => {
+                let emu = EmuLayer::new(
+                    shape.clone(),
+                    opts.dtype,
+                    lk,
+                    &low.kernels,
+                    &units,
+                    &opts.emu,
+                )?;
+                verify_layer(&emu, &shape, lk, opts, &mut rng)?
+            }
+        };
+        out.extend(lines);
     }
     Ok(out)
 }
 
-fn verify_layer(
-    emu: &EmuLayer,
+fn verify_layer<E: LayerExec>(
+    emu: &E,
     shape: &LayerShape,
     lk: &moac::ir::LayerKernels,
     opts: &VerifyOptions,
@@ -228,13 +251,19 @@ fn verify_layer(
         lines.push(check(name, kind, acc));
     }
 
-    let mut cache = emu.new_cache(b_);
+    let mut cache = emu.new_cache(b_)?;
     emu.fill(&mut cache, &bits(&kp), &bits(&vp), &lens_i32, p_)?;
     let mut rcache = reference::fill(&k, &v, &opts.prompt_lens, shape)?;
     lines.push(check(
         &lk.fill,
         "fill",
-        compare_cache(&cache, &rcache, shape, &opts.prompt_lens, dtype)?,
+        compare_cache(
+            &emu.cache_to_host(&cache)?,
+            &rcache,
+            shape,
+            &opts.prompt_lens,
+            dtype,
+        )?,
     ));
 
     let mut dec = Acc::new();
@@ -267,7 +296,7 @@ fn verify_layer(
         lines.push(check(
             &lk.append,
             "append",
-            compare_cache(&cache, &rcache, shape, &lens, dtype)?,
+            compare_cache(&emu.cache_to_host(&cache)?, &rcache, shape, &lens, dtype)?,
         ));
         lines.push(check(&lk.decode, "decode", dec));
         let merged = Acc {

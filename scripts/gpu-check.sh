@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# The one script to run on a GPU machine (sized for an H200 with 16 cores, ~8 minutes):
+# NVRTC setup, a release build, `moac compile` of every example plan for sm_90,
+# `moac verify --backend cuda` (two layers of every plan, f16 and bf16, plus one larger
+# prompt), then the decode benchmark (moac vs dense). Stops at the first failure with
+# the step's name; prints a summary and the benchmark table last.
+# Logs and artifacts go to target/gpu-check/ (and are copied to $OUT when it is set).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+  echo "gpu-check: no NVIDIA GPU here (nvidia-smi finds none); run this on a GPU machine"
+  exit 1
+fi
+work="$root/target/gpu-check"
+rm -rf "$work"
+mkdir -p "$work/artifacts" "$work/logs"
+# The compile cache is shared by `moac compile`, verify and the benchmark.
+export MOAC_CACHE_DIR="${MOAC_CACHE_DIR:-$root/target/moac-cache}"
+export MOAC_EMU_CACHE="${MOAC_EMU_CACHE:-$MOAC_CACHE_DIR/emu}"
+arch=sm_90
+seed=1
+summary=()
+start_all=$SECONDS
+
+finish() {
+  local rc=$?
+  if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
+    cp -r "$work/logs" "$OUT/gpu-check-logs" 2>/dev/null || true
+  fi
+  exit "$rc"
+}
+trap finish EXIT
+
+# step NAME CMD...: runs CMD with its output shown and logged; stops everything on failure.
+step() {
+  local name="$1"
+  shift
+  local log="$work/logs/$(printf '%s' "$name" | tr -c 'A-Za-z0-9_.-' '_').log"
+  local t0=$SECONDS
+  echo "=== $name"
+  set +e
+  "$@" 2>&1 | tee "$log"
+  local rc=${PIPESTATUS[0]}
+  set -e
+  local dt=$((SECONDS - t0))
+  if [ "$rc" -ne 0 ]; then
+    echo
+    echo "gpu-check: FAILED at step \"$name\" (exit $rc, ${dt}s); log: $log"
+    for line in "${summary[@]}"; do echo "  $line"; done
+    echo "  FAIL  ${dt}s  $name"
+    exit 1
+  fi
+  summary+=("ok    ${dt}s  $name")
+}
+
+nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv,noheader
+
+step "setup-nvrtc" bash scripts/setup-nvrtc.sh
+step "cargo build --release" cargo build --release
+moac="$root/target/release/moac"
+bench="$root/target/release/moac-gpu-bench"
+
+plans=()
+for d in examples/plans/*/; do
+  d="${d%/}"
+  if [ -f "$d/moa_alpha_beta.json" ] && [ -f "$d/config.json" ]; then
+    plans+=("$d")
+  fi
+done
+if [ "${#plans[@]}" -eq 0 ]; then
+  echo "gpu-check: no example plans under examples/plans"
+  exit 1
+fi
+
+for d in "${plans[@]}"; do
+  name="$(basename "$d")"
+  step "compile $name ($arch)" "$moac" compile "$d/moa_alpha_beta.json" --config "$d/config.json" \
+    --arch "$arch" -o "$work/artifacts/$name"
+done
+
+# Two layers (the first and the last, the default) of every plan, both dtypes.
+for dtype in f16 bf16; do
+  for d in "${plans[@]}"; do
+    name="$(basename "$d")"
+    step "verify cuda $name $dtype" "$moac" verify "$d/moa_alpha_beta.json" --config "$d/config.json" \
+      --backend cuda --dtype "$dtype" --seed "$seed"
+  done
+done
+
+# A larger, ragged prompt with enough steps to wrap the rings, on the smallest model.
+big="examples/plans/meta-llama--Llama-3.2-1B-Instruct"
+if [ -d "$big" ]; then
+  step "verify cuda $(basename "$big") f16 P=2000,1500,64" "$moac" verify "$big/moa_alpha_beta.json" \
+    --config "$big/config.json" --backend cuda --dtype f16 --seed "$seed" \
+    --prompt-lens 2000,1500,64 --max-new-tokens 300 --steps 200
+fi
+
+step "moac-gpu-bench" "$bench" --artifacts "$work/artifacts"
+
+echo
+echo "gpu-check: all steps passed in $((SECONDS - start_all))s"
+for line in "${summary[@]}"; do echo "  $line"; done
+echo
+echo "decode benchmark (moac vs dense, per step of all layers):"
+# The benchmark's table: everything after its last blank line.
+awk 'BEGIN{RS=""} {last=$0} END{print last}' "$work/logs/moac-gpu-bench.log"
