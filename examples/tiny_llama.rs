@@ -67,7 +67,11 @@ fn main() {
 fn run() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let arg = |name: &str, default: &str| -> String {
-        args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_string())
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+            .unwrap_or_else(|| default.to_string())
     };
     let backend: Backend = arg("--backend", "cpu").parse()?;
     let steps: usize = arg("--steps", "300").parse()?;
@@ -76,14 +80,30 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
 
     // A MoA-like plan: per head rules of the shapes MoA emits, different inside groups.
     let rules = [(0.0, 0.125), (256.0, 0.0), (-1024.0, 0.5), (0.0, 0.25)];
-    let alphas: Vec<Vec<f64>> = (0..LAYERS).map(|l| (0..HQ).map(|h| rules[(h + l) % 4].0).collect()).collect();
-    let betas: Vec<Vec<f64>> = (0..LAYERS).map(|l| (0..HQ).map(|h| rules[(h + l) % 4].1).collect()).collect();
-    let model = ModelShape { num_layers: LAYERS, num_query_heads: HQ, num_kv_heads: HKV, head_dim: HEAD_DIM };
-    let plan = moac::plan::validate("tiny-llama".as_ref(), model, Settings::default(), &alphas, &betas)?;
+    let alphas: Vec<Vec<f64>> = (0..LAYERS)
+        .map(|l| (0..HQ).map(|h| rules[(h + l) % 4].0).collect())
+        .collect();
+    let betas: Vec<Vec<f64>> = (0..LAYERS)
+        .map(|l| (0..HQ).map(|h| rules[(h + l) % 4].1).collect())
+        .collect();
+    let model = ModelShape {
+        num_layers: LAYERS,
+        num_query_heads: HQ,
+        num_kv_heads: HKV,
+        head_dim: HEAD_DIM,
+    };
+    let plan = moac::plan::validate(
+        "tiny-llama".as_ref(),
+        model,
+        Settings::default(),
+        &alphas,
+        &betas,
+    )?;
     let rt = Runtime::new(Artifact::from_plan(&plan, moac::Dtype::F16, None)?, backend)?;
 
     // Random weights (fixed seed through candle's CPU RNG is not available: scale randn).
-    let w = |r: usize, c: usize| Tensor::randn(0f32, (1.0 / (r as f64).sqrt()) as f32, (r, c), &dev);
+    let w =
+        |r: usize, c: usize| Tensor::randn(0f32, (1.0 / (r as f64).sqrt()) as f32, (r, c), &dev);
     let embed = Tensor::randn(0f32, 1.0, (VOCAB, HIDDEN), &dev)?;
     let layers: Vec<Layer> = (0..LAYERS)
         .map(|_| -> candle_core::Result<Layer> {
@@ -105,10 +125,16 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         cache.geometry.n
     );
     // Prompt: pseudo-random tokens.
-    let mut tokens: Vec<u32> = (0..prompt_len).map(|i| ((i * 7919 + 13) % VOCAB) as u32).collect();
+    let mut tokens: Vec<u32> = (0..prompt_len)
+        .map(|i| ((i * 7919 + 13) % VOCAB) as u32)
+        .collect();
 
     // One forward pass over `new` tokens at positions `pos`; returns the last logits.
-    let forward = |cache: &mut moac_runtime::KvCache, new: &[u32], pos: &[usize], prefill: bool| -> Result<Tensor, Box<dyn std::error::Error>> {
+    let forward = |cache: &mut moac_runtime::KvCache,
+                   new: &[u32],
+                   pos: &[usize],
+                   prefill: bool|
+     -> Result<Tensor, Box<dyn std::error::Error>> {
         let t = new.len();
         let ids = Tensor::from_vec(new.to_vec(), t, &dev)?;
         let mut x = embed.index_select(&ids, 0)?; // [T, HIDDEN]
@@ -118,7 +144,17 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             let k = rope(&h.matmul(&lw.wk)?.reshape((t, HKV, HEAD_DIM))?, pos)?;
             let v = h.matmul(&lw.wv)?.reshape((t, HKV, HEAD_DIM))?;
             let attn = if prefill {
-                rt.prefill(cache, l, &q.unsqueeze(0)?, &k.unsqueeze(0)?, &v.unsqueeze(0)?, &[t], PrefillMode::Block64, None)?.i(0)?
+                rt.prefill(
+                    cache,
+                    l,
+                    &q.unsqueeze(0)?,
+                    &k.unsqueeze(0)?,
+                    &v.unsqueeze(0)?,
+                    &[t],
+                    PrefillMode::Block64,
+                    None,
+                )?
+                .i(0)?
             } else {
                 rt.decode_step(cache, l, &q, &k, &v, None)?
             };
@@ -161,6 +197,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         cache.bytes() as f64 / cache.dense_bytes() as f64,
         cache.geometry.n
     );
-    println!("last tokens: {:?}", &tokens[tokens.len().saturating_sub(12)..]);
+    println!(
+        "last tokens: {:?}",
+        &tokens[tokens.len().saturating_sub(12)..]
+    );
     Ok(())
 }

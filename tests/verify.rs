@@ -171,3 +171,61 @@ fn cuda_backend_without_a_gpu_is_one_clear_line() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("cuda backend"), "{err}");
 }
+
+#[test]
+fn an_artifact_folder_verifies_from_its_own_sources() {
+    // `moac compile --emit cuda` needs no NVRTC; verify then runs the artifact's sources.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("art");
+    let plan = root().join("tests/fixtures/small_gqa.moac.json");
+    let o = Command::new(env!("CARGO_BIN_EXE_moac"))
+        .args([
+            "compile",
+            plan.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--emit",
+            "cuda",
+            "--layers",
+            "1,2",
+            "--dtype",
+            "bf16",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = verify(
+        &out,
+        None,
+        &[
+            "--prompt-lens",
+            "150,40",
+            "--max-new-tokens",
+            "64",
+            "--steps",
+            "30",
+        ],
+    );
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{text}\n{}", stderr(&o));
+    assert!(
+        text.contains("(bf16)") && text.contains("12 passed, 0 failed"),
+        "{text}"
+    );
+    // A layer the artifact lacks, and a tampered source, are clear errors.
+    let o = verify(&out, None, &["--layers", "0"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("not in the artifact"), "{}", stderr(&o));
+    let src = std::fs::read_dir(out.join("kernels"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "cu"))
+        .unwrap();
+    let mut text = std::fs::read_to_string(&src).unwrap();
+    text.push_str("\n// edited\n");
+    std::fs::write(&src, text).unwrap();
+    let o = verify(&out, None, &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("SHA-256"), "{}", stderr(&o));
+}

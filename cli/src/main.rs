@@ -70,7 +70,8 @@ enum Command {
 
 #[derive(Args)]
 struct PlanInput {
-    /// The plan: official MoA JSON (needs --config) or a moac plan file.
+    /// The plan: official MoA JSON (needs --config) or a moac plan file (`verify` also
+    /// takes an artifact folder written by `moac compile`).
     plan: PathBuf,
     /// The model's Hugging Face config.json (required for official MoA JSON).
     #[arg(long)]
@@ -287,13 +288,32 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Verify(a) => {
-            let plan = plan::load(&a.input.plan, a.input.config.as_deref())?;
-            let layers = a.layers.unwrap_or_else(|| {
-                let last = plan.num_layers() - 1;
-                if last == 0 {
-                    vec![0]
-                } else {
-                    vec![0, last]
+            // PLAN may also be an artifact folder written by `moac compile`.
+            let artifact = if a.input.plan.join("manifest.json").is_file() {
+                Some(moac_runtime::Artifact::load(&a.input.plan)?)
+            } else {
+                None
+            };
+            let plan = match &artifact {
+                Some(art) => art.plan.clone(),
+                None => plan::load(&a.input.plan, a.input.config.as_deref())?,
+            };
+            let layers = a.layers.unwrap_or_else(|| match &artifact {
+                Some(art) => {
+                    let compiled: Vec<usize> = art.lowered.layers.iter().map(|l| l.layer).collect();
+                    match (compiled.first(), compiled.last()) {
+                        (Some(&f), Some(&l)) if f != l => vec![f, l],
+                        (Some(&f), _) => vec![f],
+                        _ => Vec::new(),
+                    }
+                }
+                None => {
+                    let last = plan.num_layers() - 1;
+                    if last == 0 {
+                        vec![0]
+                    } else {
+                        vec![0, last]
+                    }
                 }
             });
             let seed = a.seed.unwrap_or_else(|| {
@@ -330,13 +350,16 @@ fn run(cli: Cli) -> Result<()> {
             println!(
                 "verify {} ({}), layers {:?}, prompt lengths {:?}, M {}, {} decode steps, seed {seed}",
                 plan.name(),
-                a.dtype,
+                artifact.as_ref().map(|art| art.dtype).unwrap_or(a.dtype),
                 opts.layers,
                 opts.prompt_lens,
                 opts.max_new_tokens,
                 opts.steps
             );
-            let lines = verify::verify(&plan, &opts)?;
+            let lines = match &artifact {
+                Some(art) => verify::verify_artifact(art, &opts)?,
+                None => verify::verify(&plan, &opts)?,
+            };
             let failed = lines.iter().filter(|l| !l.passed).count();
             for l in &lines {
                 println!("{l}");

@@ -12,7 +12,10 @@ use std::time::Instant;
 
 fn plan_layer(root: &std::path::Path, layer: usize) -> ValidPlan {
     let dir = root.join("examples/plans/gradientai--Llama-3-8B-Instruct-262k");
-    let full = match moac::plan::load(&dir.join("moa_alpha_beta.json"), Some(&dir.join("config.json"))) {
+    let full = match moac::plan::load(
+        &dir.join("moa_alpha_beta.json"),
+        Some(&dir.join("config.json")),
+    ) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("error: {e}");
@@ -21,15 +24,32 @@ fn plan_layer(root: &std::path::Path, layer: usize) -> ValidPlan {
     };
     let rules = full.layer(layer);
     let m = full.model();
-    let model = ModelShape { num_layers: 1, ..*m };
+    let model = ModelShape {
+        num_layers: 1,
+        ..*m
+    };
     let alphas = vec![rules.iter().map(|r| r.alpha).collect::<Vec<_>>()];
     let betas = vec![rules.iter().map(|r| r.beta).collect::<Vec<_>>()];
-    moac::plan::validate("bench".as_ref(), model, Settings::default(), &alphas, &betas).expect("valid")
+    moac::plan::validate(
+        "bench".as_ref(),
+        model,
+        Settings::default(),
+        &alphas,
+        &betas,
+    )
+    .expect("valid")
 }
 
 fn dense_like(p: &ValidPlan) -> ValidPlan {
     let hq = p.model().num_query_heads;
-    moac::plan::validate("dense".as_ref(), *p.model(), Settings::default(), &[vec![1e12; hq]], &[vec![0.0; hq]]).expect("valid")
+    moac::plan::validate(
+        "dense".as_ref(),
+        *p.model(),
+        Settings::default(),
+        &[vec![1e12; hq]],
+        &[vec![0.0; hq]],
+    )
+    .expect("valid")
 }
 
 fn time_decode(plan: &ValidPlan, prompt: usize, new: usize, steps: usize) -> (f64, u64) {
@@ -37,10 +57,16 @@ fn time_decode(plan: &ValidPlan, prompt: usize, new: usize, steps: usize) -> (f6
     let shape = LayerShape::new(&geo, 0);
     let (hq, hkv, d) = (shape.num_query_heads, shape.num_kv_heads, shape.head_dim);
     let dev = Device::Cpu;
-    let k = Tensor::randn(0f32, 1.0, (1, prompt, hkv, d), &dev).and_then(|t| t.to_dtype(DType::F16)).expect("k");
+    let k = Tensor::randn(0f32, 1.0, (1, prompt, hkv, d), &dev)
+        .and_then(|t| t.to_dtype(DType::F16))
+        .expect("k");
     let mut cache = reference::fill(&k, &k, &[prompt], &shape).expect("fill");
-    let q = Tensor::randn(0f32, 1.0, (1, hq, d), &dev).and_then(|t| t.to_dtype(DType::F16)).expect("q");
-    let kn = Tensor::randn(0f32, 1.0, (1, hkv, d), &dev).and_then(|t| t.to_dtype(DType::F16)).expect("kn");
+    let q = Tensor::randn(0f32, 1.0, (1, hq, d), &dev)
+        .and_then(|t| t.to_dtype(DType::F16))
+        .expect("q");
+    let kn = Tensor::randn(0f32, 1.0, (1, hkv, d), &dev)
+        .and_then(|t| t.to_dtype(DType::F16))
+        .expect("kn");
     let scale = 1.0 / (d as f32).sqrt();
     // Warm-up.
     reference::append(&mut cache, &kn, &kn, &[prompt + 1], &shape).expect("append");
@@ -60,7 +86,10 @@ fn main() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let (prompt, new, steps) = (4096, 1024, 15);
     println!("cpu backend decode step (append + attention), Llama-3-8B layer shape, batch 1, f16, N = {}", prompt + new);
-    println!("{:>6} {:>14} {:>14} {:>10} {:>10}", "layer", "moac ms/step", "dense ms/step", "time ratio", "byte ratio");
+    println!(
+        "{:>6} {:>14} {:>14} {:>10} {:>10}",
+        "layer", "moac ms/step", "dense ms/step", "time ratio", "byte ratio"
+    );
     for layer in [0, 13, 27] {
         let plan = plan_layer(&root, layer);
         let (tm, bm) = time_decode(&plan, prompt, new, steps);

@@ -129,17 +129,7 @@ impl Acc {
 
 /// Runs the checks. Each returned line is one kernel of one layer.
 pub fn verify(plan: &ValidPlan, opts: &VerifyOptions) -> Result<Vec<KernelCheck>> {
-    if opts.backend == VerifyBackend::Cuda {
-        crate::cuda_available()?;
-    }
-    if opts.prompt_lens.is_empty() || opts.steps > opts.max_new_tokens {
-        return Err(Error::Shape(format!(
-            "verify needs at least one prompt and steps <= max_new_tokens (got {} steps, M = {})",
-            opts.steps, opts.max_new_tokens
-        )));
-    }
-    let p_ = opts.prompt_lens.iter().copied().max().unwrap_or(0);
-    let geo = CacheGeometry::new(plan, p_ as u64, opts.max_new_tokens as u64)?;
+    check_options(opts)?;
     let low = moac::ir::lower(
         plan,
         &LowerOptions {
@@ -153,6 +143,69 @@ pub fn verify(plan: &ValidPlan, opts: &VerifyOptions) -> Result<Vec<KernelCheck>
         .into_iter()
         .map(|u| (u.source, u.kernels))
         .collect();
+    verify_lowered(plan, &low, &units, &[], opts)
+}
+
+/// Runs the checks on the kernels of an artifact written by `moac compile`: its sources
+/// on emu, its CUBINs (or PTX) on cuda, so no NVRTC is needed on a GPU machine. The
+/// layers must be among the artifact's; its dtype is used.
+pub fn verify_artifact(
+    art: &crate::artifact::Artifact,
+    opts: &VerifyOptions,
+) -> Result<Vec<KernelCheck>> {
+    check_options(opts)?;
+    if opts.planted_bug.is_some() {
+        return Err(Error::Shape(
+            "--plant-bug needs a plan, not an artifact".into(),
+        ));
+    }
+    if let Some((p, m)) = art.fixed {
+        let p_ = opts.prompt_lens.iter().copied().max().unwrap_or(0) as u64;
+        if p_ + opts.max_new_tokens as u64 != p + m {
+            return Err(Error::Shape(format!(
+                "the artifact is specialized to N = {} (prompt {p} + {m}); choose --prompt-lens and --max-new-tokens with max prompt + M = {}",
+                p + m,
+                p + m
+            )));
+        }
+    }
+    let compiled: Vec<usize> = art.lowered.layers.iter().map(|l| l.layer).collect();
+    if let Some(l) = opts.layers.iter().find(|l| !compiled.contains(l)) {
+        return Err(Error::Shape(format!(
+            "layer {l} is not in the artifact (compiled layers: {compiled:?})"
+        )));
+    }
+    let mut low = art.lowered.clone();
+    low.layers.retain(|l| opts.layers.contains(&l.layer));
+    let opts = VerifyOptions {
+        dtype: art.dtype,
+        ..opts.clone()
+    };
+    verify_lowered(&art.plan, &low, &art.unit_sources(), &art.binaries, &opts)
+}
+
+fn check_options(opts: &VerifyOptions) -> Result<()> {
+    if opts.backend == VerifyBackend::Cuda {
+        crate::cuda_available()?;
+    }
+    if opts.prompt_lens.is_empty() || opts.steps > opts.max_new_tokens {
+        return Err(Error::Shape(format!(
+            "verify needs at least one prompt and steps <= max_new_tokens (got {} steps, M = {})",
+            opts.steps, opts.max_new_tokens
+        )));
+    }
+    Ok(())
+}
+
+fn verify_lowered(
+    plan: &ValidPlan,
+    low: &moac::ir::Lowered,
+    units: &[(String, Vec<String>)],
+    binaries: &[crate::artifact::UnitBinaries],
+    opts: &VerifyOptions,
+) -> Result<Vec<KernelCheck>> {
+    let p_ = opts.prompt_lens.iter().copied().max().unwrap_or(0);
+    let geo = CacheGeometry::new(plan, p_ as u64, opts.max_new_tokens as u64)?;
     let mut rng = Rng(opts.seed);
     let mut out = Vec::new();
     let dev = match opts.backend {
@@ -169,8 +222,8 @@ pub fn verify(plan: &ValidPlan, opts: &VerifyOptions) -> Result<Vec<KernelCheck>
                     opts.dtype,
                     lk,
                     &low.kernels,
-                    &units,
-                    &[],
+                    units,
+                    binaries,
                 )?;
                 verify_layer(&cuda, &shape, lk, opts, &mut rng)?
             }
@@ -180,7 +233,7 @@ pub fn verify(plan: &ValidPlan, opts: &VerifyOptions) -> Result<Vec<KernelCheck>
                     opts.dtype,
                     lk,
                     &low.kernels,
-                    &units,
+                    units,
                     &opts.emu,
                 )?;
                 verify_layer(&emu, &shape, lk, opts, &mut rng)?
