@@ -103,12 +103,6 @@ pub fn context(spec: &KernelSpec) -> tera::Context {
     ctx.insert("sink", &spec.sink);
     ctx.insert("min_capacity", &spec.min_capacity);
     ctx.insert("granularity", &spec.granularity);
-    let heads: Vec<serde_json::Value> = spec
-        .heads
-        .iter()
-        .map(|r| serde_json::json!({"alpha": c_double(r.alpha), "beta": c_double(r.beta)}))
-        .collect();
-    ctx.insert("heads", &heads);
     // Distinct rules in first-seen order, and each head's index into them.
     let mut rules: Vec<crate::plan::HeadRule> = Vec::new();
     let mut head_rule = Vec::with_capacity(spec.heads.len());
@@ -129,37 +123,24 @@ pub fn context(spec: &KernelSpec) -> tera::Context {
     ctx.insert("rules", &rules);
     ctx.insert("head_rule", &head_rule);
     ctx.insert("fixed_n", &spec.fixed_n.unwrap_or(0));
-    let (q_caps, kv_caps, kv_offsets, total_slots) = match spec.fixed_n {
-        Some(n) if !spec.heads.is_empty() => {
+    // A build specialized to one N bakes every query head's capacity (the KV capacities,
+    // offsets and totals follow from them in the template, as in the runtime geometry).
+    let q_caps: Vec<u64> = match spec.fixed_n {
+        Some(n) => {
             let settings = Settings {
                 sink: spec.sink,
                 min_capacity: spec.min_capacity,
                 granularity: spec.granularity,
                 max_new_tokens: 0,
             };
-            let q: Vec<u64> = spec
-                .heads
+            spec.heads
                 .iter()
                 .map(|&r| capacity(r, n, &settings))
-                .collect();
-            let kv: Vec<u64> = q
-                .chunks(spec.group_size())
-                .map(|g| g.iter().copied().max().unwrap_or(0))
-                .collect();
-            let mut off = Vec::with_capacity(kv.len());
-            let mut total = 0;
-            for c in &kv {
-                off.push(total);
-                total += c;
-            }
-            (q, kv, off, total)
+                .collect()
         }
-        _ => (Vec::new(), Vec::new(), Vec::new(), 0),
+        None => Vec::new(),
     };
     ctx.insert("q_caps", &q_caps);
-    ctx.insert("kv_caps", &kv_caps);
-    ctx.insert("kv_offsets", &kv_offsets);
-    ctx.insert("total_slots", &total_slots);
     // `launch.threads` and, for templates that name their kind, `launch.<kind>.threads`.
     let mut launch = serde_json::to_value(spec.launch).unwrap_or_default();
     if let Some(obj) = launch.as_object_mut() {
