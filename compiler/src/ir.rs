@@ -183,6 +183,20 @@ pub struct KernelSpec {
 }
 
 impl KernelSpec {
+    /// What a tuning result is keyed by: everything the kernel computes except its launch
+    /// configuration (the thing being tuned).
+    pub fn tuning_identity(&self) -> String {
+        let mut probe = self.clone();
+        probe.launch = LaunchConfig {
+            threads: 0,
+            chunk: 0,
+            rows: 0,
+            block_q: 0,
+            block_k: 0,
+        };
+        format!("{}_{}", self.kind.slug(), probe.identity_hash())
+    }
+
     /// Hash of everything but `name` and `layers`.
     fn identity_hash(&self) -> String {
         #[derive(Serialize)]

@@ -15,6 +15,7 @@ pub mod inspect;
 pub mod ir;
 pub mod nvrtc;
 pub mod plan;
+pub mod tuning;
 
 pub use error::{Error, Result};
 pub use geometry::{CacheGeometry, Dtype};
