@@ -451,19 +451,13 @@ impl CudaLayer {
         Ok(self.kernel(role)?.launch)
     }
 
-    fn max_kv_capacity(&self) -> usize {
-        self.shape.kv_capacity.iter().copied().max().unwrap_or(0)
-    }
-
     fn cache_elems(&self, batch: usize) -> usize {
         batch * self.shape.total_slots * self.shape.head_dim
     }
 
     /// Splits of the decode kernel (`ceil(max C_kv / chunk)`).
     pub fn nsplit(&self) -> Result<usize> {
-        Ok(self
-            .max_kv_capacity()
-            .div_ceil(self.launch("decode")?.chunk.max(1) as usize))
+        Ok(self.shape.decode_splits(&self.launch("decode")?))
     }
 
     /// A new host cache for `batch` rows, poisoned with NaN (as emu's).
@@ -618,11 +612,7 @@ impl CudaLayer {
             PrefillMode::Token => "prefill_token",
         };
         let lc = self.launch(role)?;
-        let grid = (
-            p.div_ceil(lc.block_q.max(1) as usize).max(1) as u32,
-            s.num_query_heads as u32,
-            b as u32,
-        );
+        let grid = s.prefill_grid(&lc, p, b);
         let st = &self.dev.stream;
         {
             let (qp, _g1) = q.device_ptr(st);
@@ -693,11 +683,7 @@ impl CudaLayer {
     ) -> Result<()> {
         let s = &self.shape;
         let lc = self.launch("fill")?;
-        let grid = (
-            self.max_kv_capacity().div_ceil(lc.rows.max(1) as usize) as u32,
-            s.num_kv_heads as u32,
-            b as u32,
-        );
+        let grid = s.fill_grid(&lc, b);
         let st = &self.dev.stream;
         let (kp, _g1) = k.device_ptr(st);
         let (vp, _g2) = v.device_ptr(st);
@@ -766,12 +752,7 @@ impl CudaLayer {
             Arg::I64(s.n as i64),
             Arg::I32(b as i32),
         ];
-        self.run(
-            "append",
-            (s.num_kv_heads as u32, b as u32, 1),
-            lc.threads,
-            &args,
-        )
+        self.run("append", s.append_grid(b), lc.threads, &args)
     }
 
     /// Decode attention over a host cache: `q` [B,Hq,D] -> o [B,Hq,D].
@@ -871,12 +852,7 @@ impl CudaLayer {
                 Arg::I32(nsplit as i32),
                 Arg::F32(scale),
             ];
-            self.run(
-                "decode",
-                (nsplit as u32, s.num_kv_heads as u32, b as u32),
-                lc.threads,
-                &args,
-            )?;
+            self.run("decode", s.decode_grid(nsplit, b), lc.threads, &args)?;
         }
         let ml = self.launch("merge")?;
         let (po, _g1) = scratch.part_o.device_ptr(st);
@@ -889,12 +865,7 @@ impl CudaLayer {
             Arg::I32(b as i32),
             Arg::I32(nsplit as i32),
         ];
-        self.run(
-            "merge",
-            (s.num_query_heads as u32, b as u32, 1),
-            ml.threads,
-            &args,
-        )
+        self.run("merge", s.merge_grid(b), ml.threads, &args)
     }
 }
 

@@ -135,10 +135,6 @@ impl EmuLayer {
         self.kernels[role].launch
     }
 
-    fn max_kv_capacity(&self) -> usize {
-        self.shape.kv_capacity.iter().copied().max().unwrap_or(0)
-    }
-
     /// A new cache for `batch` rows, poisoned with NaN.
     pub fn new_cache(&self, batch: usize) -> HostCache {
         let n = batch * self.shape.total_slots * self.shape.head_dim;
@@ -176,11 +172,7 @@ impl EmuLayer {
             PrefillMode::Token => "prefill_token",
         };
         let lc = self.launch(role);
-        let grid = (
-            p.div_ceil(lc.block_q as usize).max(1) as u32,
-            s.num_query_heads as u32,
-            b as u32,
-        );
+        let grid = s.prefill_grid(&lc, p, b);
         let args = [
             ptr(q, Elem::Scalar),
             ptr(k, Elem::Scalar),
@@ -224,11 +216,7 @@ impl EmuLayer {
         }
         self.check_lens(prompt_lens, p)?;
         let lc = self.launch("fill");
-        let grid = (
-            self.max_kv_capacity().div_ceil(lc.rows as usize) as u32,
-            s.num_kv_heads as u32,
-            b as u32,
-        );
+        let grid = s.fill_grid(&lc, b);
         let args = [
             ptr(k, Elem::Scalar),
             ptr(v, Elem::Scalar),
@@ -269,12 +257,7 @@ impl EmuLayer {
             Arg::I64(s.n as i64),
             Arg::I32(b as i32),
         ];
-        self.run(
-            "append",
-            (s.num_kv_heads as u32, b as u32, 1),
-            lc.threads,
-            &args,
-        )
+        self.run("append", s.append_grid(b), lc.threads, &args)
     }
 
     fn check_steps(&self, seq_lens: &[i32]) -> Result<()> {
@@ -304,7 +287,7 @@ impl EmuLayer {
         }
         self.check_steps(seq_lens)?;
         let lc = self.launch("decode");
-        let nsplit = self.max_kv_capacity().div_ceil(lc.chunk as usize);
+        let nsplit = s.decode_splits(&lc);
         let mut part_o = vec![f32::NAN; b * s.num_query_heads * nsplit * s.head_dim];
         let mut part_lse = vec![f32::NAN; b * s.num_query_heads * nsplit];
         let args = [
@@ -319,12 +302,7 @@ impl EmuLayer {
             Arg::I32(nsplit as i32),
             Arg::F32(scale),
         ];
-        self.run(
-            "decode",
-            (nsplit as u32, s.num_kv_heads as u32, b as u32),
-            lc.threads,
-            &args,
-        )?;
+        self.run("decode", s.decode_grid(nsplit, b), lc.threads, &args)?;
         let mut out = vec![nan_bits(self.dtype); q.len()];
         let ml = self.launch("merge");
         let args = [
@@ -334,12 +312,7 @@ impl EmuLayer {
             Arg::I32(b as i32),
             Arg::I32(nsplit as i32),
         ];
-        self.run(
-            "merge",
-            (s.num_query_heads as u32, b as u32, 1),
-            ml.threads,
-            &args,
-        )?;
+        self.run("merge", s.merge_grid(b), ml.threads, &args)?;
         Ok(out)
     }
 }

@@ -45,3 +45,53 @@ impl LayerShape {
         self.query_capacity[h] - self.sink
     }
 }
+
+/// A CUDA grid (x, y, z).
+pub type Grid = (u32, u32, u32);
+
+/// The launch grids of docs/kernel-abi.md, stated once for every executor (emu and cuda).
+impl LayerShape {
+    /// Largest KV-head capacity of the layer.
+    pub fn max_kv_capacity(&self) -> usize {
+        self.kv_capacity.iter().copied().max().unwrap_or(0)
+    }
+
+    /// Decode splits: `ceil(max C_kv / chunk)`.
+    pub fn decode_splits(&self, launch: &moac::ir::LaunchConfig) -> usize {
+        self.max_kv_capacity()
+            .div_ceil(launch.chunk.max(1) as usize)
+    }
+
+    /// prefill: `(ceil(P / block_q), HQ, B)`.
+    pub fn prefill_grid(&self, launch: &moac::ir::LaunchConfig, p: usize, batch: usize) -> Grid {
+        (
+            p.div_ceil(launch.block_q.max(1) as usize).max(1) as u32,
+            self.num_query_heads as u32,
+            batch as u32,
+        )
+    }
+
+    /// fill: `(ceil(max C_kv / rows), HKV, B)`.
+    pub fn fill_grid(&self, launch: &moac::ir::LaunchConfig, batch: usize) -> Grid {
+        (
+            self.max_kv_capacity().div_ceil(launch.rows.max(1) as usize) as u32,
+            self.num_kv_heads as u32,
+            batch as u32,
+        )
+    }
+
+    /// append: `(HKV, B)`.
+    pub fn append_grid(&self, batch: usize) -> Grid {
+        (self.num_kv_heads as u32, batch as u32, 1)
+    }
+
+    /// decode: `(nsplit, HKV, B)`.
+    pub fn decode_grid(&self, nsplit: usize, batch: usize) -> Grid {
+        (nsplit as u32, self.num_kv_heads as u32, batch as u32)
+    }
+
+    /// merge: `(HQ, B)`.
+    pub fn merge_grid(&self, batch: usize) -> Grid {
+        (self.num_query_heads as u32, batch as u32, 1)
+    }
+}
