@@ -2,7 +2,8 @@
 # The one script to run on a GPU machine (sized for an H200 with 16 cores, ~8 minutes):
 # NVRTC setup, a release build, `moac compile` of every example plan for sm_90,
 # `moac verify --backend cuda` (two layers of every plan, f16 and bf16, plus one larger
-# prompt), then the decode benchmark (moac vs dense). Stops at the first failure with
+# prompt), the decode benchmark (moac vs dense), then a short `moac tune --backend cuda`
+# (best configuration against the heuristic) and a compile with its database. Stops at the first failure with
 # the step's name; prints a summary and the benchmark table last.
 # Logs and artifacts go to target/gpu-check/ (and are copied to $OUT when it is set).
 set -euo pipefail
@@ -99,6 +100,17 @@ fi
 
 step "moac-gpu-bench" "$bench" --artifacts "$work/artifacts"
 
+# A short tuning run: layer 0 of the smallest model, decode and fill, on the GPU; it
+# prints the best configuration's time and GB/s next to the default heuristic's.
+if [ -d "$big" ]; then
+  step "moac tune cuda $(basename "$big") layer 0" "$moac" tune "$big/moa_alpha_beta.json" \
+    --config "$big/config.json" --backend cuda --arch "$arch" --layers 0 --kinds decode,fill \
+    --prompt-len 4096 --batch 1 --repeats 20 --db "$work/tuning.json"
+  step "compile with the tuning database" "$moac" compile "$big/moa_alpha_beta.json" \
+    --config "$big/config.json" --arch "$arch" --layers 0 --tuning "$work/tuning.json" \
+    -o "$work/artifacts-tuned"
+fi
+
 echo
 echo "gpu-check: all steps passed in $((SECONDS - start_all))s"
 for line in "${summary[@]}"; do echo "  $line"; done
@@ -106,3 +118,9 @@ echo
 echo "decode benchmark (moac vs dense, per step of all layers):"
 # The benchmark's table: everything after its last blank line.
 awk 'BEGIN{RS=""} {last=$0} END{print last}' "$work/logs/moac-gpu-bench.log"
+tune_log="$(ls "$work"/logs/moac_tune_cuda_*.log 2>/dev/null | head -n 1)"
+if [ -n "$tune_log" ]; then
+  echo
+  echo "tuning (best vs heuristic):"
+  grep -E "best .* heuristic" "$tune_log" || true
+fi

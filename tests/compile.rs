@@ -329,8 +329,35 @@ fn check_artifact(out: &Path, archs: &[&str]) -> Value {
                 assert_eq!(c["spill_bytes"], 0, "{name} {arch} spills");
             }
         }
+        // One entry per unit, named after it, present in the PTX; slots are the
+        // kernels' positions in name order within the unit.
+        let entry = k["entry"].as_str().unwrap();
+        assert_eq!(k["entry"], k["unit"], "{name}");
+        let ptx = std::fs::read_to_string(out.join(k["ptx"].as_str().unwrap())).unwrap();
+        assert!(
+            ptx.contains(&format!(".entry {entry}(")),
+            "{name}: entry {entry} in the PTX"
+        );
+        assert_eq!(
+            ptx.matches(".entry ").count(),
+            1,
+            "{name}: one entry per unit"
+        );
+        assert_eq!(k["params"][0]["name"], "slot");
+        let mut same_unit: Vec<&str> = m["kernels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|x| x["unit"] == k["unit"])
+            .map(|x| x["name"].as_str().unwrap())
+            .collect();
+        same_unit.sort();
+        assert_eq!(
+            same_unit.iter().position(|x| *x == name),
+            k["slot"].as_u64().map(|s| s as usize),
+            "{name}: slot"
+        );
         if k["kind"] == "decode" {
-            let ptx = std::fs::read_to_string(out.join(k["ptx"].as_str().unwrap())).unwrap();
             assert!(
                 ptx.contains("ld.global.nc.v4") || ptx.contains("cp.async"),
                 "{name}: decode PTX uses 16-byte loads"
@@ -459,7 +486,7 @@ fn changing_one_alpha_recompiles_only_that_layer() {
             }
         }
     }
-    // Only the five rule-dependent kernels of layer 1 went to NVRTC.
+    // Only the five units holding layer 1's rule-dependent kernels went to NVRTC.
     assert_eq!(report.nvrtc_compiles, 5, "{:?}", report.timings);
 }
 

@@ -73,11 +73,7 @@ fn run(case: &Case) {
         ..Default::default()
     };
     let low = moac::ir::lower(&plan, &opts).unwrap();
-    let units: Vec<(String, Vec<String>)> = moac::emit::emit_units(&low)
-        .unwrap()
-        .into_iter()
-        .map(|u| (u.source, u.kernels))
-        .collect();
+    let units = moac::emit::emit_units(&low).unwrap();
     let emu = EmuLayer::new(
         shape.clone(),
         dtype,

@@ -63,6 +63,9 @@ enum Command {
     Verify(VerifyArgs),
     /// Run one layer's attention (prefill, then decode steps) over inputs from a safetensors file.
     Run(RunArgs),
+    /// Autotune launch configurations: check every candidate against the cpu reference
+    /// (emu or cuda), time the correct ones on the GPU, save all results to a database.
+    Tune(TuneArgs),
     /// Plan files: convert between forms.
     #[command(subcommand)]
     Plan(PlanCommand),
@@ -136,6 +139,22 @@ struct CompileArgs {
     /// Print the time of every kernel compile.
     #[arg(long)]
     timings: bool,
+    /// Take launch configurations from this tuning database (written by `moac tune`)
+    /// where it has a winner for a kernel on one of the archs; the manifest records
+    /// each kernel's `launch_source`.
+    #[arg(long)]
+    tuning: Option<PathBuf>,
+    /// The prompt length the tuning entries must be for (their bucket of N = P + M;
+    /// default: --prompt-len, else 4096).
+    #[arg(long, requires = "tuning")]
+    tuning_prompt_len: Option<u64>,
+    /// The batch size the tuning entries must be for (its bucket).
+    #[arg(long, default_value_t = 1, requires = "tuning")]
+    tuning_batch: u64,
+    /// SM count of the target GPU: sizes the default launch heuristic (decode splits)
+    /// and, with --tuning, accepts only entries measured with this many SMs.
+    #[arg(long)]
+    sm_count: Option<u32>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -210,6 +229,63 @@ struct RunArgs {
     dtype: Dtype,
 }
 
+#[derive(Args)]
+struct TuneArgs {
+    #[command(flatten)]
+    input: PlanInput,
+    /// The tuning database to write (merged with what it holds; written atomically).
+    #[arg(long)]
+    db: PathBuf,
+    /// `cuda`: check and time on the GPU. `emu`: the correctness sweep only (no timing).
+    #[arg(long, value_enum, default_value_t = KernelBackend::Cuda)]
+    backend: KernelBackend,
+    /// The GPU's arch; an error if it is not the device's (cuda only).
+    #[arg(long)]
+    arch: Option<String>,
+    /// Layers to tune, comma-separated (default: all; layers with identical rules are
+    /// tuned once).
+    #[arg(long, value_delimiter = ',')]
+    layers: Option<Vec<usize>>,
+    /// Kinds to tune, comma-separated: decode, append, fill, prefill_block64, prefill_token.
+    #[arg(long, value_delimiter = ',')]
+    kinds: Option<Vec<String>>,
+    #[arg(long, value_enum, default_value_t = Dtype::F16)]
+    dtype: Dtype,
+    /// Prompt length timed on the GPU (the entries' bucket of N = P + M).
+    #[arg(long, default_value_t = 4096)]
+    prompt_len: u64,
+    /// M (default: the plan's setting, 1024).
+    #[arg(long)]
+    max_new_tokens: Option<u64>,
+    /// Batch size timed on the GPU (the entries' batch bucket).
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Untimed launches before the timed ones.
+    #[arg(long, default_value_t = 5)]
+    warmup: usize,
+    /// Timed launches (the median is kept).
+    #[arg(long, default_value_t = 20)]
+    repeats: usize,
+    /// Prompt lengths of the correctness check of every candidate.
+    #[arg(long, value_delimiter = ',', default_value = "192,131,9")]
+    check_prompt_lens: Vec<usize>,
+    /// M of the correctness check.
+    #[arg(long, default_value_t = 96)]
+    check_max_new_tokens: usize,
+    /// Decode steps of the correctness check (enough to wrap the smallest rings).
+    #[arg(long, default_value_t = 80)]
+    check_steps: usize,
+    /// Seed of the check's random inputs.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Parallel g++ builds of emu modules (default: one per core).
+    #[arg(long, default_value_t = 0)]
+    jobs: usize,
+    /// Test-only: add a decode candidate with wrong windows, which must be excluded.
+    #[arg(long, hide = true)]
+    plant_bad_candidate: bool,
+}
+
 #[derive(Subcommand)]
 enum PlanCommand {
     /// Write a self-contained moac plan file from an official MoA plan and its config.
@@ -260,8 +336,37 @@ fn run(cli: Cli) -> Result<()> {
                     .then(|| Cache::new(a.cache_dir.unwrap_or_else(Cache::default_root))),
                 jobs: a.jobs,
                 progress: true,
+                tuning: match &a.tuning {
+                    Some(path) => {
+                        let m = plan.settings().max_new_tokens;
+                        let p = a.tuning_prompt_len.or(a.prompt_len).unwrap_or(4096);
+                        Some(compile::TuningChoice {
+                            path: path.clone(),
+                            db: moac::tuning::TuningDb::load(path)?,
+                            sm_count: a.sm_count,
+                            n: p + a.max_new_tokens.unwrap_or(m),
+                            batch: a.tuning_batch,
+                        })
+                    }
+                    None => None,
+                },
+                device: a.sm_count.map(|sm_count| moac::ir::DeviceProps {
+                    sm_count,
+                    static_shared_per_block: 48 * 1024,
+                }),
             };
             let report = compile::compile(&plan, &opts, &a.output)?;
+            for n in &report.tuning_notes {
+                eprintln!("note: {n}");
+            }
+            if let Some(t) = &opts.tuning {
+                eprintln!(
+                    "{} of {} kernels take their launch configuration from {}",
+                    report.tuned_kernels,
+                    report.kernels,
+                    t.path.display()
+                );
+            }
             if a.timings {
                 for t in &report.timings {
                     eprintln!(
@@ -346,6 +451,8 @@ fn run(cli: Cli) -> Result<()> {
                     sanitize: a.sanitize,
                 },
                 planted_bug,
+                launch_overrides: Default::default(),
+                only: None,
             };
             println!(
                 "verify {} ({}), layers {:?}, prompt lengths {:?}, M {}, {} decode steps, seed {seed}",
@@ -370,6 +477,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Tune(a) => tune(a),
         Command::Run(a) => {
             let plan = plan::load(&a.input.plan, a.input.config.as_deref())?;
             if a.layer >= plan.num_layers() {
@@ -444,4 +552,168 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn tune(a: TuneArgs) -> Result<()> {
+    use moac_runtime::tune::{self, TuneOptions};
+    let plan = plan::load(&a.input.plan, a.input.config.as_deref())?;
+    let num_layers = plan.model().num_layers;
+    let layers = a.layers.unwrap_or_else(|| (0..num_layers).collect());
+    if let Some(l) = layers.iter().find(|&&l| l >= num_layers) {
+        return Err(moac::Error::Usage(format!(
+            "layer {l} does not exist (the plan has {num_layers})"
+        ))
+        .into());
+    }
+    let kinds = match a.kinds {
+        None => tune::TUNED_KINDS.to_vec(),
+        Some(names) => names
+            .iter()
+            .map(|n| {
+                moac::tuning::kind_from_slug(n)
+                    .filter(|k| tune::TUNED_KINDS.contains(k))
+                    .ok_or_else(|| {
+                        moac::Error::Usage(format!(
+                            "unknown kind {n:?}: decode, append, fill, prefill_block64, prefill_token"
+                        ))
+                    })
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?,
+    };
+    let backend = match a.backend {
+        KernelBackend::Emu => VerifyBackend::Emu,
+        KernelBackend::Cuda => VerifyBackend::Cuda,
+    };
+    if backend == VerifyBackend::Cuda {
+        let dev = moac_runtime::cuda_layer::CudaDevice::open()?;
+        if let Some(arch) = &a.arch {
+            if *arch != dev.arch {
+                return Err(moac::Error::Usage(format!(
+                    "--arch {arch} but the GPU is {} ({})",
+                    dev.arch, dev.name
+                ))
+                .into());
+            }
+        }
+    }
+    let opts = TuneOptions {
+        layers,
+        kinds,
+        dtype: a.dtype,
+        backend,
+        prompt_len: a.prompt_len,
+        max_new_tokens: a.max_new_tokens.unwrap_or(plan.settings().max_new_tokens),
+        batch: a.batch,
+        warmup: a.warmup,
+        repeats: a.repeats,
+        check_prompt_lens: a.check_prompt_lens,
+        check_max_new_tokens: a.check_max_new_tokens,
+        check_steps: a.check_steps,
+        seed: a.seed,
+        emu: EmuBuild::default(),
+        jobs: a.jobs,
+        plant_bad_candidate: a.plant_bad_candidate,
+    };
+    println!(
+        "tune {} on {}: layers {:?}, {}, N = {} + {}, batch {}",
+        plan.name(),
+        match backend {
+            VerifyBackend::Emu => "emu (correctness only)",
+            VerifyBackend::Cuda => "cuda",
+        },
+        opts.layers,
+        opts.dtype.name(),
+        opts.prompt_len,
+        opts.max_new_tokens,
+        opts.batch
+    );
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} candidates, {elapsed} elapsed, ETA {eta} {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let fmt_launch = |l: &moac::ir::LaunchConfig, kind: moac::ir::KernelKind| match kind {
+        moac::ir::KernelKind::Decode => format!("threads {:>3} chunk {:>4}", l.threads, l.chunk),
+        moac::ir::KernelKind::Fill => format!("threads {:>3} rows {:>3}", l.threads, l.rows),
+        moac::ir::KernelKind::Prefill(_) => format!(
+            "threads {:>3} block_q {:>2} block_k {:>2}",
+            l.threads, l.block_q, l.block_k
+        ),
+        _ => format!("threads {:>3}", l.threads),
+    };
+    let report = tune::tune(&plan, &opts, &mut |done, total, o| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+        bar.suspend(|| {
+            println!(
+                "layer {:>2} {:<16} {:<34} {:<5} {:>10} {:>9}{}{}",
+                o.layer,
+                o.kind.slug(),
+                fmt_launch(&o.launch, o.kind),
+                if o.correct { "ok" } else { "WRONG" },
+                o.median_us
+                    .map(|t| format!("{t:.1} us"))
+                    .unwrap_or_else(|| "-".into()),
+                o.gb_per_s
+                    .map(|g| format!("{g:.0} GB/s"))
+                    .unwrap_or_else(|| "-".into()),
+                if o.is_default { "  (heuristic)" } else { "" },
+                if o.note.is_empty() {
+                    String::new()
+                } else {
+                    format!("  {}", o.note)
+                }
+            )
+        });
+    })?;
+    bar.finish_and_clear();
+    report.db.save(&a.db)?;
+    let wrong: Vec<_> = report.outcomes.iter().filter(|o| !o.correct).collect();
+    let unexpected = wrong.iter().filter(|o| !o.planted).count();
+    println!(
+        "{} candidates of {} kernels checked: {} correct, {} wrong and excluded{}",
+        report.outcomes.len(),
+        report.db.entries.len(),
+        report.outcomes.len() - wrong.len(),
+        wrong.len(),
+        if wrong.len() > unexpected {
+            format!(" ({} planted)", wrong.len() - unexpected)
+        } else {
+            String::new()
+        }
+    );
+    if backend == VerifyBackend::Cuda {
+        for (kernel, best, default) in tune::summary(&report.outcomes) {
+            if let (Some(b), Some(d)) = (best, default) {
+                println!(
+                    "{kernel}: best {} {:.1} us {:.0} GB/s, heuristic {} {:.1} us {:.0} GB/s ({:.2}x)",
+                    fmt_launch(&b.launch, b.kind),
+                    b.median_us.unwrap_or(0.0),
+                    b.gb_per_s.unwrap_or(0.0),
+                    fmt_launch(&d.launch, d.kind),
+                    d.median_us.unwrap_or(0.0),
+                    d.gb_per_s.unwrap_or(0.0),
+                    d.median_us.unwrap_or(0.0) / b.median_us.unwrap_or(1.0).max(1e-9)
+                );
+            }
+        }
+    }
+    println!(
+        "wrote {} ({} entries for {} on {}, {} SMs, driver {}, NVRTC {})",
+        a.db.display(),
+        report.db.entries.len(),
+        opts.dtype.name(),
+        report.env.arch,
+        report.env.sm_count,
+        report.env.driver_version,
+        report.env.nvrtc_version
+    );
+    if unexpected > 0 {
+        return Err(CliError::Failed(format!(
+            "{unexpected} candidate configuration(s) computed wrong results (excluded; a compiler bug)"
+        )));
+    }
+    Ok(())
 }

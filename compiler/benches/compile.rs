@@ -40,9 +40,32 @@ fn main() {
     );
     let cold = compile(&plan, &opts, &out).expect("cold compile");
     let warm = compile(&plan, &opts, &out).expect("warm compile");
-    println!("kernel                                        arch    cold ms");
+    // Kernels per translation unit, from the manifest: each unit is one NVRTC compile
+    // per arch, shared by its kernels.
+    let manifest: serde_json::Value = std::fs::read_to_string(out.join("manifest.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    let per_unit = |unit: &str| {
+        manifest["kernels"]
+            .as_array()
+            .map(|ks| ks.iter().filter(|k| k["unit"] == unit).count())
+            .unwrap_or(0)
+            .max(1)
+    };
+    println!(
+        "unit                                          arch    kernels  cold ms  ms per kernel"
+    );
     for t in &cold.timings {
-        println!("{:<45} {:<6} {:>8.1}", t.kernel, t.arch, t.seconds * 1e3);
+        let n = per_unit(&t.kernel);
+        println!(
+            "{:<45} {:<6} {:>8} {:>8.1} {:>14.1}",
+            t.kernel,
+            t.arch,
+            n,
+            t.seconds * 1e3,
+            t.seconds * 1e3 / n as f64
+        );
     }
     let nvrtc_total: f64 = cold.timings.iter().map(|t| t.seconds).sum();
     println!(

@@ -104,6 +104,8 @@ pub(crate) fn generate(plan: &ValidPlan, lowered: &Lowered, manifest: &Manifest)
         let spec = &lowered.kernels[k];
         let ident = format_ident!("{}", mk.name.to_uppercase());
         let name = &mk.name;
+        let entry = &mk.entry;
+        let slot = mk.slot as i32;
         let kind = mk.kind;
         let src = file_ident(&mk.source, false);
         let threads = spec.launch.threads;
@@ -126,6 +128,8 @@ pub(crate) fn generate(plan: &ValidPlan, lowered: &Lowered, manifest: &Manifest)
         kernel_consts.push(quote! {
             pub const #ident: Kernel = Kernel {
                 name: #name,
+                entry: #entry,
+                slot: #slot,
                 kind: #kind,
                 layers: &[#(#layers),*],
                 threads: #threads,
@@ -135,7 +139,7 @@ pub(crate) fn generate(plan: &ValidPlan, lowered: &Lowered, manifest: &Manifest)
             };
         });
         kernel_idents.push(ident);
-        launchers.push(launcher(name, spec.kind));
+        launchers.push(launcher(name, entry, slot, spec.kind));
     }
     let file_consts = files.iter().enumerate().map(|(i, (path, binary))| {
         let id = format_ident!("FILE_{}", i);
@@ -179,10 +183,15 @@ pub(crate) fn generate(plan: &ValidPlan, lowered: &Lowered, manifest: &Manifest)
         pub const BETAS: [[f64; #hq]; #nl] = [#(#betas),*];
         #fixed
 
-        /// One compiled kernel: its source and binaries.
+        /// One compiled kernel: its source and binaries. Kernels of one kind share a
+        /// translation unit with one entry point; `slot`, the entry's first argument,
+        /// picks the kernel.
         #[derive(Debug, Clone, Copy)]
         pub struct Kernel {
             pub name: &'static str,
+            /// The function to load from the module (`CudaModule::load_function`).
+            pub entry: &'static str,
+            pub slot: i32,
             /// decode, merge, append, fill or prefill.
             pub kind: &'static str,
             pub layers: &'static [usize],
@@ -241,11 +250,15 @@ pub(crate) fn generate(plan: &ValidPlan, lowered: &Lowered, manifest: &Manifest)
     ))
 }
 
-fn launcher(name: &str, kind: ir::KernelKind) -> TokenStream {
+fn launcher(name: &str, entry: &str, slot: i32, kind: ir::KernelKind) -> TokenStream {
     let f = format_ident!("{}", name);
     let mut args = Vec::new();
     let mut pushes = Vec::new();
     for &(pname, param) in ir::params(kind) {
+        if pname == "slot" {
+            pushes.push(quote! { builder.arg(&SLOT); });
+            continue;
+        }
         let id = format_ident!("{}", pname);
         let ty = match param {
             Param::ConstPtr(e) | Param::MutPtr(e) => {
@@ -270,12 +283,15 @@ fn launcher(name: &str, kind: ir::KernelKind) -> TokenStream {
             _ => pushes.push(quote! { builder.arg(&#id); }),
         }
     }
-    let doc = format!(" Launches `{name}` ({}) on `stream`.", kind.slug());
+    let doc = format!(
+        " Launches `{name}` ({}) on `stream`: entry `{entry}`, slot {slot}.",
+        kind.slug()
+    );
     quote! {
         #[doc = #doc]
         ///
         /// # Safety
-        /// `func` must be this kernel loaded from this artifact, every buffer must have the
+        /// `func` must be this kernel's entry loaded from this artifact, every buffer must have the
         /// shape docs/kernel-abi.md gives for these arguments, and `cfg` the grid it gives.
         #[allow(clippy::too_many_arguments)]
         pub unsafe fn #f<T>(
@@ -286,6 +302,7 @@ fn launcher(name: &str, kind: ir::KernelKind) -> TokenStream {
         ) -> Result<(), cudarc::driver::DriverError> {
             use cudarc::driver::PushKernelArg;
             debug_assert_eq!(core::mem::size_of::<T>(), 2, "moac kernels take 2-byte elements");
+            const SLOT: i32 = #slot;
             let mut builder = stream.launch_builder(func);
             #(#pushes)*
             // SAFETY: the caller upholds this function's contract (see above).

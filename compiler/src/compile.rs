@@ -53,6 +53,24 @@ pub struct CompileOptions {
     pub jobs: usize,
     /// Show a progress bar (only drawn on a terminal).
     pub progress: bool,
+    /// Take launch configurations from a tuning database where it has a winner.
+    pub tuning: Option<TuningChoice>,
+    /// The GPU the default heuristic sizes launches for; `None`: the figures of the
+    /// arch when exactly one is compiled ([`ir::DeviceProps::for_arch`]), else
+    /// arch-independent defaults.
+    pub device: Option<ir::DeviceProps>,
+}
+
+/// A tuning database and what to look up in it.
+#[derive(Debug, Clone)]
+pub struct TuningChoice {
+    pub path: PathBuf,
+    pub db: crate::tuning::TuningDb,
+    /// Accept only entries measured with this many SMs (any when `None`).
+    pub sm_count: Option<u32>,
+    /// The N and batch size the entries must have been tuned for (their buckets).
+    pub n: u64,
+    pub batch: u64,
 }
 
 impl Default for CompileOptions {
@@ -66,6 +84,8 @@ impl Default for CompileOptions {
             cache: Some(Cache::new(Cache::default_root())),
             jobs: 0,
             progress: false,
+            tuning: None,
+            device: None,
         }
     }
 }
@@ -89,6 +109,10 @@ pub struct CompileReport {
     pub timings: Vec<KernelTiming>,
     pub elapsed: Duration,
     pub nvrtc_version: Option<String>,
+    /// Kernels whose launch configuration came from the tuning database.
+    pub tuned_kernels: usize,
+    /// Notes about tuning entries that did not apply.
+    pub tuning_notes: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -117,12 +141,18 @@ pub(crate) struct ManifestKernel {
     /// The translation unit (source file) that defines this kernel; kernels of one kind
     /// share a unit so that their common body is compiled once.
     pub unit: String,
+    /// The unit's entry point (the function to launch) and this kernel's `slot`, its
+    /// first argument.
+    pub entry: String,
+    pub slot: usize,
     pub source: String,
     pub source_sha256: String,
     pub ptx: Option<String>,
     pub cubin: BTreeMap<String, CubinEntry>,
     pub launch: ir::LaunchConfig,
     pub launch_source: &'static str,
+    /// The key of this kernel in a tuning database (what it computes, minus launch).
+    pub tuning_identity: String,
     pub params: Vec<ManifestParam>,
 }
 
@@ -337,17 +367,13 @@ fn run_nvrtc(
     Ok((per_unit, timings, hits.into_inner()))
 }
 
-/// A kernel's figures from a unit's per-function figures: its entry plus the functions
-/// it calls (the unit's non-entry functions, compiled separately and linked): the most
-/// registers of any of them, and spills and stack added up.
-fn kernel_resources(
-    per_function: &BTreeMap<String, Resources>,
-    entries: &[String],
-    kernel: &str,
-) -> Option<Resources> {
-    let mut r = *per_function.get(kernel)?;
+/// An entry's figures from a unit's per-function figures: the entry plus any functions
+/// it calls (compiled separately and linked): the most registers of any of them, and
+/// spills and stack added up.
+fn entry_resources(per_function: &BTreeMap<String, Resources>, entry: &str) -> Option<Resources> {
+    let mut r = *per_function.get(entry)?;
     for (name, f) in per_function {
-        if !entries.contains(name) {
+        if name != entry {
             r.registers = r.registers.max(f.registers);
             r.spill_bytes += f.spill_bytes;
             r.stack_bytes += f.stack_bytes;
@@ -361,16 +387,50 @@ fn kernel_resources(
 pub fn compile(plan: &ValidPlan, opts: &CompileOptions, out: &Path) -> Result<CompileReport> {
     let start = Instant::now();
     let archs = check_archs(&opts.archs, opts.dtype)?;
-    let lowered: Lowered = ir::lower(
-        plan,
-        &LowerOptions {
-            dtype: opts.dtype,
-            fixed: opts.fixed,
-            layers: opts.layers.clone(),
-            launch_overrides: BTreeMap::new(),
-            planted_bug: None,
-        },
-    )?;
+    let device = opts.device.or_else(|| match archs.as_slice() {
+        [one] => ir::DeviceProps::for_arch(one),
+        _ => None,
+    });
+    let mut lower_opts = LowerOptions {
+        dtype: opts.dtype,
+        fixed: opts.fixed,
+        layers: opts.layers.clone(),
+        device,
+        ..LowerOptions::default()
+    };
+    let mut tuning_notes = Vec::new();
+    if let Some(t) = &opts.tuning {
+        // NVRTC's version is part of the key: a tuned compile needs NVRTC.
+        let nv = nvrtc::load()?;
+        let first = ir::lower(plan, &lower_opts)?;
+        for spec in &first.kernels {
+            let id = spec.tuning_identity();
+            for arch in &archs {
+                let want = crate::tuning::EnvMatch {
+                    arch: arch.clone(),
+                    nvrtc_version: nv.version.clone(),
+                    sm_count: t.sm_count,
+                    driver_version: None,
+                };
+                let (best, notes) = t.db.select(&id, &want, opts.dtype, t.n, t.batch);
+                for n in notes {
+                    if !tuning_notes.contains(&n) {
+                        tuning_notes.push(n);
+                    }
+                }
+                if let Some(b) = best {
+                    // The first arch listed with a winner decides (one source per kernel).
+                    lower_opts.tuned.entry(id.clone()).or_insert(b);
+                }
+            }
+        }
+    }
+    let lowered: Lowered = ir::lower(plan, &lower_opts)?;
+    let tuned_kernels = lowered
+        .kernels
+        .iter()
+        .filter(|k| k.launch_source == ir::LaunchSource::Database)
+        .count();
     let units = emit::emit_units(&lowered)?;
     // Find NVRTC before touching the output: a missing NVRTC writes nothing.
     let nv = match opts.emit {
@@ -391,7 +451,7 @@ pub fn compile(plan: &ValidPlan, opts: &CompileOptions, out: &Path) -> Result<Co
     );
     // Files of every unit, and which unit holds each kernel.
     let mut unit_files: Vec<(String, String, Option<String>, Vec<String>)> = Vec::new();
-    let mut entry_resources: Vec<Vec<BTreeMap<String, Resources>>> = Vec::new();
+    let mut unit_resources: Vec<Vec<BTreeMap<String, Resources>>> = Vec::new();
     for (u, unit) in units.iter().enumerate() {
         let src_rel = format!("kernels/{}.cu", unit.name);
         write(dir, &src_rel, unit.source.as_bytes())?;
@@ -410,7 +470,7 @@ pub fn compile(plan: &ValidPlan, opts: &CompileOptions, out: &Path) -> Result<Co
             per_arch.push(nvrtc::parse_entry_resources(&c.log));
         }
         unit_files.push((src_rel, sha256_hex(unit.source.as_bytes()), ptx_rel, cubins));
-        entry_resources.push(per_arch);
+        unit_resources.push(per_arch);
     }
     let mut manifest_kernels = Vec::new();
     for spec in &lowered.kernels {
@@ -422,13 +482,12 @@ pub fn compile(plan: &ValidPlan, opts: &CompileOptions, out: &Path) -> Result<Co
         let mut cubins = BTreeMap::new();
         for (a, rel) in cubin_rels.iter().enumerate() {
             let arch = &archs[a];
-            let r = kernel_resources(&entry_resources[u][a], &units[u].kernels, &spec.name)
-                .ok_or_else(|| {
-                    Error::Internal(format!(
-                        "the ptxas log of {} has no figures for {}",
-                        units[u].name, spec.name
-                    ))
-                })?;
+            let r = entry_resources(&unit_resources[u][a], &units[u].name).ok_or_else(|| {
+                Error::Internal(format!(
+                    "the ptxas log of {} has no figures for its entry",
+                    units[u].name
+                ))
+            })?;
             let _ = writeln!(
                 resources,
                 "{:<40} {:<16} {:<7} {:>9} {:>11} {:>12} {:>11}",
@@ -460,12 +519,15 @@ pub fn compile(plan: &ValidPlan, opts: &CompileOptions, out: &Path) -> Result<Co
             },
             layers: spec.layers.clone(),
             unit: units[u].name.clone(),
+            entry: units[u].name.clone(),
+            slot: units[u].slot(&spec.name).unwrap_or(0),
             source: src_rel.clone(),
             source_sha256: src_sha.clone(),
             ptx: ptx_rel.clone(),
             cubin: cubins,
             launch: spec.launch,
-            launch_source: "heuristic",
+            launch_source: spec.launch_source.name(),
+            tuning_identity: spec.tuning_identity(),
             params: ir::params(spec.kind)
                 .iter()
                 .map(|&(name, param)| ManifestParam { name, param })
@@ -519,5 +581,7 @@ pub fn compile(plan: &ValidPlan, opts: &CompileOptions, out: &Path) -> Result<Co
         timings,
         elapsed: start.elapsed(),
         nvrtc_version: nv.map(|n| n.version.clone()),
+        tuned_kernels,
+        tuning_notes,
     })
 }

@@ -9,7 +9,7 @@ use sha2::Digest;
 use std::sync::OnceLock;
 
 /// Every template, by the name templates include each other with.
-pub const TEMPLATES: [(&str, &str); 8] = [
+pub const TEMPLATES: [(&str, &str); 9] = [
     (
         "moac_common.cuh",
         include_str!("../../templates/moac_common.cuh"),
@@ -21,6 +21,10 @@ pub const TEMPLATES: [(&str, &str); 8] = [
     (
         "geometry.cuh.tera",
         include_str!("../../templates/geometry.cuh.tera"),
+    ),
+    (
+        "select.cuh.tera",
+        include_str!("../../templates/select.cuh.tera"),
     ),
     (
         "decode.cu.tera",
@@ -86,45 +90,11 @@ fn scalar(dtype: Dtype) -> &'static str {
     }
 }
 
-/// The template context of one kernel.
-pub fn context(spec: &KernelSpec) -> tera::Context {
-    let mut ctx = tera::Context::new();
-    ctx.insert("kernel_name", &spec.name);
-    ctx.insert(
-        "planted_bug",
-        spec.planted_bug.map(|b| b.name()).unwrap_or(""),
-    );
-    ctx.insert("scalar", scalar(spec.dtype));
-    ctx.insert("dtype", spec.dtype.name());
-    ctx.insert("head_dim", &spec.head_dim);
-    ctx.insert("num_q_heads", &spec.num_query_heads);
-    ctx.insert("num_kv_heads", &spec.num_kv_heads);
-    ctx.insert("group", &spec.group_size());
-    ctx.insert("sink", &spec.sink);
-    ctx.insert("min_capacity", &spec.min_capacity);
-    ctx.insert("granularity", &spec.granularity);
-    // Distinct rules in first-seen order, and each head's index into them.
-    let mut rules: Vec<crate::plan::HeadRule> = Vec::new();
-    let mut head_rule = Vec::with_capacity(spec.heads.len());
-    for r in &spec.heads {
-        let i = match rules.iter().position(|x| x.key() == r.key()) {
-            Some(i) => i,
-            None => {
-                rules.push(*r);
-                rules.len() - 1
-            }
-        };
-        head_rule.push(i);
-    }
-    let rules: Vec<serde_json::Value> = rules
-        .iter()
-        .map(|r| serde_json::json!({"alpha": c_double(r.alpha), "beta": c_double(r.beta)}))
-        .collect();
-    ctx.insert("rules", &rules);
-    ctx.insert("head_rule", &head_rule);
-    ctx.insert("fixed_n", &spec.fixed_n.unwrap_or(0));
-    // A build specialized to one N bakes every query head's capacity (the KV capacities,
-    // offsets and totals follow from them in the template, as in the runtime geometry).
+/// The baked rules of one kernel, a row of its unit's tables: (alpha, beta) of every
+/// query head as C double literals, or, in a build specialized to one N, every query
+/// head's capacity (the KV capacities, offsets and totals follow from them in the
+/// template, as in the runtime geometry).
+fn rules_row(spec: &KernelSpec) -> serde_json::Value {
     let q_caps: Vec<u64> = match spec.fixed_n {
         Some(n) => {
             let settings = Settings {
@@ -140,11 +110,37 @@ pub fn context(spec: &KernelSpec) -> tera::Context {
         }
         None => Vec::new(),
     };
-    ctx.insert("q_caps", &q_caps);
+    serde_json::json!({
+        "name": spec.name,
+        "alphas": spec.heads.iter().map(|r| c_double(r.alpha)).collect::<Vec<_>>(),
+        "betas": spec.heads.iter().map(|r| c_double(r.beta)).collect::<Vec<_>>(),
+        "q_caps": q_caps,
+    })
+}
+
+/// The template context of one kernel.
+pub fn context(spec: &KernelSpec) -> tera::Context {
+    let mut ctx = tera::Context::new();
+    ctx.insert(
+        "planted_bug",
+        spec.planted_bug.map(|b| b.name()).unwrap_or(""),
+    );
+    ctx.insert("scalar", scalar(spec.dtype));
+    ctx.insert("dtype", spec.dtype.name());
+    ctx.insert("head_dim", &spec.head_dim);
+    ctx.insert("num_q_heads", &spec.num_query_heads);
+    ctx.insert("num_kv_heads", &spec.num_kv_heads);
+    ctx.insert("group", &spec.group_size());
+    ctx.insert("sink", &spec.sink);
+    ctx.insert("min_capacity", &spec.min_capacity);
+    ctx.insert("granularity", &spec.granularity);
+    ctx.insert("fixed_n", &spec.fixed_n.unwrap_or(0));
     // `launch.threads` and, for templates that name their kind, `launch.<kind>.threads`.
+    // Every field is present (the serialized form leaves `unroll` out when 0).
     let mut launch = serde_json::to_value(spec.launch).unwrap_or_default();
     if let Some(obj) = launch.as_object_mut() {
-        let own = serde_json::to_value(spec.launch).unwrap_or_default();
+        obj.insert("unroll".into(), spec.launch.unroll.into());
+        let own = serde_json::Value::Object(obj.clone());
         obj.insert(spec.kind.name().to_string(), own);
     }
     ctx.insert("launch", &launch);
@@ -158,9 +154,10 @@ pub fn context(spec: &KernelSpec) -> tera::Context {
     ctx
 }
 
-/// Renders one kernel alone in its own translation unit.
+/// Renders one kernel alone in its own translation unit (the source of
+/// [`unit`]`(&[spec])`).
 pub fn emit(spec: &KernelSpec) -> Result<String> {
-    render_unit(std::slice::from_ref(spec))
+    Ok(unit(vec![spec.clone()])?.source)
 }
 
 fn render(name: &str, what: &str, ctx: &tera::Context) -> Result<String> {
@@ -171,19 +168,17 @@ fn render(name: &str, what: &str, ctx: &tera::Context) -> Result<String> {
 }
 
 /// Renders a translation unit holding `specs` (same kind and shape; their rules differ):
-/// the kind's body once, then each kernel's baked geometry and entry point.
-fn render_unit(specs: &[KernelSpec]) -> Result<String> {
+/// the kind's body once, each kernel's baked geometry, and one entry point `entry` whose
+/// `slot` argument picks the kernel (slot i = `specs[i]`).
+fn render_unit(specs: &[KernelSpec], entry: &str) -> Result<String> {
     let first = specs
         .first()
         .ok_or_else(|| Error::Internal("a translation unit needs at least one kernel".into()))?;
-    let mut kernels = Vec::with_capacity(specs.len());
-    for spec in specs {
-        let geometry = render("geometry.cuh.tera", &spec.name, &context(spec))?;
-        kernels.push(serde_json::json!({"name": spec.name, "geometry": geometry}));
-    }
+    let kernels: Vec<serde_json::Value> = specs.iter().map(rules_row).collect();
     let mut ctx = context(first);
     ctx.insert("kernels", &kernels);
-    render(first.kind.template(), &first.name, &ctx)
+    ctx.insert("entry", entry);
+    render(first.kind.template(), entry, &ctx)
 }
 
 #[cfg(test)]
@@ -203,13 +198,23 @@ mod tests {
     }
 }
 
-/// One translation unit: a source file and the kernels it defines.
+/// One translation unit: a source file with one entry point and the kernels it runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourceUnit {
-    /// File stem (filename-safe).
+    /// File stem and the name of the unit's single `extern "C"` entry point
+    /// (filename-safe, a C identifier).
     pub name: String,
     pub source: String,
+    /// The kernels the entry runs, by slot: `kernels[i]` is the kernel that slot `i`
+    /// (the entry's first argument) selects.
     pub kernels: Vec<String>,
+}
+
+impl SourceUnit {
+    /// The slot of `kernel` in this unit, if it holds it.
+    pub fn slot(&self, kernel: &str) -> Option<usize> {
+        self.kernels.iter().position(|k| k == kernel)
+    }
 }
 
 /// The key that puts kernels into one translation unit: everything but their rules.
@@ -221,9 +226,27 @@ fn unit_key(spec: &KernelSpec) -> String {
     serde_json::to_string(&probe).unwrap_or_default()
 }
 
+/// The translation unit of `specs` (one kind and shape): kernels sorted by name (their
+/// slots), named by a hash of the kernel names, so it changes exactly when its set of
+/// kernels does.
+pub fn unit(mut specs: Vec<KernelSpec>) -> Result<SourceUnit> {
+    specs.sort_by(|a, b| a.name.cmp(&b.name));
+    let first = specs
+        .first()
+        .ok_or_else(|| Error::Internal("a translation unit needs at least one kernel".into()))?;
+    let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
+    let digest = crate::plan::hex(&sha2::Sha256::digest(names.join(",").as_bytes()));
+    let name = format!("moac_{}_unit_{}", first.kind.slug(), &digest[..16]);
+    Ok(SourceUnit {
+        source: render_unit(&specs, &name)?,
+        name,
+        kernels: names,
+    })
+}
+
 /// The translation units of a lowered plan: one per kernel kind (and shape), holding
-/// every kernel of that kind, so each kind's body is compiled once however many
-/// distinct layers the plan has. Kernels keep their own names and entry points.
+/// every kernel of that kind behind one entry point, so each kind's body is compiled
+/// once however many distinct layers the plan has.
 pub fn emit_units(lowered: &crate::ir::Lowered) -> Result<Vec<SourceUnit>> {
     let mut groups: Vec<(String, Vec<KernelSpec>)> = Vec::new();
     for spec in &lowered.kernels {
@@ -233,17 +256,5 @@ pub fn emit_units(lowered: &crate::ir::Lowered) -> Result<Vec<SourceUnit>> {
             None => groups.push((key, vec![spec.clone()])),
         }
     }
-    groups
-        .into_iter()
-        .map(|(_, mut specs)| {
-            specs.sort_by(|a, b| a.name.cmp(&b.name));
-            let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
-            let digest = crate::plan::hex(&sha2::Sha256::digest(names.join(",").as_bytes()));
-            Ok(SourceUnit {
-                name: format!("moac_{}_unit_{}", specs[0].kind.slug(), &digest[..16]),
-                source: render_unit(&specs)?,
-                kernels: names,
-            })
-        })
-        .collect()
+    groups.into_iter().map(|(_, specs)| unit(specs)).collect()
 }

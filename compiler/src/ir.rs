@@ -124,10 +124,112 @@ pub struct LaunchConfig {
     pub block_q: u32,
     /// prefill: keys per shared-memory tile.
     pub block_k: u32,
+    /// decode: key rows each row group loads ahead per iteration (tokens in flight =
+    /// threads / lanes per row x unroll); 0: chosen from the group size (4 for G <= 2,
+    /// else 2). Left out of the serialized form when 0, so configurations without it
+    /// keep their names.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unroll: u32,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
+/// What the default launch heuristic knows of the target GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct DeviceProps {
+    /// Streaming multiprocessors.
+    pub sm_count: u32,
+    /// Static shared memory one block may use, bytes (48 KiB on every arch moac targets).
+    pub static_shared_per_block: u32,
+}
+
+impl DeviceProps {
+    /// The figures of an arch's data-center part, for compiling without the GPU at hand:
+    /// sm_80 A100 (108 SMs), sm_86 A10 (72), sm_89 L40S (142), sm_90 H100/H200 (132),
+    /// sm_100 B200 (148), sm_120 RTX PRO 6000 (188). `None` for an arch not listed.
+    pub fn for_arch(arch: &str) -> Option<DeviceProps> {
+        let sm_count = match arch {
+            "sm_80" => 108,
+            "sm_86" => 72,
+            "sm_89" => 142,
+            "sm_90" | "sm_90a" => 132,
+            "sm_100" | "sm_100a" => 148,
+            "sm_120" | "sm_120a" => 188,
+            _ => return None,
+        };
+        Some(DeviceProps {
+            sm_count,
+            static_shared_per_block: 48 * 1024,
+        })
+    }
+}
+
+/// Where a kernel's launch configuration came from (recorded in the manifest).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LaunchSource {
+    /// The default heuristic (from the device's properties when known).
+    #[default]
+    Heuristic,
+    /// The winner of a tuning database entry for this kernel.
+    Database,
+    /// Set explicitly for every kernel of its kind (`LowerOptions::launch_overrides`).
+    Override,
+}
+
+impl LaunchSource {
+    pub fn name(self) -> &'static str {
+        match self {
+            LaunchSource::Heuristic => "heuristic",
+            LaunchSource::Database => "database",
+            LaunchSource::Override => "override",
+        }
+    }
 }
 
 impl LaunchConfig {
-    /// The default heuristic for each kind (used when no tuning database applies).
+    /// The default heuristic for a kind on a device: `kv_slots` is a typical KV-head
+    /// capacity of the kernel (the decode split is sized so that one sequence alone gives
+    /// the device two CTAs per SM), and the prefill tiles are the largest that fit the
+    /// device's static shared memory. Without a device, [`LaunchConfig::default_for`].
+    pub fn heuristic(
+        kind: KernelKind,
+        head_dim: usize,
+        num_kv_heads: usize,
+        kv_slots: u64,
+        dev: Option<DeviceProps>,
+    ) -> Self {
+        let base = LaunchConfig::default_for(kind, head_dim);
+        let Some(dev) = dev else { return base };
+        match kind {
+            KernelKind::Decode => {
+                let want_ctas = 2 * dev.sm_count as u64;
+                let chunk = [1024u32, 512, 256, 128]
+                    .into_iter()
+                    .find(|&c| kv_slots.div_ceil(c as u64) * num_kv_heads as u64 >= want_ctas)
+                    .unwrap_or(128);
+                LaunchConfig { chunk, ..base }
+            }
+            KernelKind::Prefill(_) => {
+                let row = (head_dim as u32 / 8 + 1) * 16;
+                let (block_q, block_k) = [(64, 64), (64, 32), (32, 32), (16, 16)]
+                    .into_iter()
+                    .find(|&(q, k)| (q + k) * row <= dev.static_shared_per_block)
+                    .unwrap_or((16, 16));
+                LaunchConfig {
+                    block_q,
+                    block_k,
+                    threads: base.threads.min(block_q * 8),
+                    ..base
+                }
+            }
+            _ => base,
+        }
+    }
+
+    /// The default heuristic for each kind with nothing known of the device.
     pub fn default_for(kind: KernelKind, head_dim: usize) -> Self {
         let base = LaunchConfig {
             threads: 128,
@@ -135,6 +237,7 @@ impl LaunchConfig {
             rows: 0,
             block_q: 0,
             block_k: 0,
+            unroll: 0,
         };
         match kind {
             KernelKind::Decode => LaunchConfig { chunk: 256, ..base },
@@ -176,6 +279,9 @@ pub struct KernelSpec {
     /// `Some(N)`: capacities and offsets are compile-time constants for this N.
     pub fixed_n: Option<u64>,
     pub launch: LaunchConfig,
+    /// Where `launch` came from (not part of the kernel's identity).
+    #[serde(skip)]
+    pub launch_source: LaunchSource,
     /// Test-only deliberate bug (None in every real build).
     pub planted_bug: Option<PlantedBug>,
     /// Layers this kernel serves (not part of its identity).
@@ -193,6 +299,7 @@ impl KernelSpec {
             rows: 0,
             block_q: 0,
             block_k: 0,
+            unroll: 0,
         };
         format!("{}_{}", self.kind.slug(), probe.identity_hash())
     }
@@ -246,8 +353,15 @@ pub struct LowerOptions {
     pub fixed: Option<(u64, u64)>,
     /// Only these layers (all when `None`).
     pub layers: Option<Vec<usize>>,
-    /// Launch configurations chosen elsewhere (tuning); keyed by kind.
+    /// Launch configurations set for every kernel of a kind, keyed by kind slug
+    /// (`decode`, `prefill_token`, ...): the tuner's candidates.
     pub launch_overrides: BTreeMap<String, LaunchConfig>,
+    /// Launch configurations of single kernels, keyed by tuning identity
+    /// ([`KernelSpec::tuning_identity`]): a tuning database's winners, or an artifact's
+    /// recorded configurations.
+    pub tuned: BTreeMap<String, LaunchConfig>,
+    /// The GPU the default heuristic sizes launches for (none: arch-independent defaults).
+    pub device: Option<DeviceProps>,
     /// Test-only: plant a bug (see [`PlantedBug`]).
     pub planted_bug: Option<PlantedBug>,
 }
@@ -259,6 +373,8 @@ impl Default for LowerOptions {
             fixed: None,
             layers: None,
             launch_overrides: BTreeMap::new(),
+            tuned: BTreeMap::new(),
+            device: None,
             planted_bug: None,
         }
     }
@@ -345,11 +461,34 @@ pub fn lower(plan: &ValidPlan, opts: &LowerOptions) -> Result<Lowered> {
         None => None,
     };
     let fixed_n = geometry.as_ref().map(|g| g.n);
-    let launch = |kind: KernelKind| {
-        opts.launch_overrides
-            .get(&kind.slug())
-            .copied()
-            .unwrap_or_else(|| LaunchConfig::default_for(kind, m.head_dim))
+    // The heuristic's typical KV-head capacity: the median over layers of each layer's
+    // largest, at the build's N (or a 4096-token prompt plus the plan's M).
+    let kv_slots = match opts.device {
+        Some(_) => {
+            let g = match &geometry {
+                Some(g) => g.clone(),
+                None => CacheGeometry::new(plan, 4096, s.max_new_tokens)?,
+            };
+            let mut caps: Vec<u64> = g
+                .layers
+                .iter()
+                .map(|l| l.kv_capacity.iter().copied().max().unwrap_or(0))
+                .collect();
+            caps.sort_unstable();
+            caps.get(caps.len() / 2).copied().unwrap_or(0)
+        }
+        None => 0,
+    };
+    let launch = |spec: &KernelSpec| -> (LaunchConfig, LaunchSource) {
+        if let Some(&c) = opts.launch_overrides.get(&spec.kind.slug()) {
+            return (c, LaunchSource::Override);
+        }
+        if let Some(&c) = opts.tuned.get(&spec.tuning_identity()) {
+            return (c, LaunchSource::Database);
+        }
+        let h =
+            LaunchConfig::heuristic(spec.kind, m.head_dim, m.num_kv_heads, kv_slots, opts.device);
+        (h, LaunchSource::Heuristic)
     };
     let make = |kind: KernelKind, heads: Vec<HeadRule>, layer: usize| {
         let mut spec = KernelSpec {
@@ -364,10 +503,12 @@ pub fn lower(plan: &ValidPlan, opts: &LowerOptions) -> Result<Lowered> {
             granularity: s.granularity,
             heads,
             fixed_n,
-            launch: launch(kind),
+            launch: LaunchConfig::default_for(kind, m.head_dim),
+            launch_source: LaunchSource::Heuristic,
             planted_bug: opts.planted_bug,
             layers: vec![layer],
         };
+        (spec.launch, spec.launch_source) = launch(&spec);
         spec.name = format!("moac_{}_{}", kind.slug(), spec.identity_hash());
         spec
     };
@@ -437,12 +578,14 @@ pub enum Param {
     F32,
 }
 
-/// The parameters of each kernel kind, in order (docs/kernel-abi.md).
+/// The parameters of each kernel kind's entry point, in order (docs/kernel-abi.md). The
+/// first, `slot`, picks the kernel among those of its translation unit.
 pub fn params(kind: KernelKind) -> &'static [(&'static str, Param)] {
     use Elem::{Float, Int, Scalar};
     use Param::*;
     match kind {
         KernelKind::Append => &[
+            ("slot", I32),
             ("k_new", ConstPtr(Scalar)),
             ("v_new", ConstPtr(Scalar)),
             ("k_cache", MutPtr(Scalar)),
@@ -452,6 +595,7 @@ pub fn params(kind: KernelKind) -> &'static [(&'static str, Param)] {
             ("batch", I32),
         ],
         KernelKind::Fill => &[
+            ("slot", I32),
             ("k", ConstPtr(Scalar)),
             ("v", ConstPtr(Scalar)),
             ("k_cache", MutPtr(Scalar)),
@@ -462,6 +606,7 @@ pub fn params(kind: KernelKind) -> &'static [(&'static str, Param)] {
             ("batch", I32),
         ],
         KernelKind::Decode => &[
+            ("slot", I32),
             ("q", ConstPtr(Scalar)),
             ("k_cache", ConstPtr(Scalar)),
             ("v_cache", ConstPtr(Scalar)),
@@ -474,6 +619,7 @@ pub fn params(kind: KernelKind) -> &'static [(&'static str, Param)] {
             ("scale", F32),
         ],
         KernelKind::Merge => &[
+            ("slot", I32),
             ("part_o", ConstPtr(Float)),
             ("part_lse", ConstPtr(Float)),
             ("out", MutPtr(Scalar)),
@@ -481,6 +627,7 @@ pub fn params(kind: KernelKind) -> &'static [(&'static str, Param)] {
             ("nsplit", I32),
         ],
         KernelKind::Prefill(_) => &[
+            ("slot", I32),
             ("q", ConstPtr(Scalar)),
             ("k", ConstPtr(Scalar)),
             ("v", ConstPtr(Scalar)),
@@ -643,5 +790,97 @@ mod tests {
         .unwrap();
         let err = lower(&p, &LowerOptions::default()).unwrap_err().to_string();
         assert!(err.contains("head_dim 80"), "{err}");
+    }
+
+    #[test]
+    fn heuristic_sizes_decode_splits_and_prefill_tiles_by_device() {
+        let h100 = DeviceProps::for_arch("sm_90").unwrap();
+        assert_eq!(h100.sm_count, 132);
+        assert!(DeviceProps::for_arch("sm_75").is_none());
+        let dec =
+            |slots, hkv, dev| LaunchConfig::heuristic(KernelKind::Decode, 128, hkv, slots, dev);
+        // No device: the arch-independent default.
+        assert_eq!(
+            dec(100_000, 8, None),
+            LaunchConfig::default_for(KernelKind::Decode, 128)
+        );
+        // 8 KV heads x 100k slots: 1024-slot splits already give 8 x 98 >= 264 CTAs.
+        assert_eq!(dec(100_000, 8, Some(h100)).chunk, 1024);
+        // 8 x 4096 slots: 8 x 16 = 128 < 264 at 256, 8 x 32 = 256 < 264 at 128: the smallest.
+        assert_eq!(dec(4096, 8, Some(h100)).chunk, 128);
+        // 32 KV heads x 20k slots: 1024-slot splits give 32 x 20 = 640 CTAs.
+        assert_eq!(dec(20_000, 32, Some(h100)).chunk, 1024);
+        for d in [64, 128, 256] {
+            let p = LaunchConfig::heuristic(
+                KernelKind::Prefill(PrefillMode::Token),
+                d,
+                8,
+                0,
+                Some(h100),
+            );
+            let row = (d as u32 / 8 + 1) * 16;
+            assert!((p.block_q + p.block_k) * row <= 48 * 1024, "d{d}: {p:?}");
+            assert_eq!(p.block_q % (p.threads / 8), 0, "d{d}: {p:?}");
+        }
+        assert_eq!(
+            LaunchConfig::heuristic(
+                KernelKind::Prefill(PrefillMode::Token),
+                256,
+                8,
+                0,
+                Some(h100)
+            )
+            .block_q,
+            32
+        );
+    }
+
+    #[test]
+    fn tuned_configurations_apply_per_kernel_and_say_so() {
+        let p = plan(vec![vec![(0.0, 0.5); 4], vec![(64.0, 0.25); 4]], 2);
+        let base = lower(&p, &LowerOptions::default()).unwrap();
+        let d0 = base
+            .kernels
+            .iter()
+            .find(|k| k.name == base.layers[0].decode)
+            .unwrap();
+        assert_eq!(d0.launch_source, LaunchSource::Heuristic);
+        let tuned_cfg = LaunchConfig {
+            chunk: 512,
+            unroll: 4,
+            ..d0.launch
+        };
+        let opts = LowerOptions {
+            tuned: [(d0.tuning_identity(), tuned_cfg)].into_iter().collect(),
+            ..LowerOptions::default()
+        };
+        let low = lower(&p, &opts).unwrap();
+        for k in &low.kernels {
+            let was = base
+                .kernels
+                .iter()
+                .find(|b| b.tuning_identity() == k.tuning_identity());
+            let was = was.unwrap();
+            if k.tuning_identity() == d0.tuning_identity() {
+                assert_eq!(k.launch, tuned_cfg);
+                assert_eq!(k.launch_source, LaunchSource::Database);
+                assert_ne!(k.name, was.name, "a new configuration is a new kernel");
+            } else {
+                assert_eq!(k.launch_source, LaunchSource::Heuristic);
+                assert_eq!(k.name, was.name, "other kernels keep their names");
+            }
+        }
+        // An explicit per-kind override wins over the database.
+        let mut o2 = opts.clone();
+        o2.launch_overrides.insert(
+            "decode".into(),
+            LaunchConfig::default_for(KernelKind::Decode, 128),
+        );
+        let low2 = lower(&p, &o2).unwrap();
+        assert!(low2
+            .kernels
+            .iter()
+            .filter(|k| k.kind == KernelKind::Decode)
+            .all(|k| k.launch_source == LaunchSource::Override));
     }
 }

@@ -113,6 +113,17 @@ pub fn candidates(kind: KernelKind, head_dim: usize) -> Vec<LaunchConfig> {
                     });
                 }
             }
+            // Loads in flight: explicit unroll depths at the default thread count.
+            for unroll in [1, 2, 4] {
+                for chunk in [256, 512] {
+                    push(LaunchConfig {
+                        threads: 128,
+                        chunk,
+                        unroll,
+                        ..base
+                    });
+                }
+            }
         }
         KernelKind::Fill => {
             for threads in [64, 128, 256] {
@@ -202,8 +213,9 @@ impl TuningDb {
         crate::fsutil::write_atomic(path, text.as_bytes())
     }
 
-    /// The best configuration for a kernel in this environment, and notes about entries
-    /// for the same kernel that were ignored because they come from another GPU or toolkit.
+    /// The best configuration for a kernel in exactly this environment, and notes about
+    /// entries for the same kernel that were ignored because they come from another GPU
+    /// or toolkit.
     pub fn lookup(
         &self,
         kernel: &str,
@@ -212,25 +224,77 @@ impl TuningDb {
         n: u64,
         batch: u64,
     ) -> (Option<LaunchConfig>, Vec<String>) {
+        let want = EnvMatch {
+            arch: env.arch.clone(),
+            nvrtc_version: env.nvrtc_version.clone(),
+            sm_count: Some(env.sm_count),
+            driver_version: Some(env.driver_version.clone()),
+        };
+        self.select(kernel, &want, dtype, n, batch)
+    }
+
+    /// The best configuration for a kernel among entries whose environment matches `want`
+    /// (the newest entry if several do), in the buckets of `n` and `batch`; notes name the
+    /// entries ignored because they come from another GPU or toolkit.
+    pub fn select(
+        &self,
+        kernel: &str,
+        want: &EnvMatch,
+        dtype: Dtype,
+        n: u64,
+        batch: u64,
+    ) -> (Option<LaunchConfig>, Vec<String>) {
         let mut notes = Vec::new();
-        let mut best = None;
+        let mut best: Option<(u64, LaunchConfig)> = None;
         for e in self
             .entries
             .iter()
             .filter(|e| e.key.kernel == kernel && e.key.dtype == dtype)
         {
-            if &e.key.env != env {
-                notes.push(format!(
+            if !want.matches(&e.key.env) {
+                let note = format!(
                     "ignored a tuning entry for {kernel} measured on {} ({} SMs, driver {}, NVRTC {})",
                     e.key.env.arch, e.key.env.sm_count, e.key.env.driver_version, e.key.env.nvrtc_version
-                ));
+                );
+                if !notes.contains(&note) {
+                    notes.push(note);
+                }
                 continue;
             }
-            if e.key.n_bucket == bucket(n) && e.key.batch_bucket == bucket(batch) {
-                best = e.best().map(|c| c.launch);
+            if e.key.n_bucket != bucket(n) || e.key.batch_bucket != bucket(batch) {
+                continue;
+            }
+            if let Some(c) = e.best() {
+                if best.map(|(at, _)| e.measured_at >= at).unwrap_or(true) {
+                    best = Some((e.measured_at, c.launch));
+                }
             }
         }
-        (best, notes)
+        (best.map(|(_, l)| l), notes)
+    }
+}
+
+/// Which environments a lookup accepts: the arch and NVRTC version always must match;
+/// the SM count and driver version only where given (a compile on a machine without
+/// the GPU knows neither).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvMatch {
+    pub arch: String,
+    pub nvrtc_version: String,
+    pub sm_count: Option<u32>,
+    pub driver_version: Option<String>,
+}
+
+impl EnvMatch {
+    pub fn matches(&self, env: &Environment) -> bool {
+        env.arch == self.arch
+            && env.nvrtc_version == self.nvrtc_version
+            && self.sm_count.map(|s| s == env.sm_count).unwrap_or(true)
+            && self
+                .driver_version
+                .as_ref()
+                .map(|d| *d == env.driver_version)
+                .unwrap_or(true)
     }
 }
 

@@ -83,6 +83,7 @@ mod tests {
     #[test]
     fn packs_in_abi_order_and_checks_types() {
         let args = [
+            Arg::I32(5),
             Arg::Ptr(0x1000, Elem::Scalar),
             Arg::Ptr(0x2000, Elem::Scalar),
             Arg::Ptr(0x3000, Elem::Scalar),
@@ -92,19 +93,21 @@ mod tests {
             Arg::I32(-3),
         ];
         let mut p = ArgPack::new("k", KernelKind::Append, &args).unwrap();
-        assert_eq!(p.slots()[4], 0x5000);
-        assert_eq!(p.slots()[5], (-7i64) as u64);
-        assert_eq!(p.slots()[6] as u32 as i32, -3);
+        assert_eq!(p.slots()[0] as u32 as i32, 5, "the slot comes first");
+        assert_eq!(p.slots()[5], 0x5000);
+        assert_eq!(p.slots()[6], (-7i64) as u64);
+        assert_eq!(p.slots()[7] as u32 as i32, -3);
         let params = p.as_params();
-        // SAFETY: params points at 7 valid slot addresses owned by `p`.
-        let third = unsafe { *(*params.add(6) as *const i32) };
-        assert_eq!(third, -3);
+        // SAFETY: params points at 8 valid slot addresses owned by `p`.
+        let last = unsafe { *(*params.add(7) as *const i32) };
+        assert_eq!(last, -3);
         let mut bad = args;
-        bad[4] = Arg::Ptr(0x5000, Elem::Float);
+        bad[5] = Arg::Ptr(0x5000, Elem::Float);
         assert!(ArgPack::new("k", KernelKind::Append, &bad).is_err());
-        assert!(ArgPack::new("k", KernelKind::Append, &args[..6]).is_err());
+        assert!(ArgPack::new("k", KernelKind::Append, &args[..7]).is_err());
+        assert!(ArgPack::new("k", KernelKind::Append, &args[1..]).is_err());
         bad = args;
-        bad[6] = Arg::I64(1);
+        bad[7] = Arg::I64(1);
         assert!(ArgPack::new("k", KernelKind::Append, &bad).is_err());
     }
 }

@@ -22,6 +22,10 @@ struct ManifestCubin {
 struct ManifestKernel {
     name: String,
     unit: String,
+    entry: String,
+    slot: usize,
+    launch: moac::ir::LaunchConfig,
+    tuning_identity: String,
     source: String,
     source_sha256: String,
     #[serde(default)]
@@ -115,12 +119,20 @@ impl Artifact {
             .iter()
             .filter_map(|l| l.get("layer").and_then(|v| v.as_u64()).map(|v| v as usize))
             .collect();
+        // Each kernel's launch configuration as recorded (tuned or heuristic), so the
+        // re-lowered kernels get the names the manifest has.
+        let tuned = manifest
+            .kernels
+            .iter()
+            .map(|k| (k.tuning_identity.clone(), k.launch))
+            .collect();
         let lowered = moac::ir::lower(
             &plan,
             &LowerOptions {
                 dtype: manifest.dtype,
                 fixed,
                 layers: Some(layers),
+                tuned,
                 ..LowerOptions::default()
             },
         )?;
@@ -146,8 +158,14 @@ impl Artifact {
                         ),
                     )
                 })?;
+            if mk.entry != mk.unit {
+                return Err(art_err(
+                    dir,
+                    format!("kernel {}: entry {} is not its unit's", mk.name, mk.entry),
+                ));
+            }
             if let Some(u) = units.iter_mut().find(|u| u.name == mk.unit) {
-                u.kernels.push(spec.name.clone());
+                put_slot(&mut u.kernels, mk.slot, &spec.name);
                 continue;
             }
             let bytes = read(&mk.source)?;
@@ -167,12 +185,29 @@ impl Artifact {
             if let Some(p) = &mk.ptx {
                 bins.ptx = Some(String::from_utf8_lossy(&read(p)?).into_owned());
             }
+            let mut kernels = Vec::new();
+            put_slot(&mut kernels, mk.slot, &spec.name);
             units.push(SourceUnit {
                 name: mk.unit.clone(),
                 source,
-                kernels: vec![spec.name.clone()],
+                kernels,
             });
             binaries.push(bins);
+        }
+        // Every slot of every unit names a kernel, and each kernel's slot is its own.
+        for u in &units {
+            if let Some(i) = u.kernels.iter().position(|k| k.is_empty()) {
+                return Err(art_err(
+                    dir,
+                    format!("unit {}: no kernel for slot {i} in the manifest", u.name),
+                ));
+            }
+            if u.kernels.len() > 1 && !u.kernels.windows(2).all(|w| w[0] < w[1]) {
+                return Err(art_err(
+                    dir,
+                    format!("unit {}: kernel slots are not in name order", u.name),
+                ));
+            }
         }
         Ok(Artifact {
             dir: Some(dir.to_path_buf()),
@@ -184,12 +219,13 @@ impl Artifact {
             binaries,
         })
     }
+}
 
-    /// Source units as (text, kernel names), the form the emu engine builds.
-    pub fn unit_sources(&self) -> Vec<(String, Vec<String>)> {
-        self.units
-            .iter()
-            .map(|u| (u.source.clone(), u.kernels.clone()))
-            .collect()
+/// Puts `name` at `slot` of a unit's kernel list (empty names fill gaps until their own
+/// kernel is seen).
+fn put_slot(kernels: &mut Vec<String>, slot: usize, name: &str) {
+    if kernels.len() <= slot {
+        kernels.resize(slot + 1, String::new());
     }
+    kernels[slot] = name.to_string();
 }

@@ -16,13 +16,14 @@ use crate::artifact::UnitBinaries;
 use crate::emu_layer::{nan_bits, HostCache};
 use crate::error::{shape_err, Error, Result};
 use crate::exec::{check_lens, check_steps};
-use crate::layer::LayerShape;
+use crate::layer::{bind_layer, BoundKernel, LayerShape};
 use cudarc::driver::{
     result, sys, CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
     DriverError, ValidAsZeroBits,
 };
+use moac::emit::SourceUnit;
 use moac::geometry::Dtype;
-use moac::ir::{Elem, KernelKind, KernelSpec, LaunchConfig, LayerKernels, PrefillMode};
+use moac::ir::{Elem, KernelSpec, LaunchConfig, LayerKernels, PrefillMode};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
@@ -165,6 +166,64 @@ impl CudaDevice {
 
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
+    }
+
+    /// Streaming multiprocessors.
+    pub fn sm_count(&self) -> Result<u32> {
+        let v = self
+            .ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(drv("cannot read the SM count"))?;
+        Ok(v.max(0) as u32)
+    }
+
+    /// L2 cache size in bytes.
+    pub fn l2_bytes(&self) -> Result<u64> {
+        let v = self
+            .ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
+            .map_err(drv("cannot read the L2 size"))?;
+        Ok(v.max(0) as u64)
+    }
+
+    /// The driver's CUDA version, `13.0` for 13000.
+    pub fn driver_version(&self) -> Result<String> {
+        let mut v: std::ffi::c_int = 0;
+        // SAFETY: cuDriverGetVersion writes one int through the pointer, which is valid
+        // for the call; the driver library is loaded (the context exists).
+        let rc = unsafe { sys::cuDriverGetVersion(&mut v) };
+        if rc != sys::CUresult::CUDA_SUCCESS {
+            return Err(Error::Backend(format!(
+                "cuda: cannot read the driver version ({rc:?})"
+            )));
+        }
+        Ok(format!("{}.{}", v / 1000, (v % 1000) / 10))
+    }
+
+    /// Runs `launch(i)` `warmup + repeats` times, each between two CUDA events on this
+    /// stream, and returns the `repeats` times after the warm-up in microseconds.
+    pub fn time_us(
+        &self,
+        warmup: usize,
+        repeats: usize,
+        mut launch: impl FnMut(usize) -> Result<()>,
+    ) -> Result<Vec<f64>> {
+        let ev = |e: cudarc::driver::DriverError| Error::Backend(format!("cuda events: {e}"));
+        let flags = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let start = self.ctx.new_event(flags).map_err(ev)?;
+        let end = self.ctx.new_event(flags).map_err(ev)?;
+        let mut times = Vec::with_capacity(repeats);
+        for i in 0..warmup + repeats {
+            start.record(&self.stream).map_err(ev)?;
+            launch(i)?;
+            end.record(&self.stream).map_err(ev)?;
+            self.synchronize()?;
+            let ms = start.elapsed_ms(&end).map_err(ev)? as f64;
+            if i >= warmup {
+                times.push(ms * 1e3);
+            }
+        }
+        Ok(times)
     }
 
     /// The stream every launch and copy of this backend uses.
@@ -326,9 +385,7 @@ pub struct DecodeScratch {
 }
 
 struct Kernel {
-    name: String,
-    kind: KernelKind,
-    launch: LaunchConfig,
+    bound: BoundKernel,
     func: Func,
     _module: Arc<Module>,
 }
@@ -345,52 +402,36 @@ pub struct CudaLayer {
 }
 
 impl CudaLayer {
-    /// Loads one layer's kernels: `units` are (source text, kernel names defined in it)
-    /// and `binaries` the artifact's binaries of the same units (may be empty).
+    /// Loads one layer's kernels from the translation units that define them;
+    /// `binaries` are the artifact's binaries of the same units (may be empty).
     pub fn new(
         dev: &Arc<CudaDevice>,
         shape: LayerShape,
         dtype: Dtype,
         layer: &LayerKernels,
         specs: &[KernelSpec],
-        units: &[(String, Vec<String>)],
+        units: &[SourceUnit],
         binaries: &[UnitBinaries],
     ) -> Result<CudaLayer> {
-        let roles: [(&'static str, &String); 6] = [
-            ("decode", &layer.decode),
-            ("merge", &layer.merge),
-            ("append", &layer.append),
-            ("fill", &layer.fill),
-            ("prefill_block64", &layer.prefill_block64),
-            ("prefill_token", &layer.prefill_token),
-        ];
         let mut kernels = BTreeMap::new();
         let mut sources: Vec<String> = Vec::new();
-        for (role, name) in roles {
-            let spec = specs.iter().find(|s| &s.name == name).ok_or_else(|| {
-                Error::Backend(format!("kernel {name} is not in the lowered plan"))
-            })?;
-            let unit = units
-                .iter()
-                .position(|(_, ks)| ks.iter().any(|k| k == name))
-                .ok_or_else(|| Error::Backend(format!("no source defines {name}")))?;
-            let (module, src) = dev.module(name, &units[unit].0, binaries.get(unit))?;
+        for k in bind_layer(layer, specs, units)? {
+            let u = &units[k.unit];
+            let (module, src) = dev.module(&u.name, &u.source, binaries.get(k.unit))?;
             let src = src.to_string();
             if !sources.contains(&src) {
                 sources.push(src);
             }
-            let cname = std::ffi::CString::new(name.as_str())
-                .map_err(|_| Error::Backend(format!("bad kernel name {name:?}")))?;
+            let cname = std::ffi::CString::new(u.name.as_str())
+                .map_err(|_| Error::Backend(format!("bad entry name {:?}", u.name)))?;
             dev.ctx.bind_to_thread().map_err(drv("bind context"))?;
             // SAFETY: `module.raw` is a loaded module of this context, alive while `module`.
             let func = unsafe { result::module::get_function(module.raw, cname) }
-                .map_err(drv(format_args!("kernel {name} is not in its module")))?;
+                .map_err(drv(format_args!("entry {} is not in its module", u.name)))?;
             kernels.insert(
-                role,
+                k.role,
                 Kernel {
-                    name: name.clone(),
-                    kind: spec.kind,
-                    launch: spec.launch,
+                    bound: k,
                     func: Func(func),
                     _module: module,
                 },
@@ -420,7 +461,7 @@ impl CudaLayer {
     /// ABI requires for this grid and shape.
     fn run(&self, role: &str, grid: (u32, u32, u32), threads: u32, args: &[Arg]) -> Result<()> {
         let k = self.kernel(role)?;
-        let mut pack = ArgPack::new(&k.name, k.kind, args)?;
+        let mut pack = ArgPack::new(&k.bound.name, k.bound.kind, &k.bound.with_slot(args))?;
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
@@ -444,11 +485,11 @@ impl CudaLayer {
                 params,
             )
         }
-        .map_err(drv(format_args!("launching {}", k.name)))
+        .map_err(drv(format_args!("launching {}", k.bound.name)))
     }
 
     fn launch(&self, role: &str) -> Result<LaunchConfig> {
-        Ok(self.kernel(role)?.launch)
+        Ok(self.kernel(role)?.bound.launch)
     }
 
     fn cache_elems(&self, batch: usize) -> usize {
@@ -511,6 +552,26 @@ impl CudaLayer {
         Ok(())
     }
 
+    /// Prompt lengths (each <= P and <= N), uploaded once.
+    pub fn prompt_lens(&self, prompt_lens: &[i32], p: usize) -> Result<DeviceLens> {
+        check_lens(&self.shape, prompt_lens, p)?;
+        Ok(DeviceLens {
+            host: prompt_lens.to_vec(),
+            dev: self.dev.upload(prompt_lens)?,
+        })
+    }
+
+    fn check_prompt_bufs(&self, q: usize, k: usize, v: usize, b: usize, p: usize) -> Result<()> {
+        let s = &self.shape;
+        if q < b * p * s.num_query_heads * s.head_dim
+            || k < b * p * s.num_kv_heads * s.head_dim
+            || v < k.min(b * p * s.num_kv_heads * s.head_dim)
+        {
+            return shape_err("prefill: q, k, v must hold [B,P,Hq,D] and [B,P,Hkv,D]");
+        }
+        Ok(())
+    }
+
     /// Token counts after a step (1..=N each), uploaded once.
     pub fn seq_lens(&self, seq_lens: &[i32]) -> Result<DeviceLens> {
         check_steps(&self.shape, seq_lens)?;
@@ -538,8 +599,8 @@ impl CudaLayer {
             self.dev.upload(k)?,
             self.dev.upload(v)?,
         );
-        let ld = self.dev.upload(prompt_lens)?;
-        let o = self.prefill_dev(&qd, &kd, &vd, &ld, prompt_lens.len(), p, mode, scale)?;
+        let ld = self.prompt_lens(prompt_lens, p)?;
+        let o = self.prefill_dev(&qd, &kd, &vd, &ld, p, mode, scale)?;
         self.dev.download(&o, q.len())
     }
 
@@ -563,10 +624,9 @@ impl CudaLayer {
             self.dev.upload(k)?,
             self.dev.upload(v)?,
         );
-        let ld = self.dev.upload(prompt_lens)?;
-        let b = prompt_lens.len();
-        let o = self.prefill_dev(&qd, &kd, &vd, &ld, b, p, mode, scale)?;
-        self.fill_dev(cache, &kd, &vd, &ld, b, p)?;
+        let ld = self.prompt_lens(prompt_lens, p)?;
+        let o = self.prefill_dev(&qd, &kd, &vd, &ld, p, mode, scale)?;
+        self.fill_dev(cache, &kd, &vd, &ld, p)?;
         self.dev.download(&o, q.len())
     }
 
@@ -589,20 +649,22 @@ impl CudaLayer {
         check_lens(s, prompt_lens, p)
     }
 
-    /// The prefill launch over device buffers already checked by the caller.
+    /// Prefill attention on device buffers (see [`CudaLayer::prefill`]); returns o.
     #[allow(clippy::too_many_arguments)]
-    fn prefill_dev(
+    pub fn prefill_dev(
         &self,
         q: &CudaSlice<u16>,
         k: &CudaSlice<u16>,
         v: &CudaSlice<u16>,
-        lens: &CudaSlice<i32>,
-        b: usize,
+        lens: &DeviceLens,
         p: usize,
         mode: PrefillMode,
         scale: f32,
     ) -> Result<CudaSlice<u16>> {
         let s = &self.shape;
+        let b = lens.host.len();
+        self.check_prompt_bufs(q.len(), k.len(), v.len(), b, p)?;
+        let lens = &lens.dev;
         let mut o = self
             .dev
             .zeros::<u16>(b * p * s.num_query_heads * s.head_dim)?;
@@ -668,20 +730,27 @@ impl CudaLayer {
         check_lens(s, prompt_lens, p)?;
         self.check_cache(cache, b)?;
         let (kd, vd) = (self.dev.upload(k)?, self.dev.upload(v)?);
-        let ld = self.dev.upload(prompt_lens)?;
-        self.fill_dev(cache, &kd, &vd, &ld, b, p)
+        let ld = self.prompt_lens(prompt_lens, p)?;
+        self.fill_dev(cache, &kd, &vd, &ld, p)
     }
 
-    fn fill_dev(
+    /// The cache fill on device buffers (see [`CudaLayer::fill_device`]).
+    pub fn fill_dev(
         &self,
         cache: &mut DeviceCache,
         k: &CudaSlice<u16>,
         v: &CudaSlice<u16>,
-        lens: &CudaSlice<i32>,
-        b: usize,
+        lens: &DeviceLens,
         p: usize,
     ) -> Result<()> {
         let s = &self.shape;
+        let b = lens.host.len();
+        self.check_cache(cache, b)?;
+        let kv = b * p * s.num_kv_heads * s.head_dim;
+        if k.len() < kv || v.len() < kv {
+            return shape_err("fill: k and v must hold [B,P,Hkv,D]");
+        }
+        let lens = &lens.dev;
         let lc = self.launch("fill")?;
         let grid = s.fill_grid(&lc, b);
         let st = &self.dev.stream;
@@ -734,8 +803,24 @@ impl CudaLayer {
             return shape_err("append: buffer sizes do not match [B,Hkv,D] and the cache");
         }
         let lens = self.seq_lens(seq_lens)?;
-        self.check_cache(cache, b)?;
         let (kd, vd) = (self.dev.upload(k_new)?, self.dev.upload(v_new)?);
+        self.append_dev(cache, &kd, &vd, &lens)
+    }
+
+    /// The append on device buffers: `k_new`/`v_new` [B,Hkv,D], `lens` after the append.
+    pub fn append_dev(
+        &self,
+        cache: &mut DeviceCache,
+        kd: &CudaSlice<u16>,
+        vd: &CudaSlice<u16>,
+        lens: &DeviceLens,
+    ) -> Result<()> {
+        let s = &self.shape;
+        let b = lens.host.len();
+        self.check_cache(cache, b)?;
+        if kd.len() < b * s.num_kv_heads * s.head_dim || vd.len() < kd.len() {
+            return shape_err("append: buffer sizes do not match [B,Hkv,D]");
+        }
         let lc = self.launch("append")?;
         let st = &self.dev.stream;
         let (kp, _g1) = kd.device_ptr(st);

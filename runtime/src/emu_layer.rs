@@ -6,9 +6,10 @@
 use crate::args::{Arg, ArgPack};
 use crate::emu::{EmuBuild, EmuModule};
 use crate::error::{shape_err, Result};
-use crate::layer::LayerShape;
+use crate::layer::{bind_layer, BoundKernel, LayerShape};
+use moac::emit::SourceUnit;
 use moac::geometry::Dtype;
-use moac::ir::{Elem, KernelKind, KernelSpec, LaunchConfig, LayerKernels, PrefillMode};
+use moac::ir::{Elem, KernelSpec, LaunchConfig, LayerKernels, PrefillMode};
 use std::collections::BTreeMap;
 
 /// NaN in the element type, as raw bits.
@@ -43,19 +44,14 @@ pub struct HostCache {
     pub v: Vec<u16>,
 }
 
-struct Kernel {
-    name: String,
-    kind: KernelKind,
-    launch: LaunchConfig,
-    module: usize,
-}
-
 /// A layer's kernels, built for the emu engine.
 pub struct EmuLayer {
     pub shape: LayerShape,
     pub dtype: Dtype,
     modules: Vec<EmuModule>,
-    kernels: BTreeMap<&'static str, Kernel>,
+    /// Entry point names of the units, by unit index.
+    entries: Vec<String>,
+    kernels: BTreeMap<&'static str, (BoundKernel, usize)>,
 }
 
 fn ptr<T>(v: &[T], e: Elem) -> Arg {
@@ -68,71 +64,48 @@ fn ptr_mut<T>(v: &mut [T], e: Elem) -> Arg {
 }
 
 impl EmuLayer {
-    /// Builds the emu modules for one layer from its lowered kernels and their sources
-    /// (`units`: (source text, kernel names defined in it)).
+    /// Builds the emu modules for one layer from its lowered kernels and the translation
+    /// units that define them.
     pub fn new(
         shape: LayerShape,
         dtype: Dtype,
         layer: &LayerKernels,
         specs: &[KernelSpec],
-        units: &[(String, Vec<String>)],
+        units: &[SourceUnit],
         build: &EmuBuild,
     ) -> Result<EmuLayer> {
-        let roles: [(&'static str, &String); 6] = [
-            ("decode", &layer.decode),
-            ("merge", &layer.merge),
-            ("append", &layer.append),
-            ("fill", &layer.fill),
-            ("prefill_block64", &layer.prefill_block64),
-            ("prefill_token", &layer.prefill_token),
-        ];
         let mut modules = Vec::new();
         let mut module_of: BTreeMap<usize, usize> = BTreeMap::new();
         let mut kernels = BTreeMap::new();
-        for (role, name) in roles {
-            let spec = specs.iter().find(|s| &s.name == name).ok_or_else(|| {
-                crate::Error::Backend(format!("kernel {name} is not in the lowered plan"))
-            })?;
-            let unit = units
-                .iter()
-                .position(|(_, ks)| ks.iter().any(|k| k == name))
-                .ok_or_else(|| crate::Error::Backend(format!("no source defines {name}")))?;
-            let m = match module_of.get(&unit) {
+        for k in bind_layer(layer, specs, units)? {
+            let m = match module_of.get(&k.unit) {
                 Some(&m) => m,
                 None => {
-                    let (src, ks) = &units[unit];
-                    let names: Vec<&str> = ks.iter().map(|s| s.as_str()).collect();
-                    modules.push(EmuModule::build(src, &names, build)?);
-                    module_of.insert(unit, modules.len() - 1);
+                    let u = &units[k.unit];
+                    modules.push(EmuModule::build(&u.source, &[u.name.as_str()], build)?);
+                    module_of.insert(k.unit, modules.len() - 1);
                     modules.len() - 1
                 }
             };
-            kernels.insert(
-                role,
-                Kernel {
-                    name: name.clone(),
-                    kind: spec.kind,
-                    launch: spec.launch,
-                    module: m,
-                },
-            );
+            kernels.insert(k.role, (k, m));
         }
         Ok(EmuLayer {
             shape,
             dtype,
             modules,
             kernels,
+            entries: units.iter().map(|u| u.name.clone()).collect(),
         })
     }
 
     fn run(&self, role: &str, grid: (u32, u32, u32), threads: u32, args: &[Arg]) -> Result<()> {
-        let k = &self.kernels[role];
-        let mut pack = ArgPack::new(&k.name, k.kind, args)?;
-        self.modules[k.module].launch(&k.name, grid, (threads, 1, 1), &mut pack)
+        let (k, m) = &self.kernels[role];
+        let mut pack = ArgPack::new(&k.name, k.kind, &k.with_slot(args))?;
+        self.modules[*m].launch(&self.entries[k.unit], grid, (threads, 1, 1), &mut pack)
     }
 
     fn launch(&self, role: &str) -> LaunchConfig {
-        self.kernels[role].launch
+        self.kernels[role].0.launch
     }
 
     /// A new cache for `batch` rows, poisoned with NaN.

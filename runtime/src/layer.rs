@@ -95,3 +95,63 @@ impl LayerShape {
         (self.num_query_heads as u32, batch as u32, 1)
     }
 }
+
+/// Where one of a layer's kernels lives: its spec's kind and launch configuration, the
+/// translation unit that defines it (an index into the units given) and its slot there.
+#[derive(Debug, Clone)]
+pub struct BoundKernel {
+    pub role: &'static str,
+    pub name: String,
+    pub kind: moac::ir::KernelKind,
+    pub launch: moac::ir::LaunchConfig,
+    pub unit: usize,
+    pub slot: i32,
+}
+
+impl BoundKernel {
+    /// The argument list of a launch: the slot, then the kind's own arguments.
+    pub fn with_slot(&self, args: &[crate::args::Arg]) -> Vec<crate::args::Arg> {
+        let mut all = Vec::with_capacity(args.len() + 1);
+        all.push(crate::args::Arg::I32(self.slot));
+        all.extend_from_slice(args);
+        all
+    }
+}
+
+/// The six kernels a layer runs (by role: `decode`, `merge`, `append`, `fill`,
+/// `prefill_block64`, `prefill_token`), found in the lowered specs and the units.
+pub fn bind_layer(
+    layer: &moac::ir::LayerKernels,
+    specs: &[moac::ir::KernelSpec],
+    units: &[moac::emit::SourceUnit],
+) -> crate::error::Result<Vec<BoundKernel>> {
+    let roles: [(&'static str, &String); 6] = [
+        ("decode", &layer.decode),
+        ("merge", &layer.merge),
+        ("append", &layer.append),
+        ("fill", &layer.fill),
+        ("prefill_block64", &layer.prefill_block64),
+        ("prefill_token", &layer.prefill_token),
+    ];
+    roles
+        .into_iter()
+        .map(|(role, name)| {
+            let spec = specs.iter().find(|s| &s.name == name).ok_or_else(|| {
+                crate::Error::Backend(format!("kernel {name} is not in the lowered plan"))
+            })?;
+            let (unit, slot) = units
+                .iter()
+                .enumerate()
+                .find_map(|(u, x)| x.slot(name).map(|s| (u, s)))
+                .ok_or_else(|| crate::Error::Backend(format!("no source defines {name}")))?;
+            Ok(BoundKernel {
+                role,
+                name: name.clone(),
+                kind: spec.kind,
+                launch: spec.launch,
+                unit,
+                slot: slot as i32,
+            })
+        })
+        .collect()
+}

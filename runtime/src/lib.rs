@@ -36,6 +36,7 @@ pub mod reference;
 pub mod run;
 pub mod runtime;
 pub mod semantics;
+pub mod tune;
 pub mod verify;
 
 pub use artifact::Artifact;

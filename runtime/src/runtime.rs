@@ -190,7 +190,7 @@ impl Runtime {
             prompt_len as u64,
             max_new_tokens as u64,
         )?;
-        let units = self.artifact.unit_sources();
+        let units = &self.artifact.units;
         let dtype = self.artifact.dtype;
         let mut layers = Vec::new();
         for lk in &self.artifact.lowered.layers {
@@ -212,7 +212,7 @@ impl Runtime {
                         dtype,
                         lk,
                         &self.artifact.lowered.kernels,
-                        &units,
+                        units,
                         &self.emu,
                     )?;
                     let cache = emu.new_cache(batch);
@@ -228,7 +228,7 @@ impl Runtime {
                         dtype,
                         lk,
                         &self.artifact.lowered.kernels,
-                        &units,
+                        units,
                         &self.artifact.binaries,
                     )?;
                     let cache = layer.new_device_cache(batch)?;

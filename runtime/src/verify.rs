@@ -12,7 +12,7 @@ use crate::layer::LayerShape;
 use crate::reference;
 use candle_core::{DType, Device, Tensor};
 use moac::geometry::{CacheGeometry, Dtype};
-use moac::ir::{LowerOptions, PrefillMode};
+use moac::ir::{KernelKind, LowerOptions, PrefillMode};
 use moac::plan::ValidPlan;
 
 /// Where the generated kernels run.
@@ -37,6 +37,12 @@ pub struct VerifyOptions {
     pub emu: EmuBuild,
     /// Test-only: lower with a deliberately planted bug (see `moac::ir::PlantedBug`).
     pub planted_bug: Option<moac::ir::PlantedBug>,
+    /// Launch configurations to use instead of the heuristic's, by kind slug (the
+    /// tuner's candidates; plans only, not artifacts).
+    pub launch_overrides: std::collections::BTreeMap<String, moac::ir::LaunchConfig>,
+    /// Run the prefill of this kind only (`None`: both modes; a non-prefill kind: none).
+    /// Fill, append, decode and merge always run: they share the cache.
+    pub only: Option<moac::ir::KernelKind>,
 }
 
 /// The outcome for one kernel of one layer.
@@ -136,13 +142,11 @@ pub fn verify(plan: &ValidPlan, opts: &VerifyOptions) -> Result<Vec<KernelCheck>
             dtype: opts.dtype,
             layers: Some(opts.layers.clone()),
             planted_bug: opts.planted_bug,
+            launch_overrides: opts.launch_overrides.clone(),
             ..LowerOptions::default()
         },
     )?;
-    let units: Vec<(String, Vec<String>)> = moac::emit::emit_units(&low)?
-        .into_iter()
-        .map(|u| (u.source, u.kernels))
-        .collect();
+    let units = moac::emit::emit_units(&low)?;
     verify_lowered(plan, &low, &units, &[], opts)
 }
 
@@ -154,9 +158,9 @@ pub fn verify_artifact(
     opts: &VerifyOptions,
 ) -> Result<Vec<KernelCheck>> {
     check_options(opts)?;
-    if opts.planted_bug.is_some() {
+    if opts.planted_bug.is_some() || !opts.launch_overrides.is_empty() {
         return Err(Error::Shape(
-            "--plant-bug needs a plan, not an artifact".into(),
+            "planted bugs and launch overrides need a plan, not an artifact".into(),
         ));
     }
     if let Some((p, m)) = art.fixed {
@@ -181,7 +185,7 @@ pub fn verify_artifact(
         dtype: art.dtype,
         ..opts.clone()
     };
-    verify_lowered(&art.plan, &low, &art.unit_sources(), &art.binaries, &opts)
+    verify_lowered(&art.plan, &low, &art.units, &art.binaries, &opts)
 }
 
 fn check_options(opts: &VerifyOptions) -> Result<()> {
@@ -200,7 +204,7 @@ fn check_options(opts: &VerifyOptions) -> Result<()> {
 fn verify_lowered(
     plan: &ValidPlan,
     low: &moac::ir::Lowered,
-    units: &[(String, Vec<String>)],
+    units: &[moac::emit::SourceUnit],
     binaries: &[crate::artifact::UnitBinaries],
     opts: &VerifyOptions,
 ) -> Result<Vec<KernelCheck>> {
@@ -285,6 +289,9 @@ fn verify_layer<E: LayerExec>(
         (PrefillMode::Block64, &lk.prefill_block64, "prefill_block64"),
         (PrefillMode::Token, &lk.prefill_token, "prefill_token"),
     ] {
+        if opts.only.is_some_and(|k| k != KernelKind::Prefill(mode)) {
+            continue;
+        }
         let want = reference::prefill(&q, &k, &v, &opts.prompt_lens, shape, mode, scale)?
             .flatten_all()?
             .to_vec1::<f32>()?;

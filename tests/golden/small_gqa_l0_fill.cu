@@ -148,8 +148,8 @@ static_assert(HQ == HKV * G, "num_q_heads must equal num_kv_heads * group");
 static_assert(D % 8 == 0, "head_dim must be a multiple of 8 (16-byte vectors)");
 static_assert(MIN_CAP >= SINK, "min_capacity must be >= sink");
 
-// What one CTA needs of its kernel's baked rules: computed by each kernel's entry from
-// its own geometry, passed to the body shared by all kernels of this file.
+// What one CTA needs of its kernel's baked rules: computed by the entry from the rules of
+// the kernel its `slot` argument names, passed to the body of this file.
 struct MoacCta {
     int ckv;           // capacity of the CTA's KV head
     long long kv_off;  // first slot of that KV head's region
@@ -157,11 +157,9 @@ struct MoacCta {
     int local_q[G];    // ring length (capacity - SINK) of each query head of the group
 };
 
-// One body per file. With one kernel it is inlined (fully specialized to the kernel's
-// rules and, in a specialized build, to N). With several it is a called function, so
-// NVVM optimizes it once (ptxas still compiles it per entry in whole-program mode).
+// One body per file and one entry that calls it, so NVVM and ptxas compile each body once
+// however many kernels (layers with distinct rules) the file holds.
 #define MOAC_BODY __forceinline__
-
 
 // ---- fill: copy prompt K/V into the compacted cache, iterating over slots ----------
 // CTA (x, j, b) writes slots [x*ROWS, (x+1)*ROWS) of KV head j of row b that are valid
@@ -204,50 +202,69 @@ static __device__ MOAC_BODY void moac_fill_body(const T* __restrict__ k,
     }
 }
 
+// ---- baked rules of the kernels in this file (row = slot, column = query head) --------
+//   slot 0: moac_fill_963a54988cee1126
+#define MOAC_NUM_KERNELS 1
+// S = alpha + beta * N of every query head; N is a runtime value.
+__constant__ const double moac_alpha[MOAC_NUM_KERNELS][HQ] = {
+    { 0.0, 1024.0, -1024.0, 0.0, 8192.0, 0.0, 0.0, 0.0 },
+};
+__constant__ const double moac_beta[MOAC_NUM_KERNELS][HQ] = {
+    { 0.5, 0.125, 0.25, 0.5, 0.0, 0.375, 0.5, 1.0 },
+};
 
-// ---- geometry of kernel moac_fill_963a54988cee1126: its baked rules ----
-namespace moac_fill_963a54988cee1126_geo {
-// The CTA view of KV head j: its capacity and offset, the total, and the ring length
-// of each query head of its group. Straight-line code over compile-time indices.
-__device__ __forceinline__ MoacCta moac_cta(int j, long long n) {
-    // N is a runtime value: each distinct (alpha, beta) of this layer, as literals.
-    const int r0 = moac_capacity(0.0, 0.5, n, MIN_CAP, GRAN);
-    const int r1 = moac_capacity(1024.0, 0.125, n, MIN_CAP, GRAN);
-    const int r2 = moac_capacity(-1024.0, 0.25, n, MIN_CAP, GRAN);
-    const int r3 = moac_capacity(8192.0, 0.0, n, MIN_CAP, GRAN);
-    const int r4 = moac_capacity(0.0, 0.375, n, MIN_CAP, GRAN);
-    const int r5 = moac_capacity(0.0, 1.0, n, MIN_CAP, GRAN);
-    const int qc[HQ] = { r0, r1, r2, r0, r3, r4, r0, r5 };
+__device__ __forceinline__ int moac_q_capacity(int slot, int h, long long n) {
+    return moac_capacity(moac_alpha[slot][h], moac_beta[slot][h], n, MIN_CAP, GRAN);
+}
+
+// The CTA view of KV head j under the rules of `slot`: its capacity and offset, the
+// total, and the ring length of each query head of its group.
+__device__ __forceinline__ MoacCta moac_cta(int slot, int j, long long n) {
     MoacCta w;
     w.ckv = 0;
     w.kv_off = 0;
     long long total = 0;
+    // One kernel: unrolled, its rules fold into constants.
 #pragma unroll
     for (int i = 0; i < HKV; ++i) {
+        int qc[G];
         int c = 0;
 #pragma unroll
-        for (int g = 0; g < G; ++g) c = qc[i * G + g] > c ? qc[i * G + g] : c;
+        for (int g = 0; g < G; ++g) {
+            qc[g] = moac_q_capacity(slot, i * G + g, n);
+            c = qc[g] > c ? qc[g] : c;
+        }
         if (i < j) w.kv_off += c;
         if (i == j) {
             w.ckv = c;
 #pragma unroll
-            for (int g = 0; g < G; ++g) w.local_q[g] = qc[i * G + g] - SINK;
+            for (int g = 0; g < G; ++g) w.local_q[g] = qc[g] - SINK;
         }
         total += c;
     }
     w.total = total;
     return w;
 }
-}  // namespace moac_fill_963a54988cee1126_geo
+
+// The entry's `slot` argument picks the kernel. False for a slot this file does not
+// define (the entry then returns without touching memory).
+__device__ __forceinline__ bool moac_select(int slot, int j, long long n, MoacCta& w) {
+    if (slot != 0) return false;
+    w = moac_cta(0, j, n);
+    return true;
+}
+
 
 extern "C" __global__ void MOAC_LAUNCH_BOUNDS(FILL_THREADS, 1)
-moac_fill_963a54988cee1126(const T* __restrict__ k,
+moac_fill_unit_ae006c0f924b6d72(int slot,
+                  const T* __restrict__ k,
                   const T* __restrict__ v,
                   T* __restrict__ k_cache,
                   T* __restrict__ v_cache,
                   const int* __restrict__ prompt_lens,
                   int p_stride,
                   long long n, int batch) {
-    moac_fill_body(k, v, k_cache, v_cache, prompt_lens, p_stride, n, batch, moac_fill_963a54988cee1126_geo::moac_cta(blockIdx.y < HKV ? (int)blockIdx.y : 0, n));
+    MoacCta w;
+    if (!moac_select(slot, blockIdx.y < HKV ? (int)blockIdx.y : 0, n, w)) return;  // uniform over the grid
+    moac_fill_body(k, v, k_cache, v_cache, prompt_lens, p_stride, n, batch, w);
 }
-

@@ -148,8 +148,8 @@ static_assert(HQ == HKV * G, "num_q_heads must equal num_kv_heads * group");
 static_assert(D % 8 == 0, "head_dim must be a multiple of 8 (16-byte vectors)");
 static_assert(MIN_CAP >= SINK, "min_capacity must be >= sink");
 
-// What one CTA needs of its kernel's baked rules: computed by each kernel's entry from
-// its own geometry, passed to the body shared by all kernels of this file.
+// What one CTA needs of its kernel's baked rules: computed by the entry from the rules of
+// the kernel its `slot` argument names, passed to the body of this file.
 struct MoacCta {
     int ckv;           // capacity of the CTA's KV head
     long long kv_off;  // first slot of that KV head's region
@@ -157,11 +157,9 @@ struct MoacCta {
     int local_q[G];    // ring length (capacity - SINK) of each query head of the group
 };
 
-// One body per file. With one kernel it is inlined (fully specialized to the kernel's
-// rules and, in a specialized build, to N). With several it is a called function, so
-// NVVM optimizes it once (ptxas still compiles it per entry in whole-program mode).
+// One body per file and one entry that calls it, so NVVM and ptxas compile each body once
+// however many kernels (layers with distinct rules) the file holds.
 #define MOAC_BODY __forceinline__
-
 
 // ---- merge: combine the split-KV partial outputs of decode --------------------------
 // out = sum_s exp(lse_s - LSE) * part_o_s with LSE = log sum_s exp(lse_s); computed as
@@ -169,10 +167,12 @@ struct MoacCta {
 // empty (all lse = -inf; cannot happen in valid use) the output is 0, never NaN.
 // Works for any block size (the ABI launches D threads).
 extern "C" __global__ void
-moac_merge_b89d1114d0221677(const float* __restrict__ part_o,
+moac_merge_unit_62ce827efb29df61(int slot,
+                  const float* __restrict__ part_o,
                   const float* __restrict__ part_lse,
                   T* __restrict__ out,
                   int batch, int nsplit) {
+    if (slot != 0) return;  // a merge file holds one kernel
     const int h = blockIdx.x;
     const int b = blockIdx.y;
     if (h >= HQ || b >= batch) return;

@@ -29,9 +29,11 @@ fn main() {
     for kernel in k::KERNELS {
         let cubin = kernel.cubin("sm_90").map(|b| b.len()).unwrap_or(0);
         println!(
-            "  {:<40} {:<8} source {:>6} B, sm_90 CUBIN {:>6} B, PTX {}",
+            "  {:<40} {:<8} entry {} slot {:>2}, source {:>6} B, sm_90 CUBIN {:>6} B, PTX {}",
             kernel.name,
             kernel.kind,
+            kernel.entry,
+            kernel.slot,
             kernel.source.len(),
             cubin,
             if kernel.ptx.is_some() { "yes" } else { "no" }

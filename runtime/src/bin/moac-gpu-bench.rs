@@ -111,7 +111,7 @@ fn setup(
     o: &Opts,
 ) -> Result<Setup> {
     let geo = CacheGeometry::new(&art.plan, prompt, o.max_new_tokens)?;
-    let units = art.unit_sources();
+    let units = &art.units;
     let t = prompt as usize + 1;
     let es = o.dtype.size_bytes() as usize;
     let mut s = Setup {
@@ -130,7 +130,7 @@ fn setup(
             o.dtype,
             lk,
             &art.lowered.kernels,
-            &units,
+            units,
             &art.binaries,
         )?;
         if s.binary.is_empty() {
