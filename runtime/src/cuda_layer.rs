@@ -23,7 +23,7 @@ use cudarc::driver::{
 };
 use moac::emit::SourceUnit;
 use moac::geometry::Dtype;
-use moac::ir::{Elem, KernelSpec, LaunchConfig, LayerKernels, PrefillMode};
+use moac::ir::{KernelSpec, LaunchConfig, LayerKernels, PrefillMode};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
@@ -682,16 +682,7 @@ impl CudaLayer {
             let (vp, _g3) = v.device_ptr(st);
             let (lp, _g4) = lens.device_ptr(st);
             let (op, _g5) = o.device_ptr_mut(st);
-            let args = [
-                Arg::Ptr(qp, Elem::Scalar),
-                Arg::Ptr(kp, Elem::Scalar),
-                Arg::Ptr(vp, Elem::Scalar),
-                Arg::Ptr(op, Elem::Scalar),
-                Arg::Ptr(lp, Elem::Int),
-                Arg::I32(p as i32),
-                Arg::I64(s.n as i64),
-                Arg::F32(scale),
-            ];
+            let args = s.prefill_args([qp, kp, vp, op, lp], p, scale);
             self.run(role, grid, lc.threads, &args)?;
         }
         Ok(o)
@@ -759,16 +750,7 @@ impl CudaLayer {
         let (lp, _g3) = lens.device_ptr(st);
         let (kc, _g4) = cache.k.device_ptr_mut(st);
         let (vc, _g5) = cache.v.device_ptr_mut(st);
-        let args = [
-            Arg::Ptr(kp, Elem::Scalar),
-            Arg::Ptr(vp, Elem::Scalar),
-            Arg::Ptr(kc, Elem::Scalar),
-            Arg::Ptr(vc, Elem::Scalar),
-            Arg::Ptr(lp, Elem::Int),
-            Arg::I32(p as i32),
-            Arg::I64(s.n as i64),
-            Arg::I32(b as i32),
-        ];
+        let args = s.fill_args([kp, vp, kc, vc, lp], p, b);
         self.run("fill", grid, lc.threads, &args)
     }
 
@@ -828,15 +810,7 @@ impl CudaLayer {
         let (lp, _g3) = lens.dev.device_ptr(st);
         let (kc, _g4) = cache.k.device_ptr_mut(st);
         let (vc, _g5) = cache.v.device_ptr_mut(st);
-        let args = [
-            Arg::Ptr(kp, Elem::Scalar),
-            Arg::Ptr(vp, Elem::Scalar),
-            Arg::Ptr(kc, Elem::Scalar),
-            Arg::Ptr(vc, Elem::Scalar),
-            Arg::Ptr(lp, Elem::Int),
-            Arg::I64(s.n as i64),
-            Arg::I32(b as i32),
-        ];
+        let args = s.append_args([kp, vp, kc, vc, lp], b);
         self.run("append", s.append_grid(b), lc.threads, &args)
     }
 
@@ -925,31 +899,14 @@ impl CudaLayer {
             let (lp, _g4) = seq_lens.dev.device_ptr(st);
             let (po, _g5) = scratch.part_o.device_ptr_mut(st);
             let (pl, _g6) = scratch.part_lse.device_ptr_mut(st);
-            let args = [
-                Arg::Ptr(qp, Elem::Scalar),
-                Arg::Ptr(kc, Elem::Scalar),
-                Arg::Ptr(vc, Elem::Scalar),
-                Arg::Ptr(lp, Elem::Int),
-                Arg::Ptr(po, Elem::Float),
-                Arg::Ptr(pl, Elem::Float),
-                Arg::I64(s.n as i64),
-                Arg::I32(b as i32),
-                Arg::I32(nsplit as i32),
-                Arg::F32(scale),
-            ];
+            let args = s.decode_args([qp, kc, vc, lp, po, pl], b, nsplit, scale);
             self.run("decode", s.decode_grid(nsplit, b), lc.threads, &args)?;
         }
         let ml = self.launch("merge")?;
         let (po, _g1) = scratch.part_o.device_ptr(st);
         let (pl, _g2) = scratch.part_lse.device_ptr(st);
         let (op, _g3) = scratch.out.device_ptr_mut(st);
-        let args = [
-            Arg::Ptr(po, Elem::Float),
-            Arg::Ptr(pl, Elem::Float),
-            Arg::Ptr(op, Elem::Scalar),
-            Arg::I32(b as i32),
-            Arg::I32(nsplit as i32),
-        ];
+        let args = s.merge_args([po, pl, op], b, nsplit);
         self.run("merge", s.merge_grid(b), ml.threads, &args)
     }
 }

@@ -6,10 +6,11 @@
 use crate::args::{Arg, ArgPack};
 use crate::emu::{EmuBuild, EmuModule};
 use crate::error::{shape_err, Result};
+use crate::exec::{check_lens, check_steps};
 use crate::layer::{bind_layer, BoundKernel, LayerShape};
 use moac::emit::SourceUnit;
 use moac::geometry::Dtype;
-use moac::ir::{Elem, KernelSpec, LaunchConfig, LayerKernels, PrefillMode};
+use moac::ir::{KernelSpec, LaunchConfig, LayerKernels, PrefillMode};
 use std::collections::BTreeMap;
 
 /// NaN in the element type, as raw bits.
@@ -54,13 +55,14 @@ pub struct EmuLayer {
     kernels: BTreeMap<&'static str, (BoundKernel, usize)>,
 }
 
-fn ptr<T>(v: &[T], e: Elem) -> Arg {
-    Arg::Ptr(v.as_ptr() as u64, e)
+/// The address of a buffer the kernel reads.
+fn addr<T>(v: &[T]) -> u64 {
+    v.as_ptr() as u64
 }
 
 /// A pointer the kernel writes through: taken from a mutable borrow.
-fn ptr_mut<T>(v: &mut [T], e: Elem) -> Arg {
-    Arg::Ptr(v.as_mut_ptr() as u64, e)
+fn addr_mut<T>(v: &mut [T]) -> u64 {
+    v.as_mut_ptr() as u64
 }
 
 impl EmuLayer {
@@ -138,7 +140,7 @@ impl EmuLayer {
         {
             return shape_err("prefill: buffer sizes do not match [B,P,H,D]");
         }
-        self.check_lens(prompt_lens, p)?;
+        check_lens(s, prompt_lens, p)?;
         let mut o = vec![nan_bits(self.dtype); q.len()];
         let role = match mode {
             PrefillMode::Block64 => "prefill_block64",
@@ -146,30 +148,19 @@ impl EmuLayer {
         };
         let lc = self.launch(role);
         let grid = s.prefill_grid(&lc, p, b);
-        let args = [
-            ptr(q, Elem::Scalar),
-            ptr(k, Elem::Scalar),
-            ptr(v, Elem::Scalar),
-            ptr_mut(&mut o, Elem::Scalar),
-            ptr(prompt_lens, Elem::Int),
-            Arg::I32(p as i32),
-            Arg::I64(s.n as i64),
-            Arg::F32(scale),
-        ];
+        let args = s.prefill_args(
+            [
+                addr(q),
+                addr(k),
+                addr(v),
+                addr_mut(&mut o),
+                addr(prompt_lens),
+            ],
+            p,
+            scale,
+        );
         self.run(role, grid, lc.threads, &args)?;
         Ok(o)
-    }
-
-    fn check_lens(&self, lens: &[i32], p: usize) -> Result<()> {
-        for (b, &l) in lens.iter().enumerate() {
-            if l < 0 || l as usize > p || l as usize > self.shape.n {
-                return shape_err(format!(
-                    "row {b}: length {l} outside 0..={}",
-                    p.min(self.shape.n)
-                ));
-            }
-        }
-        Ok(())
     }
 
     /// Fills `cache` from a prompt.
@@ -187,19 +178,20 @@ impl EmuLayer {
         {
             return shape_err("fill: buffer sizes do not match [B,P,Hkv,D] and the cache");
         }
-        self.check_lens(prompt_lens, p)?;
+        check_lens(s, prompt_lens, p)?;
         let lc = self.launch("fill");
         let grid = s.fill_grid(&lc, b);
-        let args = [
-            ptr(k, Elem::Scalar),
-            ptr(v, Elem::Scalar),
-            ptr_mut(&mut cache.k, Elem::Scalar),
-            ptr_mut(&mut cache.v, Elem::Scalar),
-            ptr(prompt_lens, Elem::Int),
-            Arg::I32(p as i32),
-            Arg::I64(s.n as i64),
-            Arg::I32(b as i32),
-        ];
+        let args = s.fill_args(
+            [
+                addr(k),
+                addr(v),
+                addr_mut(&mut cache.k),
+                addr_mut(&mut cache.v),
+                addr(prompt_lens),
+            ],
+            p,
+            b,
+        );
         self.run("fill", grid, lc.threads, &args)
     }
 
@@ -219,30 +211,19 @@ impl EmuLayer {
         {
             return shape_err("append: buffer sizes do not match [B,Hkv,D] and the cache");
         }
-        self.check_steps(seq_lens)?;
+        check_steps(s, seq_lens)?;
         let lc = self.launch("append");
-        let args = [
-            ptr(k_new, Elem::Scalar),
-            ptr(v_new, Elem::Scalar),
-            ptr_mut(&mut cache.k, Elem::Scalar),
-            ptr_mut(&mut cache.v, Elem::Scalar),
-            ptr(seq_lens, Elem::Int),
-            Arg::I64(s.n as i64),
-            Arg::I32(b as i32),
-        ];
+        let args = s.append_args(
+            [
+                addr(k_new),
+                addr(v_new),
+                addr_mut(&mut cache.k),
+                addr_mut(&mut cache.v),
+                addr(seq_lens),
+            ],
+            b,
+        );
         self.run("append", s.append_grid(b), lc.threads, &args)
-    }
-
-    fn check_steps(&self, seq_lens: &[i32]) -> Result<()> {
-        for (b, &t) in seq_lens.iter().enumerate() {
-            if t < 1 || t as usize > self.shape.n {
-                return Err(crate::Error::Capacity(format!(
-                    "row {b}: {t} tokens do not fit a cache built for N = {}",
-                    self.shape.n
-                )));
-            }
-        }
-        Ok(())
     }
 
     /// Decode attention (split-KV kernel, then the merge): `q` [B,Hq,D] -> o [B,Hq,D].
@@ -258,33 +239,32 @@ impl EmuLayer {
         if b != cache.batch || q.len() != b * s.num_query_heads * s.head_dim {
             return shape_err("decode: buffer sizes do not match [B,Hq,D] and the cache");
         }
-        self.check_steps(seq_lens)?;
+        check_steps(s, seq_lens)?;
         let lc = self.launch("decode");
         let nsplit = s.decode_splits(&lc);
         let mut part_o = vec![f32::NAN; b * s.num_query_heads * nsplit * s.head_dim];
         let mut part_lse = vec![f32::NAN; b * s.num_query_heads * nsplit];
-        let args = [
-            ptr(q, Elem::Scalar),
-            ptr(&cache.k, Elem::Scalar),
-            ptr(&cache.v, Elem::Scalar),
-            ptr(seq_lens, Elem::Int),
-            ptr_mut(&mut part_o, Elem::Float),
-            ptr_mut(&mut part_lse, Elem::Float),
-            Arg::I64(s.n as i64),
-            Arg::I32(b as i32),
-            Arg::I32(nsplit as i32),
-            Arg::F32(scale),
-        ];
+        let args = s.decode_args(
+            [
+                addr(q),
+                addr(&cache.k),
+                addr(&cache.v),
+                addr(seq_lens),
+                addr_mut(&mut part_o),
+                addr_mut(&mut part_lse),
+            ],
+            b,
+            nsplit,
+            scale,
+        );
         self.run("decode", s.decode_grid(nsplit, b), lc.threads, &args)?;
         let mut out = vec![nan_bits(self.dtype); q.len()];
         let ml = self.launch("merge");
-        let args = [
-            ptr(&part_o, Elem::Float),
-            ptr(&part_lse, Elem::Float),
-            ptr_mut(&mut out, Elem::Scalar),
-            Arg::I32(b as i32),
-            Arg::I32(nsplit as i32),
-        ];
+        let args = s.merge_args(
+            [addr(&part_o), addr(&part_lse), addr_mut(&mut out)],
+            b,
+            nsplit,
+        );
         self.run("merge", s.merge_grid(b), ml.threads, &args)?;
         Ok(out)
     }

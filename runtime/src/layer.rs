@@ -155,3 +155,97 @@ pub fn bind_layer(
         })
         .collect()
 }
+
+/// The arguments of each kernel kind after the slot, in ABI order (docs/kernel-abi.md),
+/// from buffer addresses (host pointers on emu, device pointers on cuda): the one place
+/// both executors take them from.
+impl LayerShape {
+    /// `[k_new, v_new, k_cache, v_cache, seq_lens]`.
+    pub fn append_args(&self, ptrs: [u64; 5], batch: usize) -> Vec<crate::args::Arg> {
+        use crate::args::Arg;
+        use moac::ir::Elem::{Int, Scalar};
+        let [kn, vn, kc, vc, lens] = ptrs;
+        vec![
+            Arg::Ptr(kn, Scalar),
+            Arg::Ptr(vn, Scalar),
+            Arg::Ptr(kc, Scalar),
+            Arg::Ptr(vc, Scalar),
+            Arg::Ptr(lens, Int),
+            Arg::I64(self.n as i64),
+            Arg::I32(batch as i32),
+        ]
+    }
+
+    /// `[k, v, k_cache, v_cache, prompt_lens]`; `p` is the prompt stride.
+    pub fn fill_args(&self, ptrs: [u64; 5], p: usize, batch: usize) -> Vec<crate::args::Arg> {
+        use crate::args::Arg;
+        use moac::ir::Elem::{Int, Scalar};
+        let [k, v, kc, vc, lens] = ptrs;
+        vec![
+            Arg::Ptr(k, Scalar),
+            Arg::Ptr(v, Scalar),
+            Arg::Ptr(kc, Scalar),
+            Arg::Ptr(vc, Scalar),
+            Arg::Ptr(lens, Int),
+            Arg::I32(p as i32),
+            Arg::I64(self.n as i64),
+            Arg::I32(batch as i32),
+        ]
+    }
+
+    /// `[q, k_cache, v_cache, seq_lens, part_o, part_lse]`.
+    pub fn decode_args(
+        &self,
+        ptrs: [u64; 6],
+        batch: usize,
+        nsplit: usize,
+        scale: f32,
+    ) -> Vec<crate::args::Arg> {
+        use crate::args::Arg;
+        use moac::ir::Elem::{Float, Int, Scalar};
+        let [q, kc, vc, lens, po, pl] = ptrs;
+        vec![
+            Arg::Ptr(q, Scalar),
+            Arg::Ptr(kc, Scalar),
+            Arg::Ptr(vc, Scalar),
+            Arg::Ptr(lens, Int),
+            Arg::Ptr(po, Float),
+            Arg::Ptr(pl, Float),
+            Arg::I64(self.n as i64),
+            Arg::I32(batch as i32),
+            Arg::I32(nsplit as i32),
+            Arg::F32(scale),
+        ]
+    }
+
+    /// `[part_o, part_lse, out]`.
+    pub fn merge_args(&self, ptrs: [u64; 3], batch: usize, nsplit: usize) -> Vec<crate::args::Arg> {
+        use crate::args::Arg;
+        use moac::ir::Elem::{Float, Scalar};
+        let [po, pl, out] = ptrs;
+        vec![
+            Arg::Ptr(po, Float),
+            Arg::Ptr(pl, Float),
+            Arg::Ptr(out, Scalar),
+            Arg::I32(batch as i32),
+            Arg::I32(nsplit as i32),
+        ]
+    }
+
+    /// `[q, k, v, o, prompt_lens]`; `p` is the prompt stride.
+    pub fn prefill_args(&self, ptrs: [u64; 5], p: usize, scale: f32) -> Vec<crate::args::Arg> {
+        use crate::args::Arg;
+        use moac::ir::Elem::{Int, Scalar};
+        let [q, k, v, o, lens] = ptrs;
+        vec![
+            Arg::Ptr(q, Scalar),
+            Arg::Ptr(k, Scalar),
+            Arg::Ptr(v, Scalar),
+            Arg::Ptr(o, Scalar),
+            Arg::Ptr(lens, Int),
+            Arg::I32(p as i32),
+            Arg::I64(self.n as i64),
+            Arg::F32(scale),
+        ]
+    }
+}
