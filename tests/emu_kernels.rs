@@ -284,3 +284,121 @@ fn gqa4_d128_bf16_long_window_many_splits() {
         fixed: false,
     });
 }
+
+/// One unit holds the kernels of two layers behind one entry: slot 0 and slot 1 write
+/// their own layer's cache (each matching the reference), a slot the unit does not
+/// define writes nothing.
+#[test]
+fn unit_entry_runs_the_kernel_its_slot_names() {
+    use moac_runtime::args::ArgPack;
+    use moac_runtime::emu::EmuModule;
+    let model = moac::plan::ModelShape {
+        num_layers: 2,
+        num_query_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 64,
+    };
+    let alphas = vec![vec![0.0, 64.0, 0.0, 128.0], vec![512.0, 0.0, 0.0, 0.0]];
+    let betas = vec![vec![0.5, 0.125, 0.25, 0.0], vec![0.0, 1.0, 0.125, 0.5]];
+    let plan = moac::plan::validate(
+        std::path::Path::new("two-layers"),
+        model,
+        moac::plan::Settings::default(),
+        &alphas,
+        &betas,
+    )
+    .unwrap();
+    let low = moac::ir::lower(&plan, &LowerOptions::default()).unwrap();
+    let units = moac::emit::emit_units(&low).unwrap();
+    let unit = units
+        .iter()
+        .find(|u| u.name.starts_with("moac_append_unit_"))
+        .unwrap();
+    assert_eq!(unit.kernels.len(), 2, "one append kernel per layer");
+    let module =
+        EmuModule::build(&unit.source, &[unit.name.as_str()], &EmuBuild::default()).unwrap();
+    let geo = CacheGeometry::new(&plan, 900, 100).unwrap();
+    let dtype = Dtype::F16;
+    let mut rng = Rng::fresh("unit_entry_runs_the_kernel_its_slot_names");
+    let (b, d, hkv) = (2usize, 64usize, 2usize);
+    let lens = [700usize, 1000];
+    let lens_i: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
+    let kn: Vec<f32> = (0..b * hkv * d).map(|_| rng.uniform()).collect();
+    let vn: Vec<f32> = (0..b * hkv * d).map(|_| rng.uniform()).collect();
+    let bits = |x: &[f32]| x.iter().map(|&v| to_bits(v, dtype)).collect::<Vec<u16>>();
+    let (knb, vnb) = (bits(&kn), bits(&vn));
+    let nan = to_bits(f32::NAN, dtype);
+    for slot in [0i32, 1, 2, -1] {
+        // The layer whose kernel sits at this slot (unit kernels are in name order).
+        let layer = match slot {
+            0 | 1 => low
+                .layers
+                .iter()
+                .position(|l| l.append == unit.kernels[slot as usize])
+                .unwrap(),
+            _ => 0,
+        };
+        let shape = LayerShape::new(&geo, layer);
+        let n = b * shape.total_slots * d;
+        let mut cache = HostCache {
+            batch: b,
+            k: vec![nan; n],
+            v: vec![nan; n],
+        };
+        let mut args = vec![moac_runtime::args::Arg::I32(slot)];
+        args.extend(shape.append_args(
+            [
+                knb.as_ptr() as u64,
+                vnb.as_ptr() as u64,
+                cache.k.as_mut_ptr() as u64,
+                cache.v.as_mut_ptr() as u64,
+                lens_i.as_ptr() as u64,
+            ],
+            b,
+        ));
+        let spec = low
+            .kernels
+            .iter()
+            .find(|k| k.name == unit.kernels[0])
+            .unwrap();
+        let mut pack = ArgPack::new(&unit.name, spec.kind, &args).unwrap();
+        module
+            .launch(
+                &unit.name,
+                shape.append_grid(b),
+                (spec.launch.threads, 1, 1),
+                &mut pack,
+            )
+            .unwrap();
+        let written = cache.k.iter().filter(|&&x| x != nan).count();
+        if !(0..=1).contains(&slot) {
+            assert_eq!(
+                written, 0,
+                "slot {slot} is not in the unit: nothing written"
+            );
+            continue;
+        }
+        // Exactly one slot per (row, KV head) holds the new token, where the layer's
+        // geometry puts position t-1.
+        assert_eq!(written, b * hkv * d, "slot {slot}");
+        let mut rc = reference::LayerCache {
+            k: Tensor::zeros((b, shape.total_slots, d), DType::F32, &Device::Cpu).unwrap(),
+            v: Tensor::zeros((b, shape.total_slots, d), DType::F32, &Device::Cpu).unwrap(),
+        };
+        let t = |x: &[f32]| {
+            Tensor::from_vec(x.to_vec(), (b, hkv, d), &Device::Cpu)
+                .unwrap()
+                .to_dtype(cdt(dtype))
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+        };
+        reference::append(&mut rc, &t(&kn), &t(&vn), &lens, &shape).unwrap();
+        let want = rc.k.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (i, (&g, &w)) in cache.k.iter().zip(&want).enumerate() {
+            if g != nan {
+                assert_eq!(from_bits(g, dtype), w, "slot {slot}, element {i}");
+            }
+        }
+    }
+}

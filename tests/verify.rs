@@ -216,6 +216,28 @@ fn an_artifact_folder_verifies_from_its_own_sources() {
     let o = verify(&out, None, &["--layers", "0"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("not in the artifact"), "{}", stderr(&o));
+    // Swapped slots of the two decode kernels (one unit, one entry) are refused.
+    let manifest_path = out.join("manifest.json");
+    let original = std::fs::read_to_string(&manifest_path).unwrap();
+    let mut m: serde_json::Value = serde_json::from_str(&original).unwrap();
+    let decodes: Vec<usize> = m["kernels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .filter(|(_, k)| k["kind"] == "decode")
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(decodes.len(), 2, "layers 1 and 2 have different rules");
+    let (a, b) = (decodes[0], decodes[1]);
+    let sa = m["kernels"][a]["slot"].clone();
+    m["kernels"][a]["slot"] = m["kernels"][b]["slot"].clone();
+    m["kernels"][b]["slot"] = sa;
+    std::fs::write(&manifest_path, serde_json::to_string(&m).unwrap()).unwrap();
+    let o = verify(&out, None, &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("slots"), "{}", stderr(&o));
+    std::fs::write(&manifest_path, original).unwrap();
     let src = std::fs::read_dir(out.join("kernels"))
         .unwrap()
         .flatten()
