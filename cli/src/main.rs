@@ -646,6 +646,14 @@ fn tune(a: TuneArgs) -> Result<()> {
     let report = tune::tune(&plan, &opts, &mut |done, total, o| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
+        let Some(o) = o else {
+            let what = match backend {
+                VerifyBackend::Emu => "building the emu modules (g++), then checking",
+                VerifyBackend::Cuda => "checking and timing",
+            };
+            bar.suspend(|| println!("{total} candidates: {what}"));
+            return;
+        };
         bar.suspend(|| {
             println!(
                 "layer {:>2} {:<16} {:<34} {:<5} {:>10} {:>9}{}{}",

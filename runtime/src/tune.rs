@@ -255,11 +255,13 @@ fn environment(dev: Option<&Arc<CudaDevice>>) -> Result<Environment> {
     })
 }
 
-/// Runs the sweep. `progress` is called after every candidate with (done, total, outcome).
+/// Runs the sweep. `progress` is called with (0, total, None) once the candidates are
+/// known (before the emu modules are built), then after every candidate with (done,
+/// total, its outcome).
 pub fn tune(
     plan: &ValidPlan,
     opts: &TuneOptions,
-    progress: &mut dyn FnMut(usize, usize, &Outcome),
+    progress: &mut dyn FnMut(usize, usize, Option<&Outcome>),
 ) -> Result<TuneReport> {
     if opts.layers.is_empty() || opts.kinds.is_empty() {
         return Err(Error::Shape("tune: no layers or no kinds selected".into()));
@@ -273,10 +275,11 @@ pub fn tune(
     };
     let env = environment(dev.as_ref())?;
     let jobs = jobs(plan, opts)?;
+    let total: usize = jobs.iter().map(|j| j.candidates.len()).sum();
+    progress(0, total, None);
     if opts.backend == VerifyBackend::Emu {
         prebuild_emu(plan, opts, &jobs)?;
     }
-    let total: usize = jobs.iter().map(|j| j.candidates.len()).sum();
     let default_of = |kind: KernelKind| LaunchConfig::default_for(kind, plan.model().head_dim);
     let measured_at = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -319,7 +322,7 @@ pub fn tune(
                 o.note = format!("planted wrong candidate (test): {}", o.note);
             }
             done += 1;
-            progress(done, total, &o);
+            progress(done, total, Some(&o));
             cands.push(Candidate {
                 launch,
                 correct: o.correct,
