@@ -6,6 +6,9 @@
 # (best configuration against the heuristic) and a compile with its database. Stops at the first failure with
 # the step's name; prints a summary and the benchmark table last.
 # Logs and artifacts go to target/gpu-check/ (and are copied to $OUT when it is set).
+# On a machine without network or Rust (the lent GPU machines): build the release
+# binaries elsewhere and bring target/release/moac and target/release/moac-gpu-bench;
+# NVRTC then comes from the CUDA toolkit there.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -57,10 +60,27 @@ step() {
 
 nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv,noheader
 
-step "setup-nvrtc" bash scripts/setup-nvrtc.sh
-step "cargo build --release" cargo build --release
+# NVRTC: the project's venv where pip can reach PyPI; a CUDA toolkit's own NVRTC
+# (CUDA_HOME or /usr/local/cuda, which moac also searches) on a machine without network.
+cuda_root="${CUDA_HOME:-/usr/local/cuda}"
+if [ -e "$root/.venv/.moac-nvrtc-13.0" ] || [ ! -e "$cuda_root/lib64/libnvrtc.so.13" ]; then
+  step "setup-nvrtc" bash scripts/setup-nvrtc.sh
+else
+  echo "=== NVRTC from $cuda_root (no venv setup)"
+fi
 moac="$root/target/release/moac"
 bench="$root/target/release/moac-gpu-bench"
+# Build where cargo exists; a GPU machine without Rust runs release binaries built
+# elsewhere (x86-64 Linux) and carried into target/release/.
+if command -v cargo >/dev/null 2>&1; then
+  step "cargo build --release" cargo build --release
+elif [ -x "$moac" ] && [ -x "$bench" ]; then
+  echo "=== no cargo here: using the prebuilt $moac and $bench"
+else
+  echo "gpu-check: no cargo on this machine and no prebuilt target/release/moac and moac-gpu-bench;"
+  echo "  build them with 'cargo build --release' on a machine with Rust and carry both files"
+  exit 1
+fi
 
 plans=()
 for d in examples/plans/*/; do
