@@ -649,7 +649,7 @@ fn tune(a: TuneArgs) -> Result<()> {
         let Some(o) = o else {
             let what = match backend {
                 VerifyBackend::Emu => "building the emu modules (g++), then checking",
-                VerifyBackend::Cuda => "checking and timing",
+                VerifyBackend::Cuda => "compiling them (NVRTC), then checking and timing",
             };
             bar.suspend(|| println!("{total} candidates: {what}"));
             return;

@@ -188,9 +188,10 @@ fn jobs(plan: &ValidPlan, opts: &TuneOptions) -> Result<Vec<Job>> {
     Ok(out)
 }
 
-/// Builds every emu module the sweep will load, `jobs` at a time (each is one g++ run;
-/// the sweep then finds them in the cache).
-fn prebuild_emu(plan: &ValidPlan, opts: &TuneOptions, jobs: &[Job]) -> Result<()> {
+/// Builds every module the sweep will load, `opts.jobs` at a time, into the caches the
+/// sweep then finds them in: emu modules (one g++ run each) or, for `arch`, CUBINs (one
+/// NVRTC compile each, into the compile cache).
+fn prebuild(plan: &ValidPlan, opts: &TuneOptions, jobs: &[Job], arch: Option<&str>) -> Result<()> {
     // Unit names are hashes of the kernels they hold: one build per name.
     let mut units: BTreeMap<String, String> = BTreeMap::new();
     for j in jobs {
@@ -221,7 +222,11 @@ fn prebuild_emu(plan: &ValidPlan, opts: &TuneOptions, jobs: &[Job]) -> Result<()
                 let Some((entry, src)) = units.get(i) else {
                     break;
                 };
-                if let Err(e) = EmuModule::build(src, &[entry.as_str()], &opts.emu) {
+                let built = match arch {
+                    Some(arch) => crate::cuda_layer::nvrtc_cubin(entry, src, arch).map(|_| ()),
+                    None => EmuModule::build(src, &[entry.as_str()], &opts.emu).map(|_| ()),
+                };
+                if let Err(e) = built {
                     let mut g = first_err.lock().unwrap_or_else(|e| e.into_inner());
                     g.get_or_insert(e);
                 }
@@ -277,9 +282,7 @@ pub fn tune(
     let jobs = jobs(plan, opts)?;
     let total: usize = jobs.iter().map(|j| j.candidates.len()).sum();
     progress(0, total, None);
-    if opts.backend == VerifyBackend::Emu {
-        prebuild_emu(plan, opts, &jobs)?;
-    }
+    prebuild(plan, opts, &jobs, dev.as_ref().map(|d| d.arch.as_str()))?;
     let default_of = |kind: KernelKind| LaunchConfig::default_for(kind, plan.model().head_dim);
     let measured_at = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
