@@ -391,6 +391,20 @@ fn every_kernel_compiles_for_sm80_and_sm90_in_both_dtypes_and_head_dims() {
             check_artifact(&out, &["sm_80", "sm_90"]);
         }
     }
+    // A build specialized to one N whose units hold two kernels each (constant tables).
+    let out = tmp.path().join("fixed");
+    let opts = CompileOptions {
+        fixed: Some((4000, 96)),
+        ..options(&tmp.path().join("cache"))
+    };
+    compile(&small_plan(), &opts, &out).unwrap();
+    let m = check_artifact(&out, &["sm_80", "sm_90"]);
+    assert_eq!(m["fixed_n"], 4096);
+    assert!(m["kernels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|k| k["slot"] == 1));
 }
 
 #[test]

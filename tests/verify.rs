@@ -251,3 +251,45 @@ fn an_artifact_folder_verifies_from_its_own_sources() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("SHA-256"), "{}", stderr(&o));
 }
+
+#[test]
+fn a_build_specialized_to_one_n_verifies_with_two_kernels_per_unit() {
+    // Layers 1 and 2 of the fixture have different rules: every unit holds two kernels,
+    // whose capacities and offsets are constant tables indexed by the slot.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("art");
+    let plan = root().join("tests/fixtures/small_gqa.moac.json");
+    let o = Command::new(env!("CARGO_BIN_EXE_moac"))
+        .args([
+            "compile",
+            plan.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--emit",
+            "cuda",
+            "--layers",
+            "1,2",
+            "--prompt-len",
+            "150",
+            "--max-new-tokens",
+            "64",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = verify(
+        &out,
+        None,
+        &[
+            "--prompt-lens",
+            "150,40,97",
+            "--max-new-tokens",
+            "64",
+            "--steps",
+            "60",
+        ],
+    );
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{text}\n{}", stderr(&o));
+    assert!(text.contains("12 passed, 0 failed"), "{text}");
+}

@@ -2,7 +2,7 @@
 //! `templates/` only lay out code. Templates are compiled into the binary.
 
 use crate::error::{Error, Result};
-use crate::geometry::{capacity, Dtype};
+use crate::geometry::{Dtype, LayerGeometry};
 use crate::ir::KernelSpec;
 use crate::plan::Settings;
 use sha2::Digest;
@@ -91,30 +91,31 @@ fn scalar(dtype: Dtype) -> &'static str {
 }
 
 /// The baked rules of one kernel, a row of its unit's tables: (alpha, beta) of every
-/// query head as C double literals, or, in a build specialized to one N, every query
-/// head's capacity (the KV capacities, offsets and totals follow from them in the
-/// template, as in the runtime geometry).
+/// query head as C double literals, or, in a build specialized to one N, the layer's
+/// geometry itself (from [`LayerGeometry::of`], the one place it is computed): every KV
+/// head's capacity and offset, the slot total, and every query head's ring length.
 fn rules_row(spec: &KernelSpec) -> serde_json::Value {
-    let q_caps: Vec<u64> = match spec.fixed_n {
-        Some(n) => {
-            let settings = Settings {
-                sink: spec.sink,
-                min_capacity: spec.min_capacity,
-                granularity: spec.granularity,
-                max_new_tokens: 0,
-            };
-            spec.heads
-                .iter()
-                .map(|&r| capacity(r, n, &settings))
-                .collect()
-        }
-        None => Vec::new(),
-    };
+    let fixed = spec.fixed_n.map(|n| {
+        let settings = Settings {
+            sink: spec.sink,
+            min_capacity: spec.min_capacity,
+            granularity: spec.granularity,
+            max_new_tokens: 0,
+        };
+        LayerGeometry::of(&spec.heads, n, &settings, spec.group_size())
+    });
+    let empty = Vec::new();
     serde_json::json!({
         "name": spec.name,
         "alphas": spec.heads.iter().map(|r| c_double(r.alpha)).collect::<Vec<_>>(),
         "betas": spec.heads.iter().map(|r| c_double(r.beta)).collect::<Vec<_>>(),
-        "q_caps": q_caps,
+        "kv_caps": fixed.as_ref().map(|g| &g.kv_capacity).unwrap_or(&empty),
+        "kv_offs": fixed.as_ref().map(|g| &g.kv_offset).unwrap_or(&empty),
+        "total": fixed.as_ref().map(|g| g.total_slots).unwrap_or(0),
+        "local_q": fixed
+            .as_ref()
+            .map(|g| g.query_capacity.iter().map(|&c| c - spec.sink).collect::<Vec<_>>())
+            .unwrap_or_default(),
     })
 }
 

@@ -72,6 +72,28 @@ pub struct LayerGeometry {
 
 impl LayerGeometry {
     /// Ring length of a query head (its window minus the sink).
+    /// One layer's capacities and offsets at N = `n` for its query heads' `rules`, with
+    /// `group` query heads per KV head: each KV head holds the largest window of its group.
+    pub fn of(rules: &[HeadRule], n: u64, settings: &Settings, group: usize) -> LayerGeometry {
+        let query_capacity: Vec<u64> = rules.iter().map(|&r| capacity(r, n, settings)).collect();
+        let kv_capacity: Vec<u64> = query_capacity
+            .chunks(group.max(1))
+            .map(|grp| grp.iter().copied().max().unwrap_or(settings.min_capacity))
+            .collect();
+        let mut kv_offset = Vec::with_capacity(kv_capacity.len());
+        let mut total_slots = 0;
+        for &c in &kv_capacity {
+            kv_offset.push(total_slots);
+            total_slots += c;
+        }
+        LayerGeometry {
+            query_capacity,
+            kv_capacity,
+            kv_offset,
+            total_slots,
+        }
+    }
+
     pub fn query_local(&self, head: usize, sink: u64) -> u64 {
         self.query_capacity[head] - sink
     }
@@ -111,26 +133,7 @@ impl CacheGeometry {
         let g = plan.model().group_size();
         let layers = plan
             .layers()
-            .map(|rules| {
-                let query_capacity: Vec<u64> =
-                    rules.iter().map(|&r| capacity(r, n, settings)).collect();
-                let kv_capacity: Vec<u64> = query_capacity
-                    .chunks(g)
-                    .map(|grp| grp.iter().copied().max().unwrap_or(settings.min_capacity))
-                    .collect();
-                let mut kv_offset = Vec::with_capacity(kv_capacity.len());
-                let mut total_slots = 0;
-                for &c in &kv_capacity {
-                    kv_offset.push(total_slots);
-                    total_slots += c;
-                }
-                LayerGeometry {
-                    query_capacity,
-                    kv_capacity,
-                    kv_offset,
-                    total_slots,
-                }
-            })
+            .map(|rules| LayerGeometry::of(rules, n, settings, g))
             .collect();
         Ok(CacheGeometry {
             prompt_len,
