@@ -86,6 +86,29 @@ impl Cache {
         }
     }
 
+    /// A cached text (generated and formatted Rust, say) stored under `key`, or `None`
+    /// when absent or corrupt. Stored as `text/<key>.txt` whose first line is the
+    /// SHA-256 of the rest; a mismatch is removed and treated as absent.
+    pub fn get_text(&self, key: &str) -> Option<String> {
+        let p = self.root.join("text").join(format!("{key}.txt"));
+        let all = std::fs::read_to_string(&p).ok()?;
+        let (head, body) = all.split_once('\n')?;
+        if head == sha(body.as_bytes()) {
+            Some(body.to_string())
+        } else {
+            let _ = std::fs::remove_file(&p);
+            None
+        }
+    }
+
+    /// Stores a text under `key` (atomically).
+    pub fn put_text(&self, key: &str, text: &str) -> Result<()> {
+        let dir = self.root.join("text");
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let all = format!("{}\n{text}", sha(text.as_bytes()));
+        crate::fsutil::write_atomic(&dir.join(format!("{key}.txt")), all.as_bytes())
+    }
+
     /// Stores a result; never fails the compile (a cache that cannot be written is
     /// skipped with the reason returned for the caller to report).
     pub fn put(&self, key: &str, c: &Compiled) -> Result<()> {
@@ -212,5 +235,23 @@ mod tests {
             }
         });
         assert!(cache.get(&k).is_some());
+    }
+
+    #[test]
+    fn texts_round_trip_and_corrupt_ones_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::new(dir.path());
+        assert_eq!(cache.get_text("k"), None, "absent");
+        cache.put_text("k", "fn main() {}\nline two\n").unwrap();
+        assert_eq!(
+            cache.get_text("k").as_deref(),
+            Some("fn main() {}\nline two\n")
+        );
+        let p = dir.path().join("text/k.txt");
+        let mut t = std::fs::read_to_string(&p).unwrap();
+        t.push_str("// edited\n");
+        std::fs::write(&p, t).unwrap();
+        assert_eq!(cache.get_text("k"), None, "a corrupt text is a miss");
+        assert!(!p.exists(), "and is removed");
     }
 }

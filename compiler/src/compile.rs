@@ -566,7 +566,7 @@ pub fn compile(plan: &ValidPlan, opts: &CompileOptions, out: &Path) -> Result<Co
     plan_json.push('\n');
     write(dir, "plan.moac.json", plan_json.as_bytes())?;
     write(dir, "resources.txt", resources.as_bytes())?;
-    let bindings = crate::bindings::generate(plan, &lowered, &manifest)?;
+    let bindings = crate::bindings::generate(plan, &lowered, &manifest, opts.cache.as_ref())?;
     write(dir, "bindings.rs", bindings.as_bytes())?;
     let mut manifest_json =
         serde_json::to_string_pretty(&manifest).map_err(|e| Error::Internal(e.to_string()))?;
