@@ -461,22 +461,8 @@ pub fn lower(plan: &ValidPlan, opts: &LowerOptions) -> Result<Lowered> {
         None => None,
     };
     let fixed_n = geometry.as_ref().map(|g| g.n);
-    // The heuristic's typical KV-head capacity: the median over layers of each layer's
-    // largest, at the build's N (or a 4096-token prompt plus the plan's M).
     let kv_slots = match opts.device {
-        Some(_) => {
-            let g = match &geometry {
-                Some(g) => g.clone(),
-                None => CacheGeometry::new(plan, 4096, s.max_new_tokens)?,
-            };
-            let mut caps: Vec<u64> = g
-                .layers
-                .iter()
-                .map(|l| l.kv_capacity.iter().copied().max().unwrap_or(0))
-                .collect();
-            caps.sort_unstable();
-            caps.get(caps.len() / 2).copied().unwrap_or(0)
-        }
+        Some(_) => typical_kv_slots(plan, geometry.as_ref())?,
         None => 0,
     };
     let launch = |spec: &KernelSpec| -> (LaunchConfig, LaunchSource) {
@@ -553,6 +539,23 @@ pub fn lower(plan: &ValidPlan, opts: &LowerOptions) -> Result<Lowered> {
         layers: layer_kernels,
         geometry,
     })
+}
+
+/// The launch heuristic's typical KV-head capacity of a plan: the median over layers of
+/// each layer's largest, at the build's N (`fixed`), else at a 4096-token prompt plus the
+/// plan's M.
+pub fn typical_kv_slots(plan: &ValidPlan, fixed: Option<&CacheGeometry>) -> Result<u64> {
+    let g = match fixed {
+        Some(g) => g.clone(),
+        None => CacheGeometry::new(plan, 4096, plan.settings().max_new_tokens)?,
+    };
+    let mut caps: Vec<u64> = g
+        .layers
+        .iter()
+        .map(|l| l.kv_capacity.iter().copied().max().unwrap_or(0))
+        .collect();
+    caps.sort_unstable();
+    Ok(caps.get(caps.len() / 2).copied().unwrap_or(0))
 }
 
 /// Element type behind a pointer parameter.

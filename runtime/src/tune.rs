@@ -98,7 +98,8 @@ pub struct Outcome {
     /// The kernel's tuning identity (its database key).
     pub kernel: String,
     pub launch: LaunchConfig,
-    /// The default heuristic's configuration (the baseline).
+    /// The configuration `moac compile` picks for this GPU without a database (the
+    /// baseline; the arch-independent default on emu).
     pub is_default: bool,
     /// The planted wrong candidate (test-only).
     pub planted: bool,
@@ -158,8 +159,13 @@ fn kernel_of(low: &moac::ir::Lowered, kind: KernelKind) -> Result<&moac::ir::Ker
         .ok_or_else(|| Error::Backend(format!("tune: kernel {name} is not lowered")))
 }
 
-/// The distinct kernels to tune and their candidates.
-fn jobs(plan: &ValidPlan, opts: &TuneOptions) -> Result<Vec<Job>> {
+/// The distinct kernels to tune and their candidates; `heuristic(kind)` (the baseline)
+/// is always among them.
+fn jobs(
+    plan: &ValidPlan,
+    opts: &TuneOptions,
+    heuristic: &dyn Fn(KernelKind) -> LaunchConfig,
+) -> Result<Vec<Job>> {
     let d = plan.model().head_dim;
     let mut out: Vec<Job> = Vec::new();
     for &layer in &opts.layers {
@@ -174,6 +180,10 @@ fn jobs(plan: &ValidPlan, opts: &TuneOptions) -> Result<Vec<Job>> {
             }
             let mut cands: Vec<(LaunchConfig, Option<PlantedBug>)> =
                 candidates(kind, d).into_iter().map(|c| (c, None)).collect();
+            let h = heuristic(kind);
+            if !cands.contains(&(h, None)) {
+                cands.insert(0, (h, None));
+            }
             if opts.plant_bad_candidate && kind == KernelKind::Decode {
                 cands.push((PLANTED_LAUNCH, Some(PlantedBug::DecodeWindowOffByOne)));
             }
@@ -279,11 +289,27 @@ pub fn tune(
         VerifyBackend::Emu => None,
     };
     let env = environment(dev.as_ref())?;
-    let jobs = jobs(plan, opts)?;
+    // The baseline: what `moac compile` picks for this GPU without a database (for the
+    // arch-independent defaults on emu).
+    let device = match &dev {
+        Some(_) => Some(moac::ir::DeviceProps {
+            sm_count: env.sm_count,
+            static_shared_per_block: 48 * 1024,
+        }),
+        None => None,
+    };
+    let kv_slots = match device {
+        Some(_) => moac::ir::typical_kv_slots(plan, None)?,
+        None => 0,
+    };
+    let m = plan.model();
+    let heuristic = |kind: KernelKind| {
+        LaunchConfig::heuristic(kind, m.head_dim, m.num_kv_heads, kv_slots, device)
+    };
+    let jobs = jobs(plan, opts, &heuristic)?;
     let total: usize = jobs.iter().map(|j| j.candidates.len()).sum();
     progress(0, total, None);
     prebuild(plan, opts, &jobs, dev.as_ref().map(|d| d.arch.as_str()))?;
-    let default_of = |kind: KernelKind| LaunchConfig::default_for(kind, plan.model().head_dim);
     let measured_at = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -299,7 +325,7 @@ pub fn tune(
                 kind: j.kind,
                 kernel: j.kernel.clone(),
                 launch,
-                is_default: launch == default_of(j.kind) && bug.is_none(),
+                is_default: launch == heuristic(j.kind) && bug.is_none(),
                 planted: bug.is_some(),
                 correct: false,
                 median_us: None,
