@@ -663,12 +663,35 @@ impl CudaLayer {
     ) -> Result<CudaSlice<u16>> {
         let s = &self.shape;
         let b = lens.host.len();
-        self.check_prompt_bufs(q.len(), k.len(), v.len(), b, p)?;
-        let lens = &lens.dev;
         let mut o = self
             .dev
             .zeros::<u16>(b * p * s.num_query_heads * s.head_dim)?;
         self.dev.fill16(&mut o, nan_bits(self.dtype))?;
+        self.prefill_into(&mut o, q, k, v, lens, p, mode, scale)?;
+        Ok(o)
+    }
+
+    /// Prefill attention into an output buffer `o` [B,P,Hq,D] the caller owns (rows past
+    /// a prompt are written as zeros).
+    #[allow(clippy::too_many_arguments)]
+    pub fn prefill_into(
+        &self,
+        o: &mut CudaSlice<u16>,
+        q: &CudaSlice<u16>,
+        k: &CudaSlice<u16>,
+        v: &CudaSlice<u16>,
+        lens: &DeviceLens,
+        p: usize,
+        mode: PrefillMode,
+        scale: f32,
+    ) -> Result<()> {
+        let s = &self.shape;
+        let b = lens.host.len();
+        self.check_prompt_bufs(q.len(), k.len(), v.len(), b, p)?;
+        if o.len() < b * p * s.num_query_heads * s.head_dim {
+            return shape_err("prefill: o must hold [B,P,Hq,D]");
+        }
+        let lens = &lens.dev;
         let role = match mode {
             PrefillMode::Block64 => "prefill_block64",
             PrefillMode::Token => "prefill_token",
@@ -676,16 +699,13 @@ impl CudaLayer {
         let lc = self.launch(role)?;
         let grid = s.prefill_grid(&lc, p, b);
         let st = &self.dev.stream;
-        {
-            let (qp, _g1) = q.device_ptr(st);
-            let (kp, _g2) = k.device_ptr(st);
-            let (vp, _g3) = v.device_ptr(st);
-            let (lp, _g4) = lens.device_ptr(st);
-            let (op, _g5) = o.device_ptr_mut(st);
-            let args = s.prefill_args([qp, kp, vp, op, lp], p, scale);
-            self.run(role, grid, lc.threads, &args)?;
-        }
-        Ok(o)
+        let (qp, _g1) = q.device_ptr(st);
+        let (kp, _g2) = k.device_ptr(st);
+        let (vp, _g3) = v.device_ptr(st);
+        let (lp, _g4) = lens.device_ptr(st);
+        let (op, _g5) = o.device_ptr_mut(st);
+        let args = s.prefill_args([qp, kp, vp, op, lp], p, scale);
+        self.run(role, grid, lc.threads, &args)
     }
 
     /// Fills a host cache from a prompt (copied in, filled on the GPU, copied back).
