@@ -66,7 +66,7 @@ fn emu_sweep_then_compile_with_the_winners() {
     for e in &db.entries {
         assert_eq!(e.key.env.arch, "emu");
         let kind = kind_from_slug(e.key.kernel.rsplit_once('_').unwrap().0).unwrap();
-        let space = candidates(kind, head_dim);
+        let space = candidates(kind, head_dim, 4);
         let planted = usize::from(kind == KernelKind::Decode);
         assert_eq!(e.candidates.len(), space.len() + planted, "{kind:?}");
         for c in &e.candidates {

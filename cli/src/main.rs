@@ -635,7 +635,16 @@ fn tune(a: TuneArgs) -> Result<()> {
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let fmt_launch = |l: &moac::ir::LaunchConfig, kind: moac::ir::KernelKind| match kind {
-        moac::ir::KernelKind::Decode => format!("threads {:>3} chunk {:>4}", l.threads, l.chunk),
+        moac::ir::KernelKind::Decode => {
+            let mut t = format!("threads {:>3} chunk {:>4}", l.threads, l.chunk);
+            if l.unroll > 0 {
+                t.push_str(&format!(" unroll {}", l.unroll));
+            }
+            if l.heads_per_cta > 0 {
+                t.push_str(&format!(" heads/CTA {}", l.heads_per_cta));
+            }
+            t
+        }
         moac::ir::KernelKind::Fill => format!("threads {:>3} rows {:>3}", l.threads, l.rows),
         moac::ir::KernelKind::Prefill(_) => format!(
             "threads {:>3} block_q {:>2} block_k {:>2}",
@@ -656,7 +665,7 @@ fn tune(a: TuneArgs) -> Result<()> {
         };
         bar.suspend(|| {
             println!(
-                "layer {:>2} {:<16} {:<34} {:<5} {:>10} {:>9}{}{}",
+                "layer {:>2} {:<16} {:<38} {:<5} {:>10} {:>9}{}{}",
                 o.layer,
                 o.kind.slug(),
                 fmt_launch(&o.launch, o.kind),

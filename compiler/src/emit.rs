@@ -137,10 +137,11 @@ pub fn context(spec: &KernelSpec) -> tera::Context {
     ctx.insert("granularity", &spec.granularity);
     ctx.insert("fixed_n", &spec.fixed_n.unwrap_or(0));
     // `launch.threads` and, for templates that name their kind, `launch.<kind>.threads`.
-    // Every field is present (the serialized form leaves `unroll` out when 0).
+    // Every field is present (the serialized form leaves the optional knobs out when 0).
     let mut launch = serde_json::to_value(spec.launch).unwrap_or_default();
     if let Some(obj) = launch.as_object_mut() {
         obj.insert("unroll".into(), spec.launch.unroll.into());
+        obj.insert("heads_per_cta".into(), spec.launch.heads_per_cta.into());
         let own = serde_json::Value::Object(obj.clone());
         obj.insert(spec.kind.name().to_string(), own);
     }

@@ -130,6 +130,11 @@ pub struct LaunchConfig {
     /// keep their names.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub unroll: u32,
+    /// decode: query heads of a group each CTA runs (a divisor of the group size; the
+    /// group's other heads go to sibling CTAs that read the same keys). 0: the whole
+    /// group. Left out of the serialized form when 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub heads_per_cta: u32,
 }
 
 fn is_zero(v: &u32) -> bool {
@@ -238,6 +243,7 @@ impl LaunchConfig {
             block_q: 0,
             block_k: 0,
             unroll: 0,
+            heads_per_cta: 0,
         };
         match kind {
             KernelKind::Decode => LaunchConfig { chunk: 256, ..base },
@@ -300,6 +306,7 @@ impl KernelSpec {
             block_q: 0,
             block_k: 0,
             unroll: 0,
+            heads_per_cta: 0,
         };
         format!("{}_{}", self.kind.slug(), probe.identity_hash())
     }

@@ -92,9 +92,10 @@ pub fn bucket(x: u64) -> u64 {
     x.max(1).next_power_of_two()
 }
 
-/// The launch configurations the tuner may pick for a kernel kind; the first is the
-/// default heuristic's.
-pub fn candidates(kind: KernelKind, head_dim: usize) -> Vec<LaunchConfig> {
+/// The launch configurations the tuner may pick for a kernel kind of a model with this
+/// head_dim and group size (query heads per KV head); the first is the default
+/// heuristic's.
+pub fn candidates(kind: KernelKind, head_dim: usize, group: usize) -> Vec<LaunchConfig> {
     let base = LaunchConfig::default_for(kind, head_dim);
     let mut out = vec![base];
     let mut push = |c: LaunchConfig| {
@@ -120,6 +121,17 @@ pub fn candidates(kind: KernelKind, head_dim: usize) -> Vec<LaunchConfig> {
                         threads: 128,
                         chunk,
                         unroll,
+                        ..base
+                    });
+                }
+            }
+            // Fewer query heads per CTA (fewer registers, more CTAs reading each key).
+            for heads_per_cta in (1..group).filter(|h| group.is_multiple_of(*h)) {
+                for chunk in [256, 512] {
+                    push(LaunchConfig {
+                        threads: 128,
+                        chunk,
+                        heads_per_cta: heads_per_cta as u32,
                         ..base
                     });
                 }
@@ -465,14 +477,20 @@ mod tests {
             KernelKind::Fill,
             KernelKind::Prefill(PrefillMode::Block64),
         ] {
-            let c = candidates(kind, 128);
+            let c = candidates(kind, 128, 4);
             assert_eq!(c[0], LaunchConfig::default_for(kind, 128));
             for (i, x) in c.iter().enumerate() {
                 assert!(!c[i + 1..].contains(x), "{kind:?} repeats {x:?}");
             }
             assert_eq!(kind_from_slug(&kind.slug()), Some(kind));
         }
-        assert!(candidates(KernelKind::Decode, 128).len() >= 12);
+        assert!(candidates(KernelKind::Decode, 128, 4).len() >= 12);
+        assert!(candidates(KernelKind::Decode, 128, 4)
+            .iter()
+            .any(|c| c.heads_per_cta == 2));
+        assert!(candidates(KernelKind::Decode, 128, 1)
+            .iter()
+            .all(|c| c.heads_per_cta == 0));
     }
 
     #[test]

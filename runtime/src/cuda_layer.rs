@@ -920,7 +920,7 @@ impl CudaLayer {
             let (po, _g5) = scratch.part_o.device_ptr_mut(st);
             let (pl, _g6) = scratch.part_lse.device_ptr_mut(st);
             let args = s.decode_args([qp, kc, vc, lp, po, pl], b, nsplit, scale);
-            self.run("decode", s.decode_grid(nsplit, b), lc.threads, &args)?;
+            self.run("decode", s.decode_grid(&lc, nsplit, b), lc.threads, &args)?;
         }
         let ml = self.launch("merge")?;
         let (po, _g1) = scratch.part_o.device_ptr(st);

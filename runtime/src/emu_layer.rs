@@ -257,7 +257,7 @@ impl EmuLayer {
             nsplit,
             scale,
         );
-        self.run("decode", s.decode_grid(nsplit, b), lc.threads, &args)?;
+        self.run("decode", s.decode_grid(&lc, nsplit, b), lc.threads, &args)?;
         let mut out = vec![nan_bits(self.dtype); q.len()];
         let ml = self.launch("merge");
         let args = s.merge_args(

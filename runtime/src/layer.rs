@@ -85,9 +85,24 @@ impl LayerShape {
         (self.num_kv_heads as u32, batch as u32, 1)
     }
 
-    /// decode: `(nsplit, HKV, B)`.
-    pub fn decode_grid(&self, nsplit: usize, batch: usize) -> Grid {
-        (nsplit as u32, self.num_kv_heads as u32, batch as u32)
+    /// decode: `(nsplit, HKV * G / heads_per_cta, B)` (`heads_per_cta` 0: the group).
+    pub fn decode_grid(
+        &self,
+        launch: &moac::ir::LaunchConfig,
+        nsplit: usize,
+        batch: usize,
+    ) -> Grid {
+        let g = self.group_size();
+        let per_cta = match launch.heads_per_cta as usize {
+            0 => g,
+            h => h.min(g),
+        };
+        let ctas_per_kv_head = g / per_cta.max(1);
+        (
+            nsplit as u32,
+            (self.num_kv_heads * ctas_per_kv_head) as u32,
+            batch as u32,
+        )
     }
 
     /// merge: `(HQ, B)`.

@@ -38,6 +38,7 @@ pub const PLANTED_LAUNCH: LaunchConfig = LaunchConfig {
     block_q: 0,
     block_k: 0,
     unroll: 0,
+    heads_per_cta: 0,
 };
 
 /// What to tune and how.
@@ -179,7 +180,10 @@ fn jobs(
                 continue; // a layer with identical rules: tuned once
             }
             let mut cands: Vec<(LaunchConfig, Option<PlantedBug>)> =
-                candidates(kind, d).into_iter().map(|c| (c, None)).collect();
+                candidates(kind, d, plan.model().group_size())
+                    .into_iter()
+                    .map(|c| (c, None))
+                    .collect();
             let h = heuristic(kind);
             if !cands.contains(&(h, None)) {
                 cands.insert(0, (h, None));

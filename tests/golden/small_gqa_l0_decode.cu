@@ -162,22 +162,26 @@ struct MoacCta {
 #define MOAC_BODY __forceinline__
 
 // ---- decode: split-KV, GQA-native attention of the newest token over the cache -------
-// CTA (split, j, b) reads slots [split*CHUNK, min((split+1)*CHUNK, min(t, C_kv(j)))) of
-// KV head j once (16-byte loads, TPR lanes per key row, NRG rows in flight per step,
-// UNROLL steps per iteration) and runs all G query heads of the group on them, each
-// masked to its own window: slot s (position p) is seen by head h iff
+// CTA (split, y, b) reads slots [split*CHUNK, min((split+1)*CHUNK, min(t, C_kv(j)))) of
+// KV head j = y / NGC once (16-byte loads, TPR lanes per key row, NRG rows in flight per
+// step, UNROLL steps per iteration) and runs GC query heads of the group on them (heads
+// j*G + g0 .. + GC, g0 = (y % NGC) * GC; GC = G unless tuned lower), each masked to its
+// own window: slot s (position p) is seen by head h iff
 // p < SINK || p >= t - local_q(h). Online softmax in f32 per row group, then the row
 // groups are combined in shared memory and the split's normalized output and
 // log-sum-exp are written.
 constexpr int DEC_THREADS = 128;
 constexpr int DEC_CHUNK = 256;
+constexpr int GC = G;  // query heads per CTA
+constexpr int NGC = G / GC;  // CTAs per KV head and split
+static_assert(GC >= 1 && G % GC == 0, "decode heads_per_cta must divide the group size");
 constexpr int VPR = D / 8;  // 16-byte vectors per key row
 constexpr int TPR = VPR <= 1 ? 1 : VPR <= 2 ? 2 : VPR <= 4 ? 4 : VPR <= 8 ? 8 : VPR <= 16 ? 16 : 32;
 constexpr int NRG = DEC_THREADS / TPR;  // row groups (rows in flight per step)
-constexpr int UNROLL = G <= 2 ? 4 : 2;  // steps loaded ahead per iteration
-constexpr bool Q_PACKED = G > 4;        // keep q as packed T (exact) to save registers
-// register budget: 128 per thread up to G = 4 (several CTAs per SM), 255 beyond
-constexpr int DEC_REG_TARGET = G <= 4 ? 128 : 255;
+constexpr int UNROLL = GC <= 2 ? 4 : 2;  // steps loaded ahead per iteration
+constexpr bool Q_PACKED = GC > 4;       // keep q as packed T (exact) to save registers
+// register budget: 128 per thread up to 4 heads per CTA (several CTAs per SM), 255 beyond
+constexpr int DEC_REG_TARGET = GC <= 4 ? 128 : 255;
 constexpr int DEC_MIN_BLOCKS = 65536 / (DEC_THREADS * DEC_REG_TARGET) > 0 ? 65536 / (DEC_THREADS * DEC_REG_TARGET) : 1;
 static_assert(VPR <= 32, "decode supports head_dim <= 256");
 static_assert(DEC_THREADS % 32 == 0 && DEC_THREADS >= TPR, "decode threads: a multiple of 32");
@@ -191,11 +195,12 @@ static __device__ MOAC_BODY void moac_decode_body(const T* __restrict__ q,
                   long long n, int batch, int nsplit, float scale,
                   const MoacCta w) {
     __shared__ float4 s_o4[NRG][D / 4];  // float4: 16-byte aligned rows
-    __shared__ float s_m[NRG][G];
-    __shared__ float s_l[NRG][G];
+    __shared__ float s_m[NRG][GC];
+    __shared__ float s_l[NRG][GC];
 
     const int split = blockIdx.x;
-    const int j = blockIdx.y;
+    const int j = blockIdx.y / NGC;
+    const int g0 = (blockIdx.y % NGC) * GC;  // first query head of the group in this CTA
     const int b = blockIdx.z;
     if (j >= HKV || b >= batch || split >= nsplit) return;  // uniform over the block
 
@@ -213,16 +218,23 @@ static __device__ MOAC_BODY void moac_decode_body(const T* __restrict__ q,
     // ring index of the newest token (position t-1)
     const int rnew = (t > SINK && lkv > 0) ? (t - 1 - SINK) % lkv : 0;
 
-    int thr[G];  // head g sees ring positions p >= thr[g]
+    int thr[GC];  // head g0 + g sees ring positions p >= thr[g]
 #pragma unroll
-    for (int g = 0; g < G; ++g) thr[g] = t - w.local_q[g];
+    for (int g = 0; g < GC; ++g) {
+        int local = w.local_q[0];
+#pragma unroll
+        for (int x = 1; x < G; ++x) {  // local_q[g0 + g] with constant indices only
+            if (x == g0 + g) local = w.local_q[x];
+        }
+        thr[g] = t - local;
+    }
 
     // queries of the group, this lane's 8 dims
-    const long long qoff = ((long long)b * HQ + (long long)j * G) * D + lane * 8;
-    float qf[Q_PACKED ? 1 : G][8];
-    uint4 qp[Q_PACKED ? G : 1];
+    const long long qoff = ((long long)b * HQ + (long long)j * G + g0) * D + lane * 8;
+    float qf[Q_PACKED ? 1 : GC][8];
+    uint4 qp[Q_PACKED ? GC : 1];
 #pragma unroll
-    for (int g = 0; g < G; ++g) {
+    for (int g = 0; g < GC; ++g) {
         const uint4 u = active ? moac_ldg16(q + qoff + (long long)g * D) : moac_zero16();
         if constexpr (Q_PACKED) {
             qp[g] = u;
@@ -231,9 +243,9 @@ static __device__ MOAC_BODY void moac_decode_body(const T* __restrict__ q,
         }
     }
 
-    float m[G], l[G], o[G][8];
+    float m[GC], l[GC], o[GC][8];
 #pragma unroll
-    for (int g = 0; g < G; ++g) {
+    for (int g = 0; g < GC; ++g) {
         m[g] = -INFINITY;
         l[g] = 0.0f;
 #pragma unroll
@@ -262,9 +274,9 @@ static __device__ MOAC_BODY void moac_decode_body(const T* __restrict__ q,
             const int slot = base + u * NRG + rg;
             float kf[8];
             moac_unpack8<T>(kr[u], kf);
-            float sc[G];
+            float sc[GC];
 #pragma unroll
-            for (int g = 0; g < G; ++g) {
+            for (int g = 0; g < GC; ++g) {
                 float dot = 0.0f;
                 if constexpr (Q_PACKED) {
                     float qv[8];
@@ -287,7 +299,7 @@ static __device__ MOAC_BODY void moac_decode_body(const T* __restrict__ q,
                 float vf[8];
                 moac_unpack8<T>(vr[u], vf);
 #pragma unroll
-                for (int g = 0; g < G; ++g) {
+                for (int g = 0; g < GC; ++g) {
                     if (p < SINK || p >= thr[g]) {
                         const float mn = fmaxf(m[g], sc[g]);
                         const float corr = __expf(m[g] - mn);
@@ -305,15 +317,15 @@ static __device__ MOAC_BODY void moac_decode_body(const T* __restrict__ q,
     // ---- combine the NRG row groups ----
     if (lane == 0) {
 #pragma unroll
-        for (int g = 0; g < G; ++g) {
+        for (int g = 0; g < GC; ++g) {
             s_m[rg][g] = m[g];
             s_l[rg][g] = l[g];
         }
     }
     __syncthreads();
-    const long long pbase = ((long long)b * HQ + (long long)j * G) * nsplit + split;
+    const long long pbase = ((long long)b * HQ + (long long)j * G + g0) * nsplit + split;
 #pragma unroll
-    for (int g = 0; g < G; ++g) {
+    for (int g = 0; g < GC; ++g) {
         float mx = -INFINITY;
         for (int r = 0; r < NRG; ++r) mx = fmaxf(mx, s_m[r][g]);
         const float mref = (mx == -INFINITY) ? 0.0f : mx;
@@ -405,6 +417,6 @@ moac_decode_unit_caed50248ba4e743(int slot,
                   float* __restrict__ part_lse,
                   long long n, int batch, int nsplit, float scale) {
     MoacCta w;
-    if (!moac_select(slot, blockIdx.y < HKV ? (int)blockIdx.y : 0, n, w)) return;  // uniform over the grid
+    if (!moac_select(slot, blockIdx.y < HKV * NGC ? (int)blockIdx.y / NGC : 0, n, w)) return;  // uniform over the grid
     moac_decode_body(q, k_cache, v_cache, seq_lens, part_o, part_lse, n, batch, nsplit, scale, w);
 }
