@@ -168,22 +168,24 @@ impl CudaDevice {
         &self.ctx
     }
 
-    /// Streaming multiprocessors.
-    pub fn sm_count(&self) -> Result<u32> {
+    fn attribute(&self, a: sys::CUdevice_attribute, what: &str) -> Result<u64> {
         let v = self
             .ctx
-            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .map_err(drv("cannot read the SM count"))?;
-        Ok(v.max(0) as u32)
+            .attribute(a)
+            .map_err(drv(format_args!("cannot read the {what}")))?;
+        Ok(v.max(0) as u64)
+    }
+
+    /// Streaming multiprocessors.
+    pub fn sm_count(&self) -> Result<u32> {
+        use sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT as SMS;
+        Ok(self.attribute(SMS, "SM count")? as u32)
     }
 
     /// L2 cache size in bytes.
     pub fn l2_bytes(&self) -> Result<u64> {
-        let v = self
-            .ctx
-            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
-            .map_err(drv("cannot read the L2 size"))?;
-        Ok(v.max(0) as u64)
+        use sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE as L2;
+        self.attribute(L2, "L2 size")
     }
 
     /// The driver's CUDA version, `13.0` for 13000.
