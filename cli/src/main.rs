@@ -350,10 +350,7 @@ fn run(cli: Cli) -> Result<()> {
                     }
                     None => None,
                 },
-                device: a.sm_count.map(|sm_count| moac::ir::DeviceProps {
-                    sm_count,
-                    static_shared_per_block: 48 * 1024,
-                }),
+                device: a.sm_count.map(moac::ir::DeviceProps::with_sm_count),
             };
             let report = compile::compile(&plan, &opts, &a.output)?;
             for n in &report.tuning_notes {

@@ -151,6 +151,15 @@ pub struct DeviceProps {
 }
 
 impl DeviceProps {
+    /// A GPU with `sm_count` SMs and the 48 KiB of static shared memory per block every
+    /// arch moac targets has.
+    pub fn with_sm_count(sm_count: u32) -> DeviceProps {
+        DeviceProps {
+            sm_count,
+            static_shared_per_block: 48 * 1024,
+        }
+    }
+
     /// The figures of an arch's data-center part, for compiling without the GPU at hand:
     /// sm_80 A100 (108 SMs), sm_86 A10 (72), sm_89 L40S (142), sm_90 H100/H200 (132),
     /// sm_100 B200 (148), sm_120 RTX PRO 6000 (188). `None` for an arch not listed.
@@ -164,10 +173,7 @@ impl DeviceProps {
             "sm_120" | "sm_120a" => 188,
             _ => return None,
         };
-        Some(DeviceProps {
-            sm_count,
-            static_shared_per_block: 48 * 1024,
-        })
+        Some(DeviceProps::with_sm_count(sm_count))
     }
 }
 

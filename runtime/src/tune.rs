@@ -295,13 +295,9 @@ pub fn tune(
     let env = environment(dev.as_ref())?;
     // The baseline: what `moac compile` picks for this GPU without a database (for the
     // arch-independent defaults on emu).
-    let device = match &dev {
-        Some(_) => Some(moac::ir::DeviceProps {
-            sm_count: env.sm_count,
-            static_shared_per_block: 48 * 1024,
-        }),
-        None => None,
-    };
+    let device = dev
+        .as_ref()
+        .map(|_| moac::ir::DeviceProps::with_sm_count(env.sm_count));
     let kv_slots = match device {
         Some(_) => moac::ir::typical_kv_slots(plan, None)?,
         None => 0,
