@@ -23,6 +23,36 @@ fn verify(
         .unwrap()
 }
 
+/// Compiles layers 1 and 2 of the small GQA fixture (`--emit cuda`, no NVRTC needed) with
+/// `extra` options into `out`, then verifies that artifact on emu with `verify_args`.
+fn compile_fixture_and_verify(
+    out: &std::path::Path,
+    extra: &[&str],
+    verify_args: &[&str],
+) -> (String, std::process::Output) {
+    let plan = root().join("tests/fixtures/small_gqa.moac.json");
+    let mut args = vec![
+        "compile",
+        plan.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--emit",
+        "cuda",
+        "--layers",
+        "1,2",
+    ];
+    args.extend_from_slice(extra);
+    let o = Command::new(env!("CARGO_BIN_EXE_moac"))
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = verify(out, None, verify_args);
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{text}\n{}", stderr(&o));
+    (text, o)
+}
+
 fn check_plan(name: &str, dtype: &str) {
     let plans = example_plans();
     let (plan, config) = plans
@@ -177,26 +207,9 @@ fn an_artifact_folder_verifies_from_its_own_sources() {
     // `moac compile --emit cuda` needs no NVRTC; verify then runs the artifact's sources.
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("art");
-    let plan = root().join("tests/fixtures/small_gqa.moac.json");
-    let o = Command::new(env!("CARGO_BIN_EXE_moac"))
-        .args([
-            "compile",
-            plan.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-            "--emit",
-            "cuda",
-            "--layers",
-            "1,2",
-            "--dtype",
-            "bf16",
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
-    let o = verify(
+    let (text, _) = compile_fixture_and_verify(
         &out,
-        None,
+        &["--dtype", "bf16"],
         &[
             "--prompt-lens",
             "150,40",
@@ -206,8 +219,6 @@ fn an_artifact_folder_verifies_from_its_own_sources() {
             "30",
         ],
     );
-    let text = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "{text}\n{}", stderr(&o));
     assert!(
         text.contains("(bf16)") && text.contains("12 passed, 0 failed"),
         "{text}"
@@ -258,28 +269,9 @@ fn a_build_specialized_to_one_n_verifies_with_two_kernels_per_unit() {
     // whose capacities and offsets are constant tables indexed by the slot.
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("art");
-    let plan = root().join("tests/fixtures/small_gqa.moac.json");
-    let o = Command::new(env!("CARGO_BIN_EXE_moac"))
-        .args([
-            "compile",
-            plan.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-            "--emit",
-            "cuda",
-            "--layers",
-            "1,2",
-            "--prompt-len",
-            "150",
-            "--max-new-tokens",
-            "64",
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
-    let o = verify(
+    let (text, _) = compile_fixture_and_verify(
         &out,
-        None,
+        &["--prompt-len", "150", "--max-new-tokens", "64"],
         &[
             "--prompt-lens",
             "150,40,97",
@@ -289,7 +281,5 @@ fn a_build_specialized_to_one_n_verifies_with_two_kernels_per_unit() {
             "60",
         ],
     );
-    let text = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "{text}\n{}", stderr(&o));
     assert!(text.contains("12 passed, 0 failed"), "{text}");
 }

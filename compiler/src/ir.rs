@@ -405,6 +405,20 @@ pub struct LayerKernels {
     pub prefill_token: String,
 }
 
+impl LayerKernels {
+    /// The name of the layer's kernel of `kind`.
+    pub fn kernel(&self, kind: KernelKind) -> &String {
+        match kind {
+            KernelKind::Decode => &self.decode,
+            KernelKind::Merge => &self.merge,
+            KernelKind::Append => &self.append,
+            KernelKind::Fill => &self.fill,
+            KernelKind::Prefill(PrefillMode::Block64) => &self.prefill_block64,
+            KernelKind::Prefill(PrefillMode::Token) => &self.prefill_token,
+        }
+    }
+}
+
 /// A lowered plan: every distinct kernel once, and which kernels each layer uses.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Lowered {

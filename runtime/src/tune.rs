@@ -146,14 +146,7 @@ fn kernel_of(low: &moac::ir::Lowered, kind: KernelKind) -> Result<&moac::ir::Ker
         .layers
         .first()
         .ok_or_else(|| Error::Shape("tune: no layer lowered".into()))?;
-    let name = match kind {
-        KernelKind::Decode => &lk.decode,
-        KernelKind::Merge => &lk.merge,
-        KernelKind::Append => &lk.append,
-        KernelKind::Fill => &lk.fill,
-        KernelKind::Prefill(PrefillMode::Block64) => &lk.prefill_block64,
-        KernelKind::Prefill(PrefillMode::Token) => &lk.prefill_token,
-    };
+    let name = lk.kernel(kind);
     low.kernels
         .iter()
         .find(|k| &k.name == name)
