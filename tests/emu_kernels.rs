@@ -25,6 +25,8 @@ pub struct Case {
     pub max_new: usize,
     pub steps: usize,
     pub fixed: bool,
+    /// Decode query heads per CTA (0: the whole group).
+    pub heads_per_cta: u32,
 }
 
 fn cdt(d: Dtype) -> DType {
@@ -67,11 +69,21 @@ fn run(case: &Case) {
     let plan = plan(hq, hkv, d, &case.rules);
     let geo = CacheGeometry::new(&plan, p_ as u64, case.max_new as u64).unwrap();
     let shape = LayerShape::new(&geo, 0);
-    let opts = LowerOptions {
+    let mut opts = LowerOptions {
         dtype,
         fixed: case.fixed.then_some((p_ as u64, case.max_new as u64)),
         ..Default::default()
     };
+    if case.heads_per_cta > 0 {
+        let base = moac::ir::LaunchConfig::default_for(moac::ir::KernelKind::Decode, d);
+        opts.launch_overrides.insert(
+            "decode".into(),
+            moac::ir::LaunchConfig {
+                heads_per_cta: case.heads_per_cta,
+                ..base
+            },
+        );
+    }
     let low = moac::ir::lower(&plan, &opts).unwrap();
     let units = moac::emit::emit_units(&low).unwrap();
     let emu = EmuLayer::new(
@@ -226,6 +238,7 @@ fn gqa4_d64_f16_ragged_wrapping() {
         max_new: 200,
         steps: 140,
         fixed: false,
+        heads_per_cta: 0,
     });
 }
 
@@ -249,6 +262,7 @@ fn gqa3_d128_bf16_t_equals_capacity() {
         max_new: 64,
         steps: 64,
         fixed: false,
+        heads_per_cta: 0,
     });
 }
 
@@ -265,6 +279,7 @@ fn mha_d128_f16_minimal_windows_fixed_n() {
         max_new: 150,
         steps: 150,
         fixed: true,
+        heads_per_cta: 0,
     });
 }
 
@@ -282,6 +297,7 @@ fn gqa4_d128_bf16_long_window_many_splits() {
         max_new: 40,
         steps: 8,
         fixed: false,
+        heads_per_cta: 0,
     });
 }
 
@@ -401,4 +417,29 @@ fn unit_entry_runs_the_kernel_its_slot_names() {
             }
         }
     }
+}
+
+/// A group of 3 split over 3 CTAs (one query head each), the heads' windows differing.
+#[test]
+fn gqa3_one_head_per_cta() {
+    run(&Case {
+        name: "emu_gqa3_one_head_per_cta",
+        hq: 6,
+        hkv: 2,
+        d: 64,
+        dtype: Dtype::F16,
+        rules: vec![
+            (0.0, 0.25),
+            (1024.0, 0.0),
+            (0.0, 0.75),
+            (64.0, 0.125),
+            (0.0, 0.5),
+            (0.0, 1.0),
+        ],
+        prompt_lens: vec![300, 77, 9],
+        max_new: 96,
+        steps: 90,
+        fixed: false,
+        heads_per_cta: 1,
+    });
 }
