@@ -6,9 +6,8 @@
 //! cargo run -p moac-runtime --example tiny_llama -- --backend emu --steps 300
 
 use candle_core::{DType, Device, IndexOp, Tensor, D};
-use moac::ir::PrefillMode;
 use moac::plan::{ModelShape, Settings};
-use moac_runtime::{Artifact, Backend, Runtime};
+use moac_runtime::{Artifact, Backend, DecodeOptions, PrefillMode, PrefillOptions, Runtime};
 use std::time::Instant;
 
 const VOCAB: usize = 512;
@@ -122,7 +121,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut cache = rt.allocate_cache(1, prompt_len, steps)?;
     println!(
         "tiny Llama: {LAYERS} layers, {HQ} query / {HKV} KV heads of {HEAD_DIM}, backend {backend:?}, N = {}",
-        cache.geometry.n
+        cache.geometry().n
     );
     // Prompt: pseudo-random tokens.
     let mut tokens: Vec<u32> = (0..prompt_len)
@@ -150,13 +149,13 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                     &q.unsqueeze(0)?,
                     &k.unsqueeze(0)?,
                     &v.unsqueeze(0)?,
-                    &[t],
-                    PrefillMode::Block64,
-                    None,
+                    &PrefillOptions::default()
+                        .prompt_lens([t])
+                        .mode(PrefillMode::Block64),
                 )?
                 .i(0)?
             } else {
-                rt.decode_step(cache, l, &q, &k, &v, None)?
+                rt.decode_step(cache, l, &q, &k, &v, &DecodeOptions::default())?
             };
             let attn = attn.to_dtype(DType::F32)?.reshape((t, HQ * HEAD_DIM))?;
             x = (x + attn.matmul(&lw.wo)?)?;
@@ -195,7 +194,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         cache.bytes(),
         cache.dense_bytes(),
         cache.bytes() as f64 / cache.dense_bytes() as f64,
-        cache.geometry.n
+        cache.geometry().n
     );
     println!(
         "last tokens: {:?}",

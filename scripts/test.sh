@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one command that runs every test: installs what the tests need (NVRTC into a
-# project-local venv), then format, lint, the emulation header's own tests and the
-# whole Rust test suite (which compiles every kernel with NVRTC and runs them on emu).
+# project-local venv), then format, lint and the whole Rust test suite (which compiles
+# every kernel with NVRTC, runs them on emu, and runs the emulation header's own tests).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -12,7 +12,6 @@ export MOAC_REQUIRE_NVRTC=1
 export MOAC_CACHE_DIR="${MOAC_CACHE_DIR:-$root/target/moac-cache}"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
-bash runtime/emu/tests/run.sh
 cargo test --workspace
 # The example model runs end to end on the cpu and emu backends (a short run).
 cargo run -q -p moac-runtime --example tiny_llama -- --backend cpu --prompt-len 512 --steps 40

@@ -2,8 +2,8 @@
 //! cached), with the time of every NVRTC compile. Run with
 //! `cargo bench -p moac --bench compile` (after scripts/setup-nvrtc.sh).
 
-use moac::cache::Cache;
-use moac::compile::{compile, CompileOptions, EmitKind};
+use moac::jit::cache::Cache;
+use moac::{compile, CompileOptions, EmitKind};
 use std::path::Path;
 
 fn main() {
@@ -19,7 +19,7 @@ fn main() {
             std::process::exit(1);
         }
     };
-    if let Err(e) = moac::nvrtc::load() {
+    if let Err(e) = moac::jit::nvrtc::load() {
         eprintln!("skipping the compile benchmark: {e}");
         return;
     }
@@ -57,10 +57,10 @@ fn main() {
         "unit                                          arch    kernels  cold ms  ms per kernel"
     );
     for t in &cold.timings {
-        let n = per_unit(&t.kernel);
+        let n = per_unit(&t.unit);
         println!(
             "{:<45} {:<6} {:>8} {:>8.1} {:>14.1}",
-            t.kernel,
+            t.unit,
             t.arch,
             n,
             t.seconds * 1e3,

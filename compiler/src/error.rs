@@ -48,6 +48,10 @@ pub enum Error {
     },
     #[error("{path}: {message}")]
     Config { path: PathBuf, message: String },
+    /// An artifact folder that is not what `moac compile` writes (another format or
+    /// version, a missing file, edited contents).
+    #[error("{path}: {message}")]
+    Artifact { path: PathBuf, message: String },
     #[error("{0}")]
     Usage(String),
     #[error("{0}")]
@@ -56,13 +60,19 @@ pub enum Error {
     Template { name: String, message: String },
     #[error("{0}")]
     NvrtcMissing(String),
-    #[error("NVRTC failed to compile {kernel} for {arch} (options: {options}):\n{log}")]
-    Nvrtc {
-        kernel: String,
+    /// A toolchain (NVRTC, ptxas through NVRTC, g++ for emu) refused a unit: the log
+    /// is the tool's own, whole.
+    #[error("{tool} failed to compile {unit} for {arch} (options: {options}):\n{log}")]
+    Toolchain {
+        tool: &'static str,
+        unit: String,
         arch: String,
         options: String,
         log: String,
     },
+    /// A launch's arguments do not match the kernel ABI (`abi::params`).
+    #[error("{kernel}: {message}")]
+    Abi { kernel: String, message: String },
     #[error("{0}")]
     Internal(String),
 }

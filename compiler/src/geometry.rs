@@ -13,16 +13,26 @@ use crate::plan::{HeadRule, Settings, ValidPlan};
 pub const MAX_N: u64 = i32::MAX as u64;
 
 /// Element type of the K/V cache and activations.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, clap::ValueEnum,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Dtype {
     F16,
     Bf16,
 }
 
+impl std::str::FromStr for Dtype {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> crate::Result<Self> {
+        Dtype::ALL
+            .into_iter()
+            .find(|d| d.name() == s)
+            .ok_or_else(|| crate::Error::Usage(format!("unknown dtype {s:?} (f16 or bf16)")))
+    }
+}
+
 impl Dtype {
+    pub const ALL: [Dtype; 2] = [Dtype::F16, Dtype::Bf16];
+
     pub fn size_bytes(self) -> u64 {
         2
     }

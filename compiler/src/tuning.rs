@@ -9,7 +9,7 @@
 
 use crate::error::{Error, Result};
 use crate::geometry::Dtype;
-use crate::ir::{KernelKind, LaunchConfig, PrefillMode};
+use crate::ir::LaunchConfig;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -90,84 +90,6 @@ impl Default for TuningDb {
 /// The bucket of a size: the next power of two (1 for 0).
 pub fn bucket(x: u64) -> u64 {
     x.max(1).next_power_of_two()
-}
-
-/// The launch configurations the tuner may pick for a kernel kind of a model with this
-/// head_dim and group size (query heads per KV head); the first is the default
-/// heuristic's.
-pub fn candidates(kind: KernelKind, head_dim: usize, group: usize) -> Vec<LaunchConfig> {
-    let base = LaunchConfig::default_for(kind, head_dim);
-    let mut out = vec![base];
-    let mut push = |c: LaunchConfig| {
-        if !out.contains(&c) {
-            out.push(c);
-        }
-    };
-    match kind {
-        KernelKind::Decode => {
-            for threads in [64, 128, 256] {
-                for chunk in [128, 256, 512, 1024] {
-                    push(LaunchConfig {
-                        threads,
-                        chunk,
-                        ..base
-                    });
-                }
-            }
-            // Loads in flight: explicit unroll depths at the default thread count.
-            for unroll in [1, 2, 4] {
-                for chunk in [256, 512] {
-                    push(LaunchConfig {
-                        threads: 128,
-                        chunk,
-                        unroll,
-                        ..base
-                    });
-                }
-            }
-            // Fewer query heads per CTA (fewer registers, more CTAs reading each key).
-            for heads_per_cta in (1..group).filter(|h| group.is_multiple_of(*h)) {
-                for chunk in [256, 512] {
-                    push(LaunchConfig {
-                        threads: 128,
-                        chunk,
-                        heads_per_cta: heads_per_cta as u32,
-                        ..base
-                    });
-                }
-            }
-        }
-        KernelKind::Fill => {
-            for threads in [64, 128, 256] {
-                for rows in [32, 64, 128] {
-                    push(LaunchConfig {
-                        threads,
-                        rows,
-                        ..base
-                    });
-                }
-            }
-        }
-        KernelKind::Append => {
-            for threads in [32, 64] {
-                push(LaunchConfig { threads, ..base });
-            }
-        }
-        KernelKind::Prefill(_) => {
-            for threads in [128, 256] {
-                for (block_q, block_k) in [(64, 64), (64, 32), (32, 64), (32, 32)] {
-                    push(LaunchConfig {
-                        threads,
-                        block_q,
-                        block_k,
-                        ..base
-                    });
-                }
-            }
-        }
-        KernelKind::Merge => {}
-    }
-    out
 }
 
 impl TuningDb {
@@ -310,19 +232,6 @@ impl EnvMatch {
     }
 }
 
-/// The kind a kernel slug names (`decode`, `prefill_token`, ...).
-pub fn kind_from_slug(slug: &str) -> Option<KernelKind> {
-    Some(match slug {
-        "decode" => KernelKind::Decode,
-        "merge" => KernelKind::Merge,
-        "append" => KernelKind::Append,
-        "fill" => KernelKind::Fill,
-        "prefill_block64" => KernelKind::Prefill(PrefillMode::Block64),
-        "prefill_token" => KernelKind::Prefill(PrefillMode::Token),
-        _ => return None,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -356,7 +265,7 @@ mod tests {
                 .map(|&(threads, t, ok)| Candidate {
                     launch: LaunchConfig {
                         threads,
-                        ..LaunchConfig::default_for(KernelKind::Decode, 128)
+                        ..LaunchConfig::default_for(crate::ir::KernelKind::Decode, 128)
                     },
                     correct: ok,
                     median_us: t,
@@ -466,31 +375,6 @@ mod tests {
             .is_empty());
         std::fs::write(&path, r#"{"format": "x", "version": 1, "entries": []}"#).unwrap();
         assert!(TuningDb::load(&path).is_err());
-    }
-
-    #[test]
-    fn candidate_spaces_start_with_the_default_and_have_no_repeats() {
-        for kind in [
-            KernelKind::Decode,
-            KernelKind::Merge,
-            KernelKind::Append,
-            KernelKind::Fill,
-            KernelKind::Prefill(PrefillMode::Block64),
-        ] {
-            let c = candidates(kind, 128, 4);
-            assert_eq!(c[0], LaunchConfig::default_for(kind, 128));
-            for (i, x) in c.iter().enumerate() {
-                assert!(!c[i + 1..].contains(x), "{kind:?} repeats {x:?}");
-            }
-            assert_eq!(kind_from_slug(&kind.slug()), Some(kind));
-        }
-        assert!(candidates(KernelKind::Decode, 128, 4).len() >= 12);
-        assert!(candidates(KernelKind::Decode, 128, 4)
-            .iter()
-            .any(|c| c.heads_per_cta == 2));
-        assert!(candidates(KernelKind::Decode, 128, 1)
-            .iter()
-            .all(|c| c.heads_per_cta == 0));
     }
 
     #[test]

@@ -24,19 +24,19 @@ fn main() {
         Ok(p) => p,
         Err(e) => panic!("example plan: {e}"),
     };
-    let emit = if moac::nvrtc::load().is_ok() {
-        moac::compile::EmitKind::All
+    let emit = if moac::jit::nvrtc::load().is_ok() {
+        moac::EmitKind::All
     } else {
         println!("cargo:warning=NVRTC not found: building the linked example from sources only (run scripts/setup-nvrtc.sh for CUBINs)");
-        moac::compile::EmitKind::Cuda
+        moac::EmitKind::Cuda
     };
-    let opts = moac::compile::CompileOptions {
+    let opts = moac::CompileOptions {
         layers: Some(vec![0, 1]),
         archs: vec!["sm_90".into()],
         emit,
-        ..moac::compile::CompileOptions::default()
+        ..moac::CompileOptions::default()
     };
-    if let Err(e) = moac::compile::compile(&plan, &opts, &out) {
+    if let Err(e) = moac::compile(&plan, &opts, &out) {
         panic!("moac compile of the example plan failed: {e}");
     }
 }

@@ -7,7 +7,8 @@
 use candle_core::{DType, Device, Tensor};
 use moac::geometry::CacheGeometry;
 use moac::plan::{ModelShape, Settings, ValidPlan};
-use moac_runtime::{reference, LayerShape};
+use moac_runtime::backend::LayerShape;
+use moac_runtime::reference;
 use std::time::Instant;
 
 fn plan_layer(root: &std::path::Path, layer: usize) -> ValidPlan {

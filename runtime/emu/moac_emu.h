@@ -8,6 +8,9 @@
 // Execution model
 //   * A launch spreads its blocks over a small pool of OS threads (hardware_concurrency,
 //     env MOAC_EMU_THREADS). Each block runs start to finish on one OS thread.
+//     Blocks are handed out in linear order and a worker takes the next one only when its
+//     block has finished, so the first MOAC_EMU_THREADS blocks of a grid may wait for each
+//     other (tests/atomics.cu relies on it); which worker runs the rest is up to the OS.
 //   * The CUDA threads of a block are user-level fibers on that OS thread. A fiber runs
 //     until it reaches a barrier or a warp collective, then the next fiber runs. So threads
 //     interleave ONLY at sync points: a missing __syncthreads shows up as stale reads.

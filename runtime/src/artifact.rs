@@ -1,50 +1,18 @@
 //! Loading a moac artifact (or building the same thing in memory from a plan).
 //!
-//! An artifact folder is what `moac compile` writes. Loading re-lowers the plan it
-//! carries (`plan.moac.json`) with the manifest's settings and checks that every kernel
-//! name matches the manifest and every source its SHA-256: the runtime and the artifact
-//! provably describe the same kernels.
+//! An artifact folder is what `moac compile` writes. Loading reads its manifest through
+//! the compiler's one definition of it ([`moac::artifact::Manifest`], which refuses
+//! another format or version), re-lowers the plan it carries (`plan.moac.json`) with the
+//! manifest's settings and checks that every kernel name matches the manifest and every
+//! source its SHA-256: the runtime and the artifact provably describe the same kernels.
 
 use crate::error::{Error, Result};
+use moac::artifact::Manifest;
 use moac::emit::SourceUnit;
 use moac::geometry::Dtype;
 use moac::ir::{LowerOptions, Lowered};
 use moac::plan::ValidPlan;
-use serde::Deserialize;
 use std::path::{Path, PathBuf};
-
-#[derive(Deserialize)]
-struct ManifestCubin {
-    path: String,
-}
-
-#[derive(Deserialize)]
-struct ManifestKernel {
-    name: String,
-    unit: String,
-    entry: String,
-    slot: usize,
-    launch: moac::ir::LaunchConfig,
-    tuning_identity: String,
-    source: String,
-    source_sha256: String,
-    #[serde(default)]
-    ptx: Option<String>,
-    #[serde(default)]
-    cubin: std::collections::BTreeMap<String, ManifestCubin>,
-}
-
-#[derive(Deserialize)]
-struct Manifest {
-    dtype: Dtype,
-    #[serde(default)]
-    prompt_len: Option<u64>,
-    #[serde(default)]
-    max_new_tokens: Option<u64>,
-    plan: String,
-    kernels: Vec<ManifestKernel>,
-    layers: Vec<serde_json::Value>,
-}
 
 /// Binaries of one translation unit, for the cuda backend.
 #[derive(Debug, Clone, Default)]
@@ -58,14 +26,13 @@ pub struct UnitBinaries {
 /// loaded artifact, the binaries).
 #[derive(Debug, Clone)]
 pub struct Artifact {
-    pub dir: Option<PathBuf>,
-    pub plan: ValidPlan,
-    pub dtype: Dtype,
-    /// (prompt_len, max_new_tokens) of a specialized build.
-    pub fixed: Option<(u64, u64)>,
-    pub lowered: Lowered,
-    pub units: Vec<SourceUnit>,
-    pub binaries: Vec<UnitBinaries>,
+    dir: Option<PathBuf>,
+    plan: ValidPlan,
+    dtype: Dtype,
+    fixed: Option<(u64, u64)>,
+    lowered: Lowered,
+    units: Vec<SourceUnit>,
+    binaries: Vec<UnitBinaries>,
 }
 
 fn art_err(dir: &Path, message: impl Into<String>) -> Error {
@@ -76,26 +43,33 @@ fn art_err(dir: &Path, message: impl Into<String>) -> Error {
 }
 
 impl Artifact {
-    /// Lowers and emits a plan in memory (no NVRTC): enough for the cpu and emu backends.
+    /// Lowers and emits a plan in memory (no NVRTC): enough for the cpu and emu backends
+    /// (and for cuda, which then compiles the sources with NVRTC).
     pub fn from_plan(
         plan: &ValidPlan,
         dtype: Dtype,
         layers: Option<Vec<usize>>,
     ) -> Result<Artifact> {
-        let lowered = moac::ir::lower(
+        Artifact::from_lowering(
             plan,
             &LowerOptions {
                 dtype,
                 layers,
                 ..LowerOptions::default()
             },
-        )?;
+        )
+    }
+
+    /// Lowers and emits a plan in memory with any lowering options (launch overrides,
+    /// planted bugs for tests, a build specialized to one N).
+    pub fn from_lowering(plan: &ValidPlan, opts: &LowerOptions) -> Result<Artifact> {
+        let lowered = moac::ir::lower(plan, opts)?;
         let units = moac::emit::emit_units(&lowered)?;
         Ok(Artifact {
             dir: None,
             plan: plan.clone(),
-            dtype,
-            fixed: None,
+            dtype: opts.dtype,
+            fixed: opts.fixed,
             binaries: vec![UnitBinaries::default(); units.len()],
             lowered,
             units,
@@ -107,18 +81,10 @@ impl Artifact {
         let read = |rel: &str| {
             std::fs::read(dir.join(rel)).map_err(|e| art_err(dir, format!("{rel}: {e}")))
         };
-        let manifest: Manifest = serde_json::from_slice(&read("manifest.json")?)
-            .map_err(|e| art_err(dir, format!("manifest.json: {e}")))?;
+        let manifest = Manifest::read(dir)?;
         let plan = moac::plan::load(&dir.join(&manifest.plan), None)?;
-        let fixed = match (manifest.prompt_len, manifest.max_new_tokens) {
-            (Some(p), Some(m)) => Some((p, m)),
-            _ => None,
-        };
-        let layers: Vec<usize> = manifest
-            .layers
-            .iter()
-            .filter_map(|l| l.get("layer").and_then(|v| v.as_u64()).map(|v| v as usize))
-            .collect();
+        let fixed = manifest.fixed();
+        let layers: Vec<usize> = manifest.layers.iter().map(|l| l.layer).collect();
         // Each kernel's launch configuration as recorded (tuned or heuristic), so the
         // re-lowered kernels get the names the manifest has.
         let tuned = manifest
@@ -136,7 +102,7 @@ impl Artifact {
                 ..LowerOptions::default()
             },
         )?;
-        if lowered.kernels.len() != manifest.kernels.len() {
+        if lowered.kernels.len() != manifest.kernels.len() || lowered.layers != manifest.layers {
             return Err(art_err(
                 dir,
                 "the manifest's kernels do not match its plan (was it edited?)",
@@ -217,6 +183,84 @@ impl Artifact {
             lowered,
             units,
             binaries,
+        })
+    }
+
+    /// The folder it was loaded from (`None` for one built in memory).
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
+    }
+
+    pub fn plan(&self) -> &ValidPlan {
+        &self.plan
+    }
+
+    pub fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+
+    /// (prompt_len, max_new_tokens) of a build specialized to one N.
+    pub fn fixed(&self) -> Option<(u64, u64)> {
+        self.fixed
+    }
+
+    /// The kernels and which of them each compiled layer uses.
+    pub fn lowered(&self) -> &Lowered {
+        &self.lowered
+    }
+
+    /// The translation units (sources) of the kernels.
+    pub fn units(&self) -> &[SourceUnit] {
+        &self.units
+    }
+
+    /// Per unit, the binaries the artifact carries (empty when built in memory).
+    pub fn binaries(&self) -> &[UnitBinaries] {
+        &self.binaries
+    }
+
+    /// The layers this artifact has kernels for.
+    pub fn layers(&self) -> Vec<usize> {
+        self.lowered.layers.iter().map(|l| l.layer).collect()
+    }
+
+    /// This artifact restricted to `layers` (each must be among its own).
+    pub fn with_layers(&self, layers: &[usize]) -> Result<Artifact> {
+        let have = self.layers();
+        if let Some(l) = layers.iter().find(|l| !have.contains(l)) {
+            return Err(Error::Usage(format!(
+                "layer {l} is not in the artifact (compiled layers: {have:?})"
+            )));
+        }
+        let mut a = self.clone();
+        a.lowered.layers.retain(|l| layers.contains(&l.layer));
+        Ok(a)
+    }
+
+    /// What opening `layer` on a backend needs, for a cache geometry's `shape`.
+    pub fn layer_setup<'a>(
+        &'a self,
+        shape: &'a crate::backend::LayerShape,
+    ) -> Result<crate::backend::LayerSetup<'a>> {
+        let kernels = self
+            .lowered
+            .layers
+            .iter()
+            .find(|l| l.layer == shape.layer)
+            .ok_or_else(|| {
+                Error::Usage(format!(
+                    "layer {} is not in this artifact (compiled layers: {:?})",
+                    shape.layer,
+                    self.layers()
+                ))
+            })?;
+        Ok(crate::backend::LayerSetup {
+            shape,
+            dtype: self.dtype,
+            kernels,
+            specs: &self.lowered.kernels,
+            units: &self.units,
+            binaries: &self.binaries,
         })
     }
 }

@@ -1,28 +1,91 @@
-//! The runtime's error type.
+//! The runtime's one error type: every variant carries what a caller needs to act on it
+//! (the buffer and the sizes, the layer and the row, the driver's own error), in the
+//! manner of candle-core's error enum.
+
+use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The compiler refused the plan, an artifact's manifest, or a toolchain run (its
+    /// variants name the file, layer and head, or the tool and its log).
     #[error(transparent)]
     Compiler(#[from] moac::Error),
     #[error("tensor error: {0}")]
     Tensor(#[from] candle_core::Error),
-    #[error("{0}")]
-    Shape(String),
-    #[error("{0}")]
-    Capacity(String),
-    #[error("{0}")]
-    Backend(String),
+    /// A tensor or buffer has the wrong shape or size.
+    #[error("{name} must be {expected}, got {got}")]
+    ShapeMismatch {
+        name: String,
+        expected: String,
+        got: String,
+    },
+    /// A sequence would hold more tokens than the cache was built for.
+    #[error("layer {layer}, row {row}: {tokens} tokens do not fit a cache built for N = {n}")]
+    CapacityExceeded {
+        layer: usize,
+        row: usize,
+        tokens: usize,
+        n: usize,
+    },
+    /// A prompt longer than the cache was allocated for.
+    #[error("a prompt of {len} tokens does not fit a cache allocated for prompts of {max}")]
+    PromptTooLong { len: usize, max: usize },
+    /// The CUDA driver failed; `context` says what moac was doing.
+    #[error("cuda backend: {context}: {source}")]
+    Driver {
+        context: String,
+        #[source]
+        source: cudarc::driver::DriverError,
+    },
+    /// A tool moac runs (the emu engine, the C++ compiler, the dynamic loader) failed;
+    /// `log` is what it said.
+    #[error("{tool}: {log}")]
+    Toolchain { tool: String, log: String },
+    /// The backend cannot run here (no GPU, no driver, no sanitizer runtime).
     #[error("{0}")]
     Unavailable(String),
+    /// An artifact folder that does not hold what its manifest says.
     #[error("{path}: {message}")]
-    Artifact {
-        path: std::path::PathBuf,
-        message: String,
-    },
+    Artifact { path: PathBuf, message: String },
+    /// A call the API does not allow (a layer the artifact lacks, a backend name).
+    #[error("{0}")]
+    Usage(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-pub(crate) fn shape_err<T>(msg: impl Into<String>) -> Result<T> {
-    Err(Error::Shape(msg.into()))
+impl Error {
+    pub(crate) fn shape(
+        name: impl Into<String>,
+        expected: impl ToString,
+        got: impl ToString,
+    ) -> Error {
+        Error::ShapeMismatch {
+            name: name.into(),
+            expected: expected.to_string(),
+            got: got.to_string(),
+        }
+    }
+
+    /// A driver error with what moac was doing.
+    pub fn driver(
+        context: impl std::fmt::Display,
+    ) -> impl FnOnce(cudarc::driver::DriverError) -> Error {
+        move |source| Error::Driver {
+            context: context.to_string(),
+            source,
+        }
+    }
+}
+
+/// `name` must hold exactly `want` elements.
+pub(crate) fn expect_len(name: &str, what: &str, want: usize, got: usize) -> Result<()> {
+    if want != got {
+        return Err(Error::shape(
+            name,
+            format!("{want} elements ({what})"),
+            format!("{got} elements"),
+        ));
+    }
+    Ok(())
 }

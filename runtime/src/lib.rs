@@ -1,11 +1,12 @@
 //! moac-runtime: runs moac artifacts (MoA sparse attention with a compacted KV cache).
 //!
-//! Backends: `cpu` (the candle-core reference in [`reference`]), `emu` (the generated CUDA
-//! source run on the CPU) and `cuda`. The same API drives all of them:
+//! Backends: `cpu` (the candle-core reference), `emu` (the generated CUDA source run on
+//! the CPU) and `cuda`, all behind one trait ([`backend::LayerBackend`]). The same API
+//! drives all of them:
 //!
 //! ```no_run
 //! use candle_core::{DType, Device, Tensor};
-//! use moac_runtime::{Artifact, Backend, Runtime};
+//! use moac_runtime::{Artifact, Backend, DecodeOptions, PrefillOptions, Runtime};
 //! # fn main() -> moac_runtime::Result<()> {
 //! // An artifact written by `moac compile` (or `Artifact::from_plan` for cpu/emu).
 //! let rt = Runtime::new(Artifact::load("out/llama3".as_ref())?, Backend::Emu)?;
@@ -17,32 +18,30 @@
 //! let k = Tensor::randn(0f32, 1.0, (batch, prompt, hkv, d), &Device::Cpu)?;
 //! let v = Tensor::randn(0f32, 1.0, (batch, prompt, hkv, d), &Device::Cpu)?;
 //! // Row 1 is shorter: its padding is ignored.
-//! let o = rt.prefill(&mut cache, 0, &q, &k, &v, &[512, 300], moac::ir::PrefillMode::Block64, None)?;
+//! let opts = PrefillOptions::default().prompt_lens([512, 300]);
+//! let o = rt.prefill(&mut cache, 0, &q, &k, &v, &opts)?;
 //! let q1 = Tensor::randn(0f32, 1.0, (batch, hq, d), &Device::Cpu)?;
 //! let k1 = Tensor::randn(0f32, 1.0, (batch, hkv, d), &Device::Cpu)?;
-//! let o1 = rt.decode_step(&mut cache, 0, &q1, &k1, &k1, None)?;
+//! let o1 = rt.decode_step(&mut cache, 0, &q1, &k1, &k1, &DecodeOptions::default())?;
 //! # let _ = (o, o1, DType::F32); Ok(()) }
 //! ```
+//!
+//! The public surface: [`Artifact`], [`Runtime`], [`KvCache`], the options, [`Error`];
+//! [`backend`] for tools that drive one layer's kernels directly (verification, tuning,
+//! benchmarks) and [`reference`], the float oracle they check against.
 
-pub mod args;
-pub mod artifact;
-pub mod cuda_layer;
-pub mod emu;
-pub mod emu_layer;
-pub mod error;
-pub mod exec;
-pub mod layer;
+mod artifact;
+pub mod backend;
+mod error;
 pub mod reference;
-pub mod run;
-pub mod runtime;
-pub mod semantics;
-pub mod tune;
-pub mod verify;
+mod runtime;
 
-pub use artifact::Artifact;
+pub use artifact::{Artifact, UnitBinaries};
+pub use backend::Backend;
 pub use error::{Error, Result};
-pub use layer::LayerShape;
-pub use runtime::{Backend, KvCache, Runtime};
+pub use moac::ir::PrefillMode;
+pub use moac::Dtype;
+pub use runtime::{DecodeOptions, KvCache, PrefillOptions, Runtime, RuntimeOptions};
 
 /// Checks that the `cuda` backend can run here: a CUDA driver and at least one device.
 /// cudarc panics when libcuda is missing, so this probes first.

@@ -3,8 +3,12 @@
 # Builds every test kernel with the flags the emu backend uses and checks the results;
 # prints one line per test and a final "N passed, M failed"; exits non-zero on failure.
 #
-#   runtime/emu/tests/run.sh            # all tests
-#   runtime/emu/tests/run.sh shuffle    # only tests whose name contains "shuffle"
+#   runtime/emu/tests/run.sh                # all tests
+#   runtime/emu/tests/run.sh shuffle        # only tests whose name contains "shuffle"
+#   runtime/emu/tests/run.sh --exact NAME   # only the test called NAME (tests/runtime/emu_header.rs)
+#   runtime/emu/tests/run.sh --list         # the test names, one a line
+# A name filter that selects no test is a failure: a renamed test must not turn a caller's
+# check into a silent "0 passed".
 #
 # Environment: CXX (default g++), KEEP=1 keeps the build directory.
 set -u
@@ -12,9 +16,24 @@ set -u
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 EMU="$(cd "$HERE/.." && pwd)"
 CXX="${CXX:-g++}"
-FILTER="${1:-}"
-BUILD="$(mktemp -d "${TMPDIR:-/tmp}/moac_emu_tests.XXXXXX")"
-if [[ "${KEEP:-0}" != 1 ]]; then trap 'rm -rf "$BUILD"' EXIT; else echo "build dir: $BUILD"; fi
+MODE=substring
+FILTER=""
+case "${1:-}" in
+--exact)
+    MODE=exact
+    FILTER="${2:?--exact needs a test name}"
+    ;;
+--list) MODE=list ;;
+-*)
+    echo "usage: $0 [FILTER | --exact NAME | --list]" >&2
+    exit 2
+    ;;
+*) FILTER="${1:-}" ;;
+esac
+if [[ $MODE != list ]]; then
+    BUILD="$(mktemp -d "${TMPDIR:-/tmp}/moac_emu_tests.XXXXXX")"
+    if [[ "${KEEP:-0}" != 1 ]]; then trap 'rm -rf "$BUILD"' EXIT; else echo "build dir: $BUILD"; fi
+fi
 
 # The emu backend's flags (docs/kernel-abi.md, DESIGN.md); tests add -pthread and build
 # executables, the .so tests add -shared exactly as the runtime does.
@@ -30,7 +49,14 @@ FAILED_NAMES=()
 # run_test NAME FUNCTION: FUNCTION writes its log to $LOG and returns 0 on success.
 run_test() {
     local name="$1" fn="$2"
-    if [[ -n "$FILTER" && "$name" != *"$FILTER"* ]]; then return; fi
+    case $MODE in
+    list)
+        echo "$name"
+        return
+        ;;
+    exact) if [[ "$name" != "$FILTER" ]]; then return; fi ;;
+    substring) if [[ -n "$FILTER" && "$name" != *"$FILTER"* ]]; then return; fi ;;
+    esac
     LOG="$BUILD/$name.log"
     local t0=$SECONDS
     if "$fn" >"$LOG" 2>&1; then
@@ -147,7 +173,12 @@ run_test asan_oob_detected t_asan_oob
 run_test ubsan_misaligned t_ubsan_misaligned
 run_test bench t_bench
 
+if [[ $MODE == list ]]; then exit 0; fi
 echo "$PASSED passed, $FAILED failed"
+if ((PASSED + FAILED == 0)); then
+    echo "no test matches \"$FILTER\" ($MODE match); see $0 --list"
+    exit 1
+fi
 if ((FAILED > 0)); then
     echo "failed: ${FAILED_NAMES[*]}"
     exit 1
