@@ -447,3 +447,74 @@ fn every_example_plan_compiles_to_a_complete_artifact() {
         );
     }
 }
+
+/// The plan that once broke `moac compile` at scale: every head of 126 layers x 128
+/// query heads with a rule of its own. Emitted into one unit regardless of the constant
+/// budget, its tables pass the 64 KiB constant bank and NVRTC (ptxas) refuses it: the
+/// error names the unit, the arch and the options, and leads with the log's error
+/// lines. With the budget, the same kernels split into units that each fit and compile.
+#[test]
+fn nvrtc_failures_carry_the_log_error_lines_and_big_tables_split() {
+    use moac::emit::{emit_units, emit_units_with, table_bytes, EmitOptions};
+    use moac::plan::synthetic::{synthetic, Rules};
+    if !have_nvrtc() {
+        return;
+    }
+    let model = moac::plan::ModelShape {
+        num_layers: 126,
+        num_query_heads: 128,
+        num_kv_heads: 8,
+        head_dim: 128,
+    };
+    let plan = synthetic("all-distinct-405b", model, Rules::AllDistinct, 1).unwrap();
+    let low = moac::ir::lower(&plan, &Default::default()).unwrap();
+    let decode_units = |units: &[moac::emit::SourceUnit]| -> Vec<moac::emit::SourceUnit> {
+        units
+            .iter()
+            .filter(|u| u.name.starts_with("moac_decode_"))
+            .cloned()
+            .collect()
+    };
+    let one = decode_units(
+        &emit_units_with(
+            &low,
+            &EmitOptions {
+                const_budget: usize::MAX,
+            },
+        )
+        .unwrap(),
+    );
+    assert_eq!(one.len(), 1);
+    let nv = moac::jit::nvrtc::load().unwrap();
+    let archs = ["sm_80".to_string()];
+    let err = moac::jit::compile_units(nv, &one, &archs, None, 1, None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(&one[0].name), "{err}");
+    assert!(
+        err.contains("for sm_80") && err.contains("--gpu-architecture=sm_80"),
+        "{err}"
+    );
+    let reason = err.lines().nth(1).unwrap_or_default().to_lowercase();
+    assert!(
+        reason.contains("error") && reason.contains("constant"),
+        "the first log line says why: {reason:?}\n{err}"
+    );
+    // Within the budget: several units, each within it, every kernel in exactly one.
+    let split = decode_units(&emit_units(&low).unwrap());
+    assert!(split.len() > 1);
+    let mut names: Vec<&String> = split.iter().flat_map(|u| &u.kernels).collect();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), 126);
+    for u in &split {
+        let specs: Vec<_> = low
+            .kernels
+            .iter()
+            .filter(|k| u.kernels.contains(&k.name))
+            .cloned()
+            .collect();
+        assert!(table_bytes(&specs) <= moac::emit::CONST_TABLE_BUDGET);
+    }
+    moac::jit::compile_units(nv, &split[..1], &archs, None, 1, None).unwrap();
+}

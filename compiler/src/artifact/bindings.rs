@@ -27,14 +27,34 @@ fn lit_usize(v: usize) -> Literal {
 }
 
 /// Generates `bindings.rs` for a manifest about to be written.
-/// Parsing and formatting the tokens is most of a warm compile's time, so the formatted
-/// text is cached by a hash of the tokens (and moac's version) when `cache` is given.
+/// Building, parsing and formatting the tokens was most of a warm compile's time, so the
+/// formatted text is cached by a hash of its inputs when `cache` is given.
 pub(crate) fn generate(
     plan: &ValidPlan,
     lowered: &Lowered,
     manifest: &Manifest,
     cache: Option<&crate::jit::cache::Cache>,
 ) -> Result<String> {
+    // The cache key hashes every input of the text (this generator's own source, moac's
+    // version, the plan and the manifest), so a hit skips building the tokens at all.
+    let key = {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        for part in [
+            include_str!("bindings.rs"),
+            env!("CARGO_PKG_VERSION"),
+            plan.name(),
+            &plan.sha256(),
+            &manifest.to_json()?,
+        ] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part.as_bytes());
+        }
+        format!("bindings-{}", crate::plan::hex(&h.finalize()))
+    };
+    if let Some(text) = cache.and_then(|c| c.get_text(&key)) {
+        return Ok(text);
+    }
     let m = plan.model();
     let s = plan.settings();
     let (nl, hq, hkv) = (
@@ -247,19 +267,6 @@ pub(crate) fn generate(
             #(#launchers)*
         }
     };
-    let key = {
-        use sha2::Digest;
-        let mut h = sha2::Sha256::new();
-        h.update(env!("CARGO_PKG_VERSION").as_bytes());
-        h.update([0u8]);
-        h.update(plan.name().as_bytes());
-        h.update([0u8]);
-        h.update(file.to_string().as_bytes());
-        format!("bindings-{}", crate::plan::hex(&h.finalize()))
-    };
-    if let Some(text) = cache.and_then(|c| c.get_text(&key)) {
-        return Ok(text);
-    }
     let parsed: syn::File = syn::parse2(file)
         .map_err(|e| Error::Internal(format!("generated bindings do not parse: {e}")))?;
     let body = prettyplease::unparse(&parsed);

@@ -93,11 +93,78 @@ fn scalar(dtype: Dtype) -> &'static str {
     }
 }
 
-/// The baked rules of one kernel, a row of its unit's tables: (alpha, beta) of every
-/// query head as C double literals, or, in a build specialized to one N, the layer's
-/// geometry itself (from [`LayerGeometry::of`], the one place it is computed): every KV
-/// head's capacity and offset, the slot total, and every query head's ring length.
-fn rules_row(spec: &KernelSpec) -> serde_json::Value {
+/// Bytes of `__constant__` tables one translation unit may hold. The constant bank the
+/// tables live in (`cmem[3]`) has 64 KiB; the rest is headroom for what NVVM puts there
+/// itself. Kernels of one kind are split over several units where one would not fit.
+pub const CONST_TABLE_BUDGET: usize = 48 * 1024;
+
+/// Options of emitting translation units.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EmitOptions {
+    /// Most bytes of rule tables one unit may hold ([`CONST_TABLE_BUDGET`]).
+    pub const_budget: usize,
+}
+
+impl Default for EmitOptions {
+    fn default() -> Self {
+        EmitOptions {
+            const_budget: CONST_TABLE_BUDGET,
+        }
+    }
+}
+
+/// The distinct (alpha, beta) rules of some kernels, in first-seen order, and each
+/// kernel's rule index per query head. Plans repeat a few rules over thousands of heads
+/// (MoA's optimizer picks from a grid), so a unit keeps one dictionary of doubles and a
+/// small index per head instead of two doubles per head.
+fn rule_dictionary(specs: &[KernelSpec]) -> (Vec<(f64, f64)>, Vec<Vec<usize>>) {
+    let mut rules: Vec<(f64, f64)> = Vec::new();
+    let mut index: std::collections::HashMap<(u64, u64), usize> = Default::default();
+    let rows = specs
+        .iter()
+        .map(|spec| {
+            spec.heads
+                .iter()
+                .map(|r| {
+                    *index.entry(r.key()).or_insert_with(|| {
+                        rules.push((r.alpha, r.beta));
+                        rules.len() - 1
+                    })
+                })
+                .collect()
+        })
+        .collect();
+    (rules, rows)
+}
+
+/// The C type of a rule index for `n` distinct rules, and its size in bytes.
+fn index_type(n: usize) -> (&'static str, usize) {
+    if n <= 256 {
+        ("unsigned char", 1)
+    } else if n <= 65536 {
+        ("unsigned short", 2)
+    } else {
+        ("int", 4)
+    }
+}
+
+/// Bytes of the `__constant__` tables of a unit holding `specs` (all of one kind and
+/// shape): in a build specialized to one N, per kernel every KV head's capacity (int)
+/// and offset (long long), the total (long long) and every query head's ring length
+/// (int); else the rule dictionary (two doubles a rule) and the index table.
+pub fn table_bytes(specs: &[KernelSpec]) -> usize {
+    let Some(first) = specs.first() else { return 0 };
+    if first.fixed_n.is_some() {
+        return specs.len() * (12 * first.num_kv_heads + 8 + 4 * first.num_query_heads);
+    }
+    let (rules, _) = rule_dictionary(specs);
+    16 * rules.len() + index_type(rules.len()).1 * specs.len() * first.num_query_heads
+}
+
+/// The baked geometry of one kernel in a build specialized to one N, a row of its unit's
+/// tables (from [`LayerGeometry::of`], the one place it is computed): every KV head's
+/// capacity and offset, the slot total, and every query head's ring length.
+fn fixed_row(spec: &KernelSpec) -> serde_json::Value {
     let fixed = spec.fixed_n.map(|n| {
         let settings = Settings {
             sink: spec.sink,
@@ -110,8 +177,6 @@ fn rules_row(spec: &KernelSpec) -> serde_json::Value {
     let empty = Vec::new();
     serde_json::json!({
         "name": spec.name,
-        "alphas": spec.heads.iter().map(|r| c_double(r.alpha)).collect::<Vec<_>>(),
-        "betas": spec.heads.iter().map(|r| c_double(r.beta)).collect::<Vec<_>>(),
         "kv_caps": fixed.as_ref().map(|g| &g.kv_capacity).unwrap_or(&empty),
         "kv_offs": fixed.as_ref().map(|g| &g.kv_offset).unwrap_or(&empty),
         "total": fixed.as_ref().map(|g| g.total_slots).unwrap_or(0),
@@ -180,9 +245,29 @@ fn render_unit(specs: &[KernelSpec], entry: &str) -> Result<String> {
     let first = specs
         .first()
         .ok_or_else(|| Error::Internal("a translation unit needs at least one kernel".into()))?;
-    let kernels: Vec<serde_json::Value> = specs.iter().map(rules_row).collect();
+    let (rules, rows) = rule_dictionary(specs);
+    let kernels: Vec<serde_json::Value> = specs
+        .iter()
+        .zip(&rows)
+        .map(|(spec, row)| {
+            let mut k = fixed_row(spec);
+            if let Some(obj) = k.as_object_mut() {
+                obj.insert("rule_of".into(), row.clone().into());
+            }
+            k
+        })
+        .collect();
     let mut ctx = context(first);
     ctx.insert("kernels", &kernels);
+    ctx.insert(
+        "rule_alphas",
+        &rules.iter().map(|r| c_double(r.0)).collect::<Vec<_>>(),
+    );
+    ctx.insert(
+        "rule_betas",
+        &rules.iter().map(|r| c_double(r.1)).collect::<Vec<_>>(),
+    );
+    ctx.insert("rule_index_type", index_type(rules.len()).0);
     ctx.insert("entry", entry);
     render(first.kind.template(), entry, &ctx)
 }
@@ -190,6 +275,68 @@ fn render_unit(specs: &[KernelSpec], entry: &str) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rule_tables_share_rules_and_split_by_budget() {
+        use crate::plan::synthetic::{synthetic, Rules};
+        use crate::plan::ModelShape;
+        let shape = |num_layers, num_query_heads| ModelShape {
+            num_layers,
+            num_query_heads,
+            num_kv_heads: 8,
+            head_dim: 128,
+        };
+        let decode = |low: &crate::ir::Lowered| -> Vec<KernelSpec> {
+            low.kernels
+                .iter()
+                .filter(|k| k.kind == crate::ir::KernelKind::Decode)
+                .cloned()
+                .collect()
+        };
+        // A 405B-shaped plan from MoA's grid: one dictionary of at most 40 rules and a
+        // byte per head, far within the budget: one unit per kind.
+        let grid = synthetic("grid", shape(126, 128), Rules::Grid, 3).unwrap();
+        let low = crate::ir::lower(&grid, &Default::default()).unwrap();
+        let bytes = table_bytes(&decode(&low));
+        assert!(bytes <= 40 * 16 + 126 * 128, "{bytes}");
+        let units = emit_units(&low).unwrap();
+        assert_eq!(
+            units
+                .iter()
+                .filter(|u| u.name.starts_with("moac_decode_"))
+                .count(),
+            1
+        );
+        // Every head its own rule: split into units within a small budget, each kernel
+        // in exactly one unit, in name order.
+        let distinct = synthetic("distinct", shape(10, 16), Rules::AllDistinct, 1).unwrap();
+        let low = crate::ir::lower(&distinct, &Default::default()).unwrap();
+        assert_eq!(table_bytes(&decode(&low)), 160 * 16 + 160);
+        let units = emit_units_with(&low, &EmitOptions { const_budget: 1000 }).unwrap();
+        let dec: Vec<&SourceUnit> = units
+            .iter()
+            .filter(|u| u.name.starts_with("moac_decode_"))
+            .collect();
+        assert!(dec.len() >= 3, "{}", dec.len());
+        let mut seen: Vec<&String> = Vec::new();
+        for u in &dec {
+            let specs: Vec<KernelSpec> = decode(&low)
+                .into_iter()
+                .filter(|k| u.kernels.contains(&k.name))
+                .collect();
+            assert!(table_bytes(&specs) <= 1000);
+            assert!(u.kernels.windows(2).all(|w| w[0] < w[1]));
+            seen.extend(&u.kernels);
+        }
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), 10);
+        // A budget below one kernel's tables is an error that names the kernel.
+        let e = emit_units_with(&low, &EmitOptions { const_budget: 10 })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("moac_") && e.contains("constant memory"), "{e}");
+    }
 
     #[test]
     fn doubles_read_back() {
@@ -259,8 +406,17 @@ pub fn unit(mut specs: Vec<KernelSpec>) -> Result<SourceUnit> {
 
 /// The translation units of a lowered plan: one per kernel kind (and shape), holding
 /// every kernel of that kind behind one entry point, so each kind's body is compiled
-/// once however many distinct layers the plan has.
+/// once however many distinct layers the plan has; split where the rule tables would
+/// pass the constant budget ([`EmitOptions::const_budget`]).
 pub fn emit_units(lowered: &crate::ir::Lowered) -> Result<Vec<SourceUnit>> {
+    emit_units_with(lowered, &EmitOptions::default())
+}
+
+/// [`emit_units`] with explicit options.
+pub fn emit_units_with(
+    lowered: &crate::ir::Lowered,
+    opts: &EmitOptions,
+) -> Result<Vec<SourceUnit>> {
     let mut groups: Vec<(String, Vec<KernelSpec>)> = Vec::new();
     for spec in &lowered.kernels {
         let key = unit_key(spec);
@@ -269,5 +425,58 @@ pub fn emit_units(lowered: &crate::ir::Lowered) -> Result<Vec<SourceUnit>> {
             None => groups.push((key, vec![spec.clone()])),
         }
     }
-    groups.into_iter().map(|(_, specs)| unit(specs)).collect()
+    let mut units = Vec::new();
+    for (_, mut specs) in groups {
+        specs.sort_by(|a, b| a.name.cmp(&b.name));
+        for chunk in split_by_budget(specs, opts.const_budget)? {
+            units.push(unit(chunk)?);
+        }
+    }
+    Ok(units)
+}
+
+/// Kernels (in name order) cut into consecutive runs whose tables fit `budget` bytes
+/// ([`table_bytes`], kept up to date kernel by kernel).
+fn split_by_budget(specs: Vec<KernelSpec>, budget: usize) -> Result<Vec<Vec<KernelSpec>>> {
+    let mut out: Vec<Vec<KernelSpec>> = Vec::new();
+    let mut current: Vec<KernelSpec> = Vec::new();
+    let mut rules: std::collections::HashSet<(u64, u64)> = Default::default();
+    for spec in specs {
+        let bytes =
+            |current: &[KernelSpec], rules: &std::collections::HashSet<(u64, u64)>| match current
+                .first()
+            {
+                Some(f) if f.fixed_n.is_some() => table_bytes(current),
+                Some(f) => {
+                    16 * rules.len() + index_type(rules.len()).1 * current.len() * f.num_query_heads
+                }
+                None => 0,
+            };
+        let mut with: std::collections::HashSet<(u64, u64)> = rules.clone();
+        with.extend(spec.heads.iter().map(|r| r.key()));
+        current.push(spec);
+        if bytes(&current, &with) <= budget {
+            rules = with;
+            continue;
+        }
+        let spec = current
+            .pop()
+            .ok_or_else(|| Error::Internal("empty unit".into()))?;
+        let alone: std::collections::HashSet<(u64, u64)> =
+            spec.heads.iter().map(|r| r.key()).collect();
+        if bytes(std::slice::from_ref(&spec), &alone) > budget {
+            return Err(Error::Unsupported(format!(
+                "{}: one kernel's rule tables take {} bytes, more than the {budget} bytes of constant memory a unit may use",
+                spec.name,
+                table_bytes(std::slice::from_ref(&spec))
+            )));
+        }
+        out.push(std::mem::take(&mut current));
+        current.push(spec);
+        rules = alone;
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    Ok(out)
 }

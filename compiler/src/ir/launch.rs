@@ -1,7 +1,17 @@
 //! Launch configurations: what each kind's knobs mean, the defaults, the heuristic that
 //! sizes them for a device, and the candidates the tuner tries.
 
-use super::KernelKind;
+use super::{KernelKind, MAX_HEADS_PER_CTA};
+
+/// Query heads per decode CTA when nothing chose: the largest divisor of the group size
+/// that is at most [`MAX_HEADS_PER_CTA`] (the whole group up to 8; 8 of 16, 6 of 12, 5
+/// of 15, ...), so a group's queries and accumulators stay in registers without spills.
+pub fn default_heads_per_cta(group: usize) -> u32 {
+    (1..=group.clamp(1, MAX_HEADS_PER_CTA))
+        .rev()
+        .find(|h| group.is_multiple_of(*h))
+        .unwrap_or(1) as u32
+}
 use serde::Serialize;
 
 /// Launch configuration of one kernel. Which fields matter depends on the kind; the
@@ -135,15 +145,15 @@ impl LaunchConfig {
     }
 
     /// This configuration with every knob left to its default (0) filled in, as the
-    /// kernel will run: decode's `heads_per_cta` (0: the whole group) and `unroll` (0: 4
-    /// steps in flight for at most 2 query heads per CTA, else 2). Templates and launch
-    /// grids read resolved values only.
+    /// kernel will run: decode's `heads_per_cta` ([`default_heads_per_cta`]) and `unroll`
+    /// (0: 4 steps in flight for at most 2 query heads per CTA, else 2). Templates and
+    /// launch grids read resolved values only.
     pub fn resolved(self, kind: KernelKind, group: usize) -> LaunchConfig {
         if kind != KernelKind::Decode {
             return self;
         }
         let heads_per_cta = match self.heads_per_cta {
-            0 => group as u32,
+            0 => default_heads_per_cta(group),
             h => h,
         };
         let unroll = match self.unroll {
@@ -194,7 +204,9 @@ impl LaunchConfig {
                     }
                 }
                 // Fewer query heads per CTA (fewer registers, more CTAs reading each key).
-                for heads_per_cta in (1..group).filter(|h| group.is_multiple_of(*h)) {
+                for heads_per_cta in
+                    (1..group.min(MAX_HEADS_PER_CTA + 1)).filter(|h| group.is_multiple_of(*h))
+                {
                     for chunk in [256, 512] {
                         push(LaunchConfig {
                             threads: 128,

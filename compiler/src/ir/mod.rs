@@ -27,8 +27,12 @@ use sha2::{Digest, Sha256};
 /// Head dims the kernel templates are built and tested for.
 pub const SUPPORTED_HEAD_DIMS: [usize; 2] = [64, 128];
 
-/// Largest group size the decode kernel keeps in registers.
-pub const MAX_GROUP: usize = 8;
+/// Largest group size (query heads per KV head) the kernels support.
+pub const MAX_GROUP: usize = 16;
+
+/// Most query heads one decode CTA runs (their queries and accumulators live in
+/// registers); larger groups are split over sibling CTAs that read the same keys.
+pub const MAX_HEADS_PER_CTA: usize = 8;
 
 /// Which prefill mask (semantics section 3).
 #[derive(

@@ -299,7 +299,7 @@ pub fn compile(
             .map(|l| c_chars_to_string(&l))
             .unwrap_or_default();
         let out = match compiled {
-            Err(e) => Err(err(format!("{e:?}\n{log}"))),
+            Err(e) => Err(err(failure_log(&format!("{e:?}"), &log))),
             Ok(()) => get_outputs(prog).map_err(err).map(|(ptx, cubin)| Compiled {
                 resources: parse_resources(&log),
                 ptx,
@@ -311,6 +311,54 @@ pub fn compile(
         out
     };
     result
+}
+
+/// The lines of a compiler log that say what went wrong (NVRTC's and ptxas's `error`
+/// and `fatal` lines), in order.
+pub fn error_lines(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| {
+            let l = l.to_ascii_lowercase();
+            l.contains("error") || l.contains("fatal")
+        })
+        .map(str::trim)
+        .collect()
+}
+
+/// The size of the largest constant bank 3 (`__constant__` data) ptxas reports, bytes.
+fn constant_bank_bytes(log: &str) -> Option<u64> {
+    log.lines()
+        .flat_map(|l| l.split(','))
+        .filter_map(|part| {
+            let part = part.trim();
+            let n = part.strip_suffix("bytes cmem[3]")?;
+            n.trim().rsplit(' ').next()?.parse::<u64>().ok()
+        })
+        .max()
+}
+
+/// The bytes of a constant bank.
+pub const CONSTANT_BANK_BYTES: u64 = 64 * 1024;
+
+/// A failed compile's log as the error shows it: the error lines first (or, where ptxas
+/// names none, the reason its figures show), then NVRTC's status and the whole log.
+fn failure_log(status: &str, log: &str) -> String {
+    let errors = error_lines(log);
+    let mut out = String::new();
+    if errors.is_empty() {
+        match constant_bank_bytes(log) {
+            Some(b) if b > CONSTANT_BANK_BYTES => out.push_str(&format!(
+                "error: {b} bytes of __constant__ data (cmem[3]) exceed the {CONSTANT_BANK_BYTES}-byte constant bank\n"
+            )),
+            _ => out.push_str("(the log names no error line)\n"),
+        }
+    }
+    for e in &errors {
+        out.push_str(e);
+        out.push('\n');
+    }
+    out.push_str(&format!("NVRTC status: {status}; the whole log:\n{log}"));
+    out
 }
 
 /// # Safety
@@ -368,6 +416,27 @@ mod tests {
                 shared_bytes: 2592,
                 stack_bytes: 8
             }
+        );
+    }
+
+    #[test]
+    fn failures_lead_with_their_error_lines() {
+        let log = "ptxas info    : 0 bytes gmem\nptxas error   : File uses too much global constant data (0x13c00 bytes, 0x10000 max)\nptxas info    : Compiling entry\n";
+        assert_eq!(
+            error_lines(log),
+            ["ptxas error   : File uses too much global constant data (0x13c00 bytes, 0x10000 max)"]
+        );
+        let shown = failure_log("NVRTC_ERROR_COMPILATION", log);
+        assert!(shown.starts_with("ptxas error"), "{shown}");
+        assert!(shown.contains("NVRTC_ERROR_COMPILATION") && shown.contains("0 bytes gmem"));
+        assert!(failure_log("X", "all fine\n").starts_with("(the log names no error line)"));
+        // NVRTC 13's ptxas only reports the size of a too-big constant bank.
+        let log = "ptxas info    : 41 bytes gmem, 290304 bytes cmem[3], 88 bytes cmem[4]\nptxas info    : Used 202 registers, 428 bytes cmem[0]\n";
+        assert_eq!(constant_bank_bytes(log), Some(290304));
+        let shown = failure_log("NVRTC_ERROR_COMPILATION", log);
+        assert!(
+            shown.starts_with("error: 290304 bytes of __constant__ data (cmem[3]) exceed"),
+            "{shown}"
         );
     }
 

@@ -6,11 +6,13 @@
 //! Every later stage takes a [`ValidPlan`], so the type system proves validation ran.
 
 mod parse;
+pub mod synthetic;
 mod validate;
 
 pub use parse::{
     HfConfig, MoaPlanJson, MoacPlanFile, SourceSection, MOAC_PLAN_FORMAT, MOAC_PLAN_VERSION,
 };
+pub use synthetic::synthetic;
 pub use validate::validate;
 
 use crate::error::{Error, Result};

@@ -400,16 +400,18 @@ static __device__ MOAC_BODY void moac_prefill_body(const T* __restrict__ q,
 // ---- baked rules of the kernels in this file (row = slot, column = query head) --------
 //   slot 0: moac_prefill_token_f16_d64_g4_95a9144cb2216637
 #define MOAC_NUM_KERNELS 1
-// S = alpha + beta * N of every query head; N is a runtime value.
-__constant__ const double moac_alpha[MOAC_NUM_KERNELS][HQ] = {
-    { 0.0, 1024.0, -1024.0, 0.0, 8192.0, 0.0, 0.0, 0.0 },
-};
-__constant__ const double moac_beta[MOAC_NUM_KERNELS][HQ] = {
-    { 0.5, 0.125, 0.25, 0.5, 0.0, 0.375, 0.5, 1.0 },
+// S = alpha + beta * N; N is a runtime value. The distinct rules of this file, and the
+// rule of every query head of every kernel (row = slot).
+#define MOAC_NUM_RULES 6
+__constant__ const double moac_rule_alpha[MOAC_NUM_RULES] = { 0.0, 1024.0, -1024.0, 8192.0, 0.0, 0.0 };
+__constant__ const double moac_rule_beta[MOAC_NUM_RULES] = { 0.5, 0.125, 0.25, 0.0, 0.375, 1.0 };
+__constant__ const unsigned char moac_rule_of[MOAC_NUM_KERNELS][HQ] = {
+    { 0, 1, 2, 0, 3, 4, 0, 5 },
 };
 
 __device__ __forceinline__ int moac_q_capacity(int slot, int h, long long n) {
-    return moac_capacity(moac_alpha[slot][h], moac_beta[slot][h], n, MIN_CAP, GRAN);
+    const int r = moac_rule_of[slot][h];
+    return moac_capacity(moac_rule_alpha[r], moac_rule_beta[r], n, MIN_CAP, GRAN);
 }
 
 // The CTA view of KV head j under the rules of `slot`: its capacity and offset, the
