@@ -1,5 +1,6 @@
 //! Decode-step benchmark of the cpu backend: one Llama-3-8B layer under its MoA plan
-//! against a dense cache of the same N (every head's window = N), in the same run.
+//! against a dense cache of the same N (every head's window = N), in the same run, and
+//! the candle-core reference (the oracle the tests check against) on the MoA plan.
 //! Prints time per step, the time ratio and the KV byte ratio side by side.
 //!
 //! cargo bench -p moac-runtime --bench cpu_decode
@@ -7,8 +8,10 @@
 use candle_core::{DType, Device, Tensor};
 use moac::geometry::CacheGeometry;
 use moac::plan::{ModelShape, Settings, ValidPlan};
-use moac_runtime::backend::LayerShape;
-use moac_runtime::reference;
+use moac_runtime::backend::emu::EmuOptions;
+use moac_runtime::backend::{Backend, BackendHandle, LayerShape, Prompt};
+use moac_runtime::reference::check::Rng;
+use moac_runtime::{reference, Artifact};
 use std::time::Instant;
 
 fn plan_layer(root: &std::path::Path, layer: usize) -> ValidPlan {
@@ -53,7 +56,47 @@ fn dense_like(p: &ValidPlan) -> ValidPlan {
     .expect("valid")
 }
 
-fn time_decode(plan: &ValidPlan, prompt: usize, new: usize, steps: usize) -> (f64, u64) {
+/// Median seconds of one decode step (append + attention) of the cpu backend, and the
+/// layer's KV bytes.
+fn time_backend(plan: &ValidPlan, prompt: usize, new: usize, steps: usize) -> (f64, u64) {
+    let geo = CacheGeometry::new(plan, prompt as u64, new as u64).expect("geometry");
+    let shape = LayerShape::new(&geo, 0);
+    let (hq, hkv, d) = (shape.num_query_heads, shape.num_kv_heads, shape.head_dim);
+    let art = Artifact::from_plan(plan, moac::Dtype::F16, None).expect("artifact");
+    let handle = BackendHandle::open(Backend::Cpu, EmuOptions::default()).expect("cpu");
+    let mut layer = handle
+        .open_layer(&art.layer_setup(&shape).expect("setup"), 1)
+        .expect("layer");
+    let mut rng = Rng::new(1);
+    let k = rng.bits(prompt * hkv * d, moac::Dtype::F16);
+    layer
+        .fill(&Prompt {
+            k: &k,
+            v: &k,
+            lens: &[prompt as i32],
+            p: prompt,
+        })
+        .expect("fill");
+    let q = rng.bits(hq * d, moac::Dtype::F16);
+    let kn = rng.bits(hkv * d, moac::Dtype::F16);
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut times = Vec::new();
+    for s in 0..=steps {
+        let t = (prompt + 1 + s) as i32;
+        let t0 = Instant::now();
+        layer.append(&kn, &kn, &[t]).expect("append");
+        let o = layer.decode(&q, &[t], scale).expect("decode");
+        if s > 0 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+        std::hint::black_box(o);
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    (times[times.len() / 2], geo.kv_bytes(moac::Dtype::F16, 1))
+}
+
+/// The same on the candle-core reference (it rebuilds the cache tensor every step).
+fn time_reference(plan: &ValidPlan, prompt: usize, new: usize, steps: usize) -> f64 {
     let geo = CacheGeometry::new(plan, prompt as u64, new as u64).expect("geometry");
     let shape = LayerShape::new(&geo, 0);
     let (hq, hkv, d) = (shape.num_query_heads, shape.num_kv_heads, shape.head_dim);
@@ -69,39 +112,47 @@ fn time_decode(plan: &ValidPlan, prompt: usize, new: usize, steps: usize) -> (f6
         .and_then(|t| t.to_dtype(DType::F16))
         .expect("kn");
     let scale = 1.0 / (d as f32).sqrt();
-    // Warm-up.
-    reference::append(&mut cache, &kn, &kn, &[prompt + 1], &shape).expect("append");
-    reference::decode(&q, &cache, &[prompt + 1], &shape, scale).expect("decode");
     let mut times = Vec::new();
-    for s in 1..=steps {
+    for s in 0..=steps {
+        let t = prompt + 1 + s;
         let t0 = Instant::now();
-        reference::append(&mut cache, &kn, &kn, &[prompt + 1 + s], &shape).expect("append");
-        reference::decode(&q, &cache, &[prompt + 1 + s], &shape, scale).expect("decode");
-        times.push(t0.elapsed().as_secs_f64());
+        reference::append(&mut cache, &kn, &kn, &[t], &shape).expect("append");
+        reference::decode(&q, &cache, &[t], &shape, scale).expect("decode");
+        if s > 0 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
     }
     times.sort_by(|a, b| a.total_cmp(b));
-    (times[times.len() / 2], geo.kv_bytes(moac::Dtype::F16, 1))
+    times[times.len() / 2]
 }
 
 fn main() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let (prompt, new, steps) = (4096, 1024, 15);
-    println!("cpu backend decode step (append + attention), Llama-3-8B layer shape, batch 1, f16, N = {}", prompt + new);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     println!(
-        "{:>6} {:>14} {:>14} {:>10} {:>10}",
-        "layer", "moac ms/step", "dense ms/step", "time ratio", "byte ratio"
+        "cpu backend decode step (append + attention), Llama-3-8B layer shape, batch 1, f16, N = {}, {threads} threads",
+        prompt + new
+    );
+    println!(
+        "{:>6} {:>14} {:>14} {:>10} {:>10} {:>18}",
+        "layer", "moac ms/step", "dense ms/step", "time ratio", "byte ratio", "reference ms/step"
     );
     for layer in [0, 13, 27] {
         let plan = plan_layer(&root, layer);
-        let (tm, bm) = time_decode(&plan, prompt, new, steps);
-        let (td, bd) = time_decode(&dense_like(&plan), prompt, new, steps);
+        let (tm, bm) = time_backend(&plan, prompt, new, steps);
+        let (td, bd) = time_backend(&dense_like(&plan), prompt, new, steps);
+        let tr = time_reference(&plan, prompt, new, 5);
         println!(
-            "{:>6} {:>14.2} {:>14.2} {:>10.3} {:>10.3}",
+            "{:>6} {:>14.2} {:>14.2} {:>10.3} {:>10.3} {:>18.2}",
             layer,
             tm * 1e3,
             td * 1e3,
             tm / td,
-            bm as f64 / bd as f64
+            bm as f64 / bd as f64,
+            tr * 1e3
         );
     }
 }

@@ -35,11 +35,7 @@ pub const TUNED_KINDS: [KernelKind; 5] = [
 pub const PLANTED_LAUNCH: LaunchConfig = LaunchConfig {
     threads: 128,
     chunk: 192,
-    rows: 0,
-    block_q: 0,
-    block_k: 0,
-    unroll: 0,
-    heads_per_cta: 0,
+    ..LaunchConfig::UNSET
 };
 
 /// What to tune and how.

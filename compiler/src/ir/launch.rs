@@ -250,16 +250,22 @@ impl LaunchConfig {
         out
     }
 
+    /// Every knob 0 (unset): what a tuning identity hashes in place of the launch.
+    pub const UNSET: LaunchConfig = LaunchConfig {
+        threads: 0,
+        chunk: 0,
+        rows: 0,
+        block_q: 0,
+        block_k: 0,
+        unroll: 0,
+        heads_per_cta: 0,
+    };
+
     /// The default heuristic for each kind with nothing known of the device.
     pub fn default_for(kind: KernelKind, head_dim: usize) -> Self {
         let base = LaunchConfig {
             threads: 128,
-            chunk: 0,
-            rows: 0,
-            block_q: 0,
-            block_k: 0,
-            unroll: 0,
-            heads_per_cta: 0,
+            ..LaunchConfig::UNSET
         };
         match kind {
             KernelKind::Decode => LaunchConfig { chunk: 256, ..base },

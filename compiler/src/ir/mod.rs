@@ -186,15 +186,7 @@ impl KernelSpec {
     /// configuration (the thing being tuned).
     pub fn tuning_identity(&self) -> String {
         let mut probe = self.clone();
-        probe.launch = LaunchConfig {
-            threads: 0,
-            chunk: 0,
-            rows: 0,
-            block_q: 0,
-            block_k: 0,
-            unroll: 0,
-            heads_per_cta: 0,
-        };
+        probe.launch = LaunchConfig::UNSET;
         format!("{}_{}", self.kind.slug(), probe.identity_hash())
     }
 

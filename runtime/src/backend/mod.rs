@@ -291,7 +291,7 @@ impl BackendHandle {
     /// The layer's kernels on this backend with a cache of `batch` rows.
     pub fn open_layer(&self, setup: &LayerSetup, batch: usize) -> Result<Box<dyn LayerBackend>> {
         let mut layer: Box<dyn LayerBackend> = match self {
-            BackendHandle::Cpu => Box::new(cpu::CpuLayer::new(setup.shape.clone(), setup.dtype)),
+            BackendHandle::Cpu => Box::new(cpu::CpuLayer::new(setup.shape.clone(), setup.dtype)?),
             BackendHandle::Emu(opts) => Box::new(emu::EmuLayer::new(setup, opts)?),
             BackendHandle::Cuda(dev) => Box::new(cuda::CudaLayer::new(dev, setup)?),
         };

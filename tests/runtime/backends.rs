@@ -1,7 +1,9 @@
-//! The generated kernels, run on the emu engine, against the cpu reference: prefill in
-//! both modes, fill (compared slot by slot, bit for bit), append and decode over runs
-//! that wrap the rings, for GQA groups of 4 and 3 with different windows inside a group,
-//! MHA, head_dim 64 and 128, f16 and bf16, ragged batches, t < sink and t == C.
+//! Every backend against the candle-core reference: the generated kernels on emu (and
+//! on cuda where a GPU is present), and the cpu backend's own attention. One test body
+//! per case, run per backend: prefill in both modes, fill (compared slot by slot, bit
+//! for bit), append and decode over runs that wrap the rings, for GQA groups of 4 and 3
+//! with different windows inside a group, MHA, head_dim 64 and 128, f16 and bf16,
+//! ragged batches, t < sink and t == C.
 #![allow(clippy::unwrap_used)]
 
 use candle_core::{DType, Device, Tensor};
@@ -38,7 +40,7 @@ fn compare(name: &str, what: &str, got: &[f32], want: &[f32], dtype: Dtype) {
         let err = (gv - w as f64).abs();
         assert!(
             err <= atol + rtol * (w as f64).abs(),
-            "{name} {what}: element {i}: emu {gv} vs reference {w} (|err| {err})"
+            "{name} {what}: element {i}: got {gv} vs reference {w} (|err| {err})"
         );
         worst = worst.max(err);
     }
@@ -48,8 +50,24 @@ fn compare(name: &str, what: &str, got: &[f32], want: &[f32], dtype: Dtype) {
     );
 }
 
+/// The backends every case runs on: cpu and emu, and cuda where a GPU is present.
+fn backends() -> Vec<Backend> {
+    let mut b = vec![Backend::Cpu, Backend::Emu];
+    match moac_runtime::cuda_available() {
+        Ok(()) => b.push(Backend::Cuda),
+        Err(e) => eprintln!("not on cuda: {e}"),
+    }
+    b
+}
+
 fn run(case: &Case) {
-    let mut rng = Rng::fresh(case.name);
+    for backend in backends() {
+        run_on(case, backend);
+    }
+}
+
+fn run_on(case: &Case, backend: Backend) {
+    let mut rng = Rng::fresh(&format!("{} on {backend}", case.name));
     let (hq, hkv, d, dtype) = (case.hq, case.hkv, case.d, case.dtype);
     let b_ = case.prompt_lens.len();
     let p_ = *case.prompt_lens.iter().max().unwrap();
@@ -72,7 +90,7 @@ fn run(case: &Case) {
         );
     }
     let art = Artifact::from_lowering(&plan, &opts).unwrap();
-    let handle = BackendHandle::open(Backend::Emu, EmuOptions::default()).unwrap();
+    let handle = BackendHandle::open(backend, EmuOptions::default()).unwrap();
     let mut emu: Box<dyn LayerBackend> = handle
         .open_layer(&art.layer_setup(&shape).unwrap(), b_)
         .unwrap();
@@ -106,7 +124,13 @@ fn run(case: &Case) {
         let want = reference::prefill(&q, &k, &v, &case.prompt_lens, &shape, mode, scale).unwrap();
         let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let got = emu.prefill(&bits(&qp), &prompt, mode, scale).unwrap();
-        compare(case.name, &format!("prefill {mode:?}"), &got, &want, dtype);
+        compare(
+            case.name,
+            &format!("{backend} prefill {mode:?}"),
+            &got,
+            &want,
+            dtype,
+        );
     }
 
     emu.fill(&prompt).unwrap();
@@ -140,7 +164,13 @@ fn run(case: &Case) {
         let want =
             reference::decode(&tensor(&qd, &[b_, hq, d]), &rcache, &lens, &shape, scale).unwrap();
         let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        compare(case.name, &format!("decode step {s}"), &got, &want, dtype);
+        compare(
+            case.name,
+            &format!("{backend} decode step {s}"),
+            &got,
+            &want,
+            dtype,
+        );
         if s + 1 == case.steps {
             check_cache(
                 case.name,
