@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The one command that runs every test: installs what the tests need (NVRTC into a
-# project-local venv), then format, lint and the whole Rust test suite (which compiles
+# project-local venv, the SmolLM2-135M GGUF into models/), then format, lint and the whole Rust test suite (which compiles
 # every kernel with NVRTC, runs them on emu, and runs the emulation header's own tests).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup-nvrtc.sh
-# Tests that need NVRTC must not skip silently here.
+bash scripts/setup-model.sh
+# Tests that need NVRTC or the model must not skip silently here.
 export MOAC_REQUIRE_NVRTC=1
+export MOAC_REQUIRE_MODEL=1
 # Keep compile and emu caches inside the checkout (fresh in CI, reused locally).
 export MOAC_CACHE_DIR="${MOAC_CACHE_DIR:-$root/target/moac-cache}"
 cargo fmt --all -- --check
