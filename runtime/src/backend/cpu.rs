@@ -59,33 +59,54 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
-/// Online softmax state of one query head: running max, running sum, weighted values.
-struct Softmax<'a> {
-    max: f32,
-    sum: f32,
-    acc: &'a mut [f32],
+/// The online softmaxes of the query heads of one KV head (at most `MAX_G`), each over
+/// the keys its own window shows: running max and sum per head, weighted values summed
+/// in f32. No score buffer: one pass over the keys.
+struct GroupSoftmax {
+    state: [(f32, f32); MAX_G],
+    acc: [f32; MAX_G * MAX_D],
 }
 
-impl Softmax<'_> {
-    fn add(&mut self, score: f32, v: &[f32]) {
-        if score > self.max {
-            let c = (self.max - score).exp();
-            self.sum *= c;
-            for a in self.acc.iter_mut() {
-                *a *= c;
-            }
-            self.max = score;
-        }
-        let w = (score - self.max).exp();
-        self.sum += w;
-        for (a, &x) in self.acc.iter_mut().zip(v) {
-            *a += w * x;
+impl GroupSoftmax {
+    fn new() -> GroupSoftmax {
+        GroupSoftmax {
+            state: [(f32::NEG_INFINITY, 0.0); MAX_G],
+            acc: [0.0; MAX_G * MAX_D],
         }
     }
 
-    fn finish(self, out: &mut [f32]) {
-        let inv = if self.sum > 0.0 { 1.0 / self.sum } else { 0.0 };
-        for (o, &a) in out.iter_mut().zip(self.acc.iter()) {
+    /// Back to no keys for the first `g` heads of `d` values.
+    fn reset(&mut self, g: usize, d: usize) {
+        self.state[..g].fill((f32::NEG_INFINITY, 0.0));
+        self.acc[..g * d].fill(0.0);
+    }
+
+    /// Head `x` sees a key with `score` and value `v`.
+    fn add(&mut self, x: usize, score: f32, v: &[f32]) {
+        let d = v.len();
+        let acc = &mut self.acc[x * d..(x + 1) * d];
+        let (max, sum) = &mut self.state[x];
+        if score > *max {
+            let c = (*max - score).exp();
+            *sum *= c;
+            for a in acc.iter_mut() {
+                *a *= c;
+            }
+            *max = score;
+        }
+        let w = (score - *max).exp();
+        *sum += w;
+        for (a, &y) in acc.iter_mut().zip(v) {
+            *a += w * y;
+        }
+    }
+
+    /// Head `x`'s attention output (zeros where it saw no key).
+    fn finish(&self, x: usize, out: &mut [f32]) {
+        let d = out.len();
+        let sum = self.state[x].1;
+        let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
+        for (o, &a) in out.iter_mut().zip(&self.acc[x * d..(x + 1) * d]) {
             *o = a * inv;
         }
     }
@@ -194,11 +215,9 @@ impl LayerBackend for CpuLayer {
             let mut qf = [0f32; MAX_G * MAX_D];
             let mut kf = [0f32; MAX_D];
             let mut vf = [0f32; MAX_D];
-            let mut acc = [0f32; MAX_G * MAX_D];
+            let mut sm = GroupSoftmax::new();
             for j in 0..hkv {
-                let (acc, _) = acc.split_at_mut(g * d);
-                acc.fill(0.0);
-                let mut states: [(f32, f32); MAX_G] = [(f32::NEG_INFINITY, 0.0); MAX_G];
+                sm.reset(g, d);
                 for x in 0..g {
                     let qrow = ((b * p + i) * hq + j * g + x) * d;
                     load(&q[qrow..qrow + d], dtype, &mut qf[x * d..(x + 1) * d]);
@@ -231,25 +250,12 @@ impl LayerBackend for CpuLayer {
                             v_loaded = true;
                         }
                         let score = dot(&qf[x * d..(x + 1) * d], &kf[..d]) * scale;
-                        let (m, l) = states[x];
-                        let mut sm = Softmax {
-                            max: m,
-                            sum: l,
-                            acc: &mut acc[x * d..(x + 1) * d],
-                        };
-                        sm.add(score, &vf[..d]);
-                        states[x] = (sm.max, sm.sum);
+                        sm.add(x, score, &vf[..d]);
                     }
                 }
                 for x in 0..g {
-                    let (m, l) = states[x];
                     let h = j * g + x;
-                    Softmax {
-                        max: m,
-                        sum: l,
-                        acc: &mut acc[x * d..(x + 1) * d],
-                    }
-                    .finish(&mut o[h * d..(h + 1) * d]);
+                    sm.finish(x, &mut o[h * d..(h + 1) * d]);
                 }
             }
         });
@@ -324,8 +330,7 @@ impl LayerBackend for CpuLayer {
             let mut qf = [0f32; MAX_G * MAX_D];
             let mut kf = [0f32; MAX_D];
             let mut vf = [0f32; MAX_D];
-            let mut acc = [0f32; MAX_G * MAX_D];
-            let mut states: [(f32, f32); MAX_G] = [(f32::NEG_INFINITY, 0.0); MAX_G];
+            let mut sm = GroupSoftmax::new();
             for x in 0..g {
                 let row = (b * hq + j * g + x) * d;
                 load(&q[row..row + d], dtype, &mut qf[x * d..(x + 1) * d]);
@@ -342,24 +347,11 @@ impl LayerBackend for CpuLayer {
                         continue;
                     }
                     let score = dot(&qf[x * d..(x + 1) * d], &kf[..d]) * scale;
-                    let (m, l) = states[x];
-                    let mut sm = Softmax {
-                        max: m,
-                        sum: l,
-                        acc: &mut acc[x * d..(x + 1) * d],
-                    };
-                    sm.add(score, &vf[..d]);
-                    states[x] = (sm.max, sm.sum);
+                    sm.add(x, score, &vf[..d]);
                 }
             }
             for x in 0..g {
-                let (m, l) = states[x];
-                Softmax {
-                    max: m,
-                    sum: l,
-                    acc: &mut acc[x * d..(x + 1) * d],
-                }
-                .finish(&mut o[x * d..(x + 1) * d]);
+                sm.finish(x, &mut o[x * d..(x + 1) * d]);
             }
         });
         Ok(out)
