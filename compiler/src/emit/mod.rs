@@ -158,7 +158,13 @@ pub fn table_bytes(specs: &[KernelSpec]) -> usize {
         return specs.len() * (12 * first.num_kv_heads + 8 + 4 * first.num_query_heads);
     }
     let (rules, _) = rule_dictionary(specs);
-    16 * rules.len() + index_type(rules.len()).1 * specs.len() * first.num_query_heads
+    dictionary_bytes(rules.len(), specs.len(), first.num_query_heads)
+}
+
+/// Bytes of a rule dictionary of `rules` distinct rules (two doubles each) and the index
+/// table of `kernels` kernels of `heads` query heads.
+fn dictionary_bytes(rules: usize, kernels: usize, heads: usize) -> usize {
+    16 * rules + index_type(rules).1 * kernels * heads
 }
 
 /// The baked geometry of one kernel in a build specialized to one N, a row of its unit's
@@ -447,9 +453,7 @@ fn split_by_budget(specs: Vec<KernelSpec>, budget: usize) -> Result<Vec<Vec<Kern
                 .first()
             {
                 Some(f) if f.fixed_n.is_some() => table_bytes(current),
-                Some(f) => {
-                    16 * rules.len() + index_type(rules.len()).1 * current.len() * f.num_query_heads
-                }
+                Some(f) => dictionary_bytes(rules.len(), current.len(), f.num_query_heads),
                 None => 0,
             };
         let mut with: std::collections::HashSet<(u64, u64)> = rules.clone();
