@@ -3,7 +3,9 @@
 # NVRTC setup, a release build, `moac compile` of every example plan for sm_90,
 # `moac verify --backend cuda` (two layers of every plan, f16 and bf16, plus one larger
 # prompt), the decode benchmark (moac vs dense), then a short `moac tune --backend cuda`
-# (best configuration against the heuristic) and a compile with its database. Stops at the first failure with
+# (best configuration against the heuristic) and a compile with its database, then
+# SmolLM2-135M with attention on cuda against cpu (generate, both perplexity modes,
+# retrieval). Stops at the first failure with
 # the step's name; prints a summary and the benchmark table last.
 # Logs and artifacts go to target/gpu-check/ (and are copied to $OUT when it is set).
 # On a machine without network or Rust (the lent GPU machines): build the release
@@ -129,6 +131,37 @@ if [ -d "$big" ]; then
   step "compile with the tuning database" "$moac" compile "$big/moa_alpha_beta.json" \
     --config "$big/config.json" --arch "$arch" --layers 0 --tuning "$work/tuning.json" \
     -o "$work/artifacts-tuned"
+fi
+
+# The real model (SmolLM2-135M) with attention on cuda against cpu: generate (greedy,
+# top log-probabilities compared numerically), perplexity in both modes, retrieval.
+model="$root/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+if [ -f "$model" ] || bash scripts/setup-model.sh; then
+  step "plan uniform 50%" "$moac" plan uniform --config "$model" --alpha 0 --beta 0.5 \
+    -o "$work/uniform50.moac.json"
+  for be in cpu cuda; do
+    step "generate $be" "$moac" generate --model "$model" --plan "$work/uniform50.moac.json" \
+      --backend "$be" --chat --prompt "What is the capital of France?" --json --top-logprobs 5
+    cp "$work/logs/generate_$be.log" "$work/generate-$be.json"
+    step "perplexity prefill $be" "$moac" eval perplexity --model "$model" \
+      --plan "$work/uniform50.moac.json" --backend "$be" --text-file tests/fixtures/text/lighthouses.txt \
+      --context-len 512 --mode prefill --json
+    step "perplexity decode $be" "$moac" eval perplexity --model "$model" \
+      --plan "$work/uniform50.moac.json" --backend "$be" --text-file tests/fixtures/text/lighthouses.txt \
+      --context-len 512 --mode decode --json
+  done
+  step "retrieval passkey cuda" "$moac" eval retrieval --model "$model" \
+    --plan "$work/uniform50.moac.json" --backend cuda --task passkey --lengths 1024,2048 \
+    --samples 4 --seed 1 --svg "$work/retrieval.svg"
+  # cuda and cpu must pick the same tokens and agree on their log-probabilities.
+  step "generate cuda vs cpu" python3 - "$work/generate-cpu.json" "$work/generate-cuda.json" <<'PY'
+import json, sys
+a, b = (json.loads([l for l in open(p) if l.startswith("{")][-1]) for p in sys.argv[1:3])
+assert a["tokens"] == b["tokens"], (a["tokens"], b["tokens"])
+d = max(abs(x[1] - y[1]) for sa, sb in zip(a["top_logprobs"], b["top_logprobs"]) for x, y in zip(sa, sb))
+print(f"same {len(a['tokens'])} tokens; max |logprob diff| {d:.4f}")
+assert d < 0.05, d
+PY
 fi
 
 echo

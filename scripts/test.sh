@@ -13,8 +13,10 @@ export MOAC_REQUIRE_MODEL=1
 # Keep compile and emu caches inside the checkout (fresh in CI, reused locally).
 export MOAC_CACHE_DIR="${MOAC_CACHE_DIR:-$root/target/moac-cache}"
 cargo fmt --all -- --check
-cargo clippy --workspace --all-targets -- -D warnings
-cargo test --workspace
+# Default members: the decode benchmark (runtime/model/bench, candle-transformers) is
+# built only to benchmark.
+cargo clippy --all-targets -- -D warnings
+cargo test
 # The example model runs end to end on the cpu and emu backends (a short run).
 cargo run -q -p moac-runtime --example tiny_llama -- --backend cpu --prompt-len 512 --steps 40
 cargo run -q -p moac-runtime --example tiny_llama -- --backend emu --prompt-len 512 --steps 40

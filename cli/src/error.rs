@@ -7,6 +7,8 @@ pub enum CliError {
     Compiler(#[from] moac::Error),
     #[error(transparent)]
     Runtime(#[from] moac_runtime::Error),
+    #[error(transparent)]
+    Model(#[from] moac_model::Error),
     /// A bad argument or input file (named in the message).
     #[error("{0}")]
     Usage(String),

@@ -1,7 +1,7 @@
 //! The `moac` command: parses the command line and dispatches to [`moac_cli::commands`].
 
 use clap::{Parser, Subcommand};
-use moac_cli::commands::{compile, inspect, plan, run, tune, verify};
+use moac_cli::commands::{compile, eval, generate, inspect, plan, run, tune, verify};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -28,9 +28,15 @@ enum Command {
     /// Autotune launch configurations: check every candidate against the cpu reference
     /// (emu or cuda), time the correct ones on the GPU, save all results to a database.
     Tune(tune::TuneArgs),
-    /// Plan files: convert between forms.
+    /// Plan files: convert between forms, make uniform (StreamingLLM-style) plans.
     #[command(subcommand)]
     Plan(plan::PlanCommand),
+    /// Generate text with a real model (GGUF or Hugging Face folder), attention through
+    /// moac with a plan or dense.
+    Generate(generate::GenerateArgs),
+    /// Evaluate a real model with a plan against dense: perplexity, retrieval.
+    #[command(subcommand)]
+    Eval(eval::EvalCommand),
 }
 
 fn main() -> ExitCode {
@@ -41,6 +47,8 @@ fn main() -> ExitCode {
         Command::Run(a) => run::run(a),
         Command::Tune(a) => tune::run(a),
         Command::Plan(c) => plan::run(c),
+        Command::Generate(a) => generate::run(a),
+        Command::Eval(c) => eval::run(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -274,6 +274,61 @@ impl Runtime {
         output(o, &[batch, p, s.num_query_heads, s.head_dim], q.dtype())
     }
 
+    /// Cache fill of one layer without attention: writes each row's prompt K/V
+    /// ([B,P,Hkv,D], rows right-padded, `prompt_lens` or every row P long) into the
+    /// compacted cache, as [`Runtime::prefill`] does, for callers that need no prefill
+    /// output (a cache restored from elsewhere, a decode benchmark).
+    pub fn fill(
+        &self,
+        cache: &mut KvCache,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+        prompt_lens: Option<&[usize]>,
+    ) -> Result<()> {
+        let batch = cache.batch;
+        let max_prompt = cache.geometry.prompt_len as usize;
+        let dtype = cache.dtype;
+        let st = cache.state(layer)?;
+        let s = st.kernels.shape().clone();
+        let p = k.dims().get(1).copied().unwrap_or(0);
+        expect_dims(k, "k", &[batch, p, s.num_kv_heads, s.head_dim])?;
+        expect_dims(v, "v", &[batch, p, s.num_kv_heads, s.head_dim])?;
+        if p > max_prompt {
+            return Err(Error::PromptTooLong {
+                len: p,
+                max: max_prompt,
+            });
+        }
+        let prompt_lens = prompt_lens
+            .map(<[usize]>::to_vec)
+            .unwrap_or_else(|| vec![p; batch]);
+        if prompt_lens.len() != batch {
+            return Err(Error::shape(
+                "prompt_lens",
+                format!("{batch} rows"),
+                prompt_lens.len(),
+            ));
+        }
+        if let Some((b, &l)) = prompt_lens.iter().enumerate().find(|(_, &l)| l > p) {
+            return Err(Error::shape(
+                format!("prompt_lens[{b}]"),
+                format!("at most the padded length {p}"),
+                l,
+            ));
+        }
+        let lens: Vec<i32> = prompt_lens.iter().map(|&l| l as i32).collect();
+        let (kb, vb) = (bits_of(k, dtype)?, bits_of(v, dtype)?);
+        st.kernels.fill(&Prompt {
+            k: &kb,
+            v: &vb,
+            lens: &lens,
+            p,
+        })?;
+        st.lens = prompt_lens;
+        Ok(())
+    }
+
     /// One decode step of one layer: appends the newest token's K/V ([B,Hkv,D]) and
     /// attends with its queries ([B,Hq,D]); returns [B,Hq,D] in `q`'s dtype.
     pub fn decode_step(

@@ -213,8 +213,9 @@ fn check_plan(name: &str, layer: usize) {
                 .all(|&v| v == 0.0));
         }
     }
-    // cpu keeps f32 outputs; emu rounds its outputs to f16 (half an ulp, ~5e-4 here).
-    assert!(worst_cpu < 1e-4, "{name}: cpu vs float64: {worst_cpu}");
+    // Both backends round their outputs to f16, as the kernels write them (half an ulp:
+    // about 2.5e-4 for outputs below 1, measured 2.4e-4).
+    assert!(worst_cpu < 1e-3, "{name}: cpu vs float64: {worst_cpu}");
     assert!(worst_emu < 2e-3, "{name}: emu vs float64: {worst_emu}");
     let cross = cpu["o_decode"]
         .iter()

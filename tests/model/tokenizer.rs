@@ -10,17 +10,7 @@ use moac_model::tokenizer::Tokenizer;
 use std::path::Path;
 
 fn tokenizer() -> Option<Tokenizer> {
-    let path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !path.is_file() {
-        assert!(
-            std::env::var_os("MOAC_REQUIRE_MODEL").is_none(),
-            "{} is missing: run scripts/setup-model.sh",
-            path.display()
-        );
-        eprintln!("skipped: no {} (scripts/setup-model.sh)", path.display());
-        return None;
-    }
+    let path = moac_test_support::smollm2()?;
     Some(Tokenizer::from_gguf(&GgufMetadata::read(&path).unwrap()).unwrap())
 }
 
@@ -78,4 +68,61 @@ fn missing_and_foreign_files_are_clear_errors() {
         "{e}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The retrieval tasks' prompts: near the asked length in this tokenizer's tokens, the
+/// hidden value present where the depth says, and the answer's last integer parsed.
+#[test]
+fn retrieval_samples_hit_their_length_and_hide_the_value() {
+    use moac_model::eval::last_integer;
+    use moac_model::generate::SplitMix;
+    use moac_model::retrieval::{depths, make_sample, Task};
+    let Some(t) = tokenizer() else { return };
+    let mut rng = SplitMix::new(5);
+    for task in [Task::Passkey, Task::Lines] {
+        for target in [1024usize, 3000] {
+            for depth in depths(3) {
+                let s = make_sample(task, &t, target, depth, &mut rng).unwrap();
+                let n = t.encode(&s.user).unwrap().len();
+                assert!(
+                    n > target * 80 / 100 && n <= target,
+                    "{task:?} {target}: {n} tokens"
+                );
+                let v = s.value.to_string();
+                // Where the value sits inside the filler (the record / the haystack).
+                let (open, close) = match task {
+                    Task::Passkey => ("quiz you about it.\n\n", "\n\nWhat is the pass key?"),
+                    Task::Lines => ("record start:\n\n", "\nNow the record is over."),
+                };
+                let start = s.user.find(open).unwrap() + open.len();
+                let end = s.user.rfind(close).unwrap();
+                let needle = match task {
+                    Task::Passkey => format!("pass key is {v}."),
+                    Task::Lines => format!("is <{v}>"),
+                };
+                let at = s.user[start..].find(&needle).unwrap() as f64 / (end - start) as f64;
+                assert!(
+                    (at - depth).abs() < 0.05,
+                    "{task:?}: value at {at}, depth {depth}"
+                );
+                if task == Task::Lines {
+                    // The asked key names exactly one line, and that line holds the value.
+                    let key = s
+                        .user
+                        .rsplit("in line ")
+                        .next()
+                        .unwrap()
+                        .split('?')
+                        .next()
+                        .unwrap();
+                    let line = format!("line {key}: REGISTER_CONTENT is <{v}>");
+                    assert_eq!(s.user.matches(&format!("line {key}:")).count(), 1);
+                    assert!(s.user.contains(&line), "{line}");
+                }
+            }
+        }
+    }
+    assert_eq!(last_integer("The pass key is 71432."), Some(71432));
+    assert_eq!(last_integer("line a: 12, so <4,512>"), Some(4512));
+    assert_eq!(last_integer("no number"), None);
 }

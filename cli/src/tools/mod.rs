@@ -1,5 +1,6 @@
-//! The tools behind `moac verify`, `moac tune` and `moac run`.
+//! The tools behind `moac verify`, `moac tune` and `moac run`, and the retrieval plot.
 
 pub mod run;
+pub mod svg;
 pub mod tune;
 pub mod verify;

@@ -88,6 +88,12 @@ pub struct ValidPlan {
 
 impl ValidPlan {
     /// A short human name (the plan's folder or file stem).
+    /// The same plan under another name (reports and artifacts show it).
+    pub fn with_name(mut self, name: impl Into<String>) -> ValidPlan {
+        self.name = name.into();
+        self
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -242,4 +248,39 @@ pub fn load_str(path: &Path, text: &str, config: Option<&Path>) -> Result<ValidP
             Ok(plan)
         }
     }
+}
+
+/// Reads a plan in either form for a model whose shape the caller already knows (from a
+/// GGUF file or a model folder, say): an official MoA plan takes the shape from
+/// `model`; a moac plan file must carry the same shape. `model_source` names where the
+/// shape came from in errors.
+pub fn load_for_model(plan: &Path, model: ModelShape, model_source: &Path) -> Result<ValidPlan> {
+    let text = read(plan)?;
+    match parse::parse_plan(plan, &text)? {
+        parse::Parsed::Moa(raw) => {
+            let mut p = validate::validate_moa(plan, raw, model, Settings::default())?;
+            p.name = plan_name(plan);
+            Ok(p)
+        }
+        parse::Parsed::Moac(file) => {
+            let p = validate::validate_moac(plan, *file)?;
+            if p.model != model {
+                return Err(Error::Config {
+                    path: model_source.to_path_buf(),
+                    message: format!(
+                        "disagrees with the geometry in {}: the model has {:?}, the plan has {:?}",
+                        plan.display(),
+                        model,
+                        p.model
+                    ),
+                });
+            }
+            Ok(p)
+        }
+    }
+}
+
+/// The attention shape in a Hugging Face `config.json`.
+pub fn read_config_shape(config: &Path) -> Result<ModelShape> {
+    parse::parse_config(config, &read(config)?)?.shape(config)
 }

@@ -1,12 +1,22 @@
-//! moac-model: Llama-family models for moac. This first part reads a GGUF file's
-//! metadata ([`gguf`]) and builds the model's tokenizer from it ([`tokenizer`]): GPT-2
-//! byte-level BPE with the pre-tokenizer the file names (`smollm`, `llama-bpe`, ...),
-//! control tokens matched as whole strings. The forward pass and the commands that run
-//! models through `moac-runtime` build on it.
+//! moac-model: Llama-family models run through moac. A model comes from a GGUF file or a
+//! Hugging Face folder ([`weights`], [`gguf`]), with its tokenizer ([`tokenizer`]) and
+//! chat template ([`chat`]) ([`model::Model`] bundles them); [`llama`] is the forward
+//! pass, whose attention goes through [`attention::Attention`]: moac's compacted cache
+//! on any backend, or the plain dense reference. [`generate`] samples text, [`eval`]
+//! measures perplexity and [`retrieval`] makes MoA's retrieval tasks.
 
+pub mod attention;
+pub mod chat;
+pub mod eval;
+pub mod generate;
 pub mod gguf;
 pub mod llama;
+pub mod model;
+pub mod retrieval;
 pub mod tokenizer;
+pub mod weights;
+
+pub use model::Model;
 
 use std::path::PathBuf;
 
@@ -34,6 +44,21 @@ pub enum Error {
     Unsupported { path: PathBuf, message: String },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    #[error("{0}")]
+    Template(String),
+    /// A plan made for another model shape.
+    #[error("{plan}: {message}")]
+    PlanMismatch { plan: PathBuf, message: String },
+    /// A sequence longer than the model (or the cache) takes.
+    #[error("{what}: {len} tokens, more than the {max} the model takes")]
+    TooLong {
+        what: String,
+        len: usize,
+        max: usize,
+    },
+    /// A call that cannot be carried out as asked.
+    #[error("{0}")]
+    Usage(String),
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
     #[error(transparent)]

@@ -1,18 +1,29 @@
-//! A Llama-family model from a GGUF file, run on the CPU with its attention through
-//! `moac-runtime`: embeddings, RMSNorm, Q/K/V with interleaved RoPE (GGUF's llama
-//! weights are permuted for it), attention over the compacted KV cache (the plan's
-//! sparse prefill, then decode steps), SwiGLU MLP, tied or separate LM head. Quantized
-//! matrices stay quantized (candle's `QMatMul`); the embedding table is dequantized.
+//! A Llama-family model run on the CPU with its attention behind [`Attention`] (moac's
+//! compacted cache through `moac-runtime`, or the plain dense reference):
+//! embeddings, RMSNorm, Q/K/V with RoPE (interleaved for GGUF's permuted llama weights,
+//! half-split for Hugging Face weights; per-row positions), SwiGLU MLP, tied or separate
+//! LM head. Quantized GGUF matrices stay quantized (candle's `QMatMul`) unless f32
+//! weights are asked for; Hugging Face weights are held in f32.
 
-use crate::gguf::GgufMetadata;
+use crate::attention::Attention;
+use crate::weights::{WeightMode, Weights, WeightsSource};
 use crate::{Error, Result};
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor, D};
 use moac::plan::{ModelShape, Settings, ValidPlan};
-use moac_runtime::{DecodeOptions, KvCache, PrefillMode, PrefillOptions, Runtime};
 use std::path::Path;
 
-/// The attention and size figures of a Llama model.
+/// How RoPE pairs the features of a head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Pairs (2i, 2i+1): GGML's "norm" mode, for GGUF llama weights (the converter
+    /// permuted the Q/K rows for it).
+    Interleaved,
+    /// Pairs (i, i + D/2): Hugging Face's `rotate_half`.
+    HalfSplit,
+}
+
+/// The size and attention figures of a Llama model.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LlamaConfig {
     pub num_layers: usize,
@@ -20,12 +31,16 @@ pub struct LlamaConfig {
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
+    pub vocab_size: usize,
     pub rope_theta: f32,
     pub rms_eps: f32,
+    /// The longest sequence the model was trained for.
     pub context_len: usize,
+    pub rope: RopeStyle,
 }
 
 impl LlamaConfig {
+    /// The attention shape a plan for this model must have.
     pub fn shape(&self) -> ModelShape {
         ModelShape {
             num_layers: self.num_layers,
@@ -36,16 +51,16 @@ impl LlamaConfig {
     }
 }
 
-struct Layer {
-    attn_norm: Tensor,
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
-    ffn_norm: Tensor,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+pub(crate) struct Layer {
+    pub attn_norm: Tensor,
+    pub wq: QMatMul,
+    pub wk: QMatMul,
+    pub wv: QMatMul,
+    pub wo: QMatMul,
+    pub ffn_norm: Tensor,
+    pub gate: QMatMul,
+    pub up: QMatMul,
+    pub down: QMatMul,
 }
 
 /// A loaded model.
@@ -55,136 +70,80 @@ pub struct Llama {
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: QMatMul,
-}
-
-fn model_err(path: &Path, message: impl std::fmt::Display) -> Error {
-    Error::Format {
-        path: path.to_path_buf(),
-        message: message.to_string(),
-    }
+    /// cos / sin of every position up to the context length, [context, D/2].
+    cos: Tensor,
+    sin: Tensor,
 }
 
 impl Llama {
-    /// Loads a Llama-architecture GGUF file. `f32_weights`: dequantize every matrix to
-    /// f32 (exact products, 4 bytes a weight) instead of keeping it quantized (candle's
-    /// quantized CPU matmul also quantizes the activations to 8 bits, which moves logits
-    /// by a few tenths).
-    pub fn from_gguf(path: &Path, f32_weights: bool) -> Result<Llama> {
-        let meta = GgufMetadata::read(path)?;
-        let arch = meta.string("general.architecture")?;
-        if arch != "llama" {
-            return Err(Error::Unsupported {
-                path: path.to_path_buf(),
-                message: format!("architecture {arch:?} (moac runs llama)"),
-            });
-        }
-        let key = |k: &str| format!("llama.{k}");
-        let num_heads = meta.u32(&key("attention.head_count"))? as usize;
-        let hidden = meta.u32(&key("embedding_length"))? as usize;
-        let f32_of = |k: &str, default: f32| -> Result<f32> {
-            match meta.get(&key(k)) {
-                Some(v) => v.to_f32().map_err(|e| model_err(path, format!("{k}: {e}"))),
-                None => Ok(default),
+    /// Loads a GGUF file or a Hugging Face model folder. `mode`: how GGUF matrices
+    /// are held (f32 gives exact products; candle's quantized CPU matmul rounds the
+    /// activations to 8 bits, which moves logits by a few tenths).
+    pub fn load(path: &Path, mode: WeightMode) -> Result<Llama> {
+        let mut src = WeightsSource::open(path)?;
+        let config = src.config()?;
+        let w = Weights::read(&mut src, &config, mode)?;
+        Llama::from_weights(config, w)
+    }
+
+    fn from_weights(config: LlamaConfig, w: Weights) -> Result<Llama> {
+        let half = config.head_dim / 2;
+        let theta = config.rope_theta as f64;
+        let positions = config.context_len.max(1);
+        let mut cos = Vec::with_capacity(positions * half);
+        let mut sin = Vec::with_capacity(positions * half);
+        let inv: Vec<f64> = (0..half)
+            .map(|i| theta.powf(-2.0 * i as f64 / config.head_dim as f64))
+            .collect();
+        for p in 0..positions {
+            for f in &inv {
+                let a = p as f64 * f;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
             }
-        };
-        let config = LlamaConfig {
-            num_layers: meta.u32(&key("block_count"))? as usize,
-            hidden,
-            num_heads,
-            num_kv_heads: meta
-                .u32(&key("attention.head_count_kv"))
-                .map(|v| v as usize)
-                .unwrap_or(num_heads),
-            head_dim: hidden / num_heads.max(1),
-            rope_theta: f32_of("rope.freq_base", 10000.0)?,
-            rms_eps: f32_of("attention.layer_norm_rms_epsilon", 1e-5)?,
-            context_len: meta
-                .u32(&key("context_length"))
-                .map(|v| v as usize)
-                .unwrap_or(4096),
-        };
-        let mut file = std::fs::File::open(path).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let dev = Device::Cpu;
-        let content = meta.content();
-        let mut q = |name: &str| {
-            content
-                .tensor(&mut file, name, &dev)
-                .map_err(|e| model_err(path, format!("tensor {name}: {e}")))
-        };
-        let mut qmm = |name: &str| -> Result<QMatMul> {
-            let t = q(name)?;
-            if f32_weights {
-                return Ok(QMatMul::Tensor(
-                    t.dequantize(&Device::Cpu)
-                        .map_err(|e| model_err(path, format!("{name}: {e}")))?,
-                ));
-            }
-            QMatMul::from_qtensor(t).map_err(|e| model_err(path, format!("{name}: {e}")))
-        };
-        let mut layers = Vec::with_capacity(config.num_layers);
-        for i in 0..config.num_layers {
-            let t = |n: &str| format!("blk.{i}.{n}.weight");
-            layers.push(Layer {
-                attn_norm: Tensor::new(&[0f32], &dev)?,
-                wq: qmm(&t("attn_q"))?,
-                wk: qmm(&t("attn_k"))?,
-                wv: qmm(&t("attn_v"))?,
-                wo: qmm(&t("attn_output"))?,
-                ffn_norm: Tensor::new(&[0f32], &dev)?,
-                gate: qmm(&t("ffn_gate"))?,
-                up: qmm(&t("ffn_up"))?,
-                down: qmm(&t("ffn_down"))?,
-            });
         }
-        let mut dense = |name: &str| -> Result<Tensor> {
-            content
-                .tensor(&mut file, name, &dev)
-                .and_then(|t| t.dequantize(&dev))
-                .map_err(|e| model_err(path, format!("tensor {name}: {e}")))
-        };
-        for (i, l) in layers.iter_mut().enumerate() {
-            l.attn_norm = dense(&format!("blk.{i}.attn_norm.weight"))?;
-            l.ffn_norm = dense(&format!("blk.{i}.ffn_norm.weight"))?;
-        }
-        let embed = dense("token_embd.weight")?;
-        let norm = dense("output_norm.weight")?;
-        let head_name = if content.tensor_infos.contains_key("output.weight") {
-            "output.weight"
-        } else {
-            "token_embd.weight"
-        };
-        let head = content
-            .tensor(&mut file, head_name, &dev)
-            .map_err(|e| model_err(path, format!("tensor {head_name}: {e}")))?;
-        let lm_head = if f32_weights {
-            QMatMul::Tensor(head.dequantize(&dev)?)
-        } else {
-            QMatMul::from_qtensor(head).map_err(|e| model_err(path, e))?
-        };
         Ok(Llama {
             config,
-            embed,
-            layers,
-            norm,
-            lm_head,
+            embed: w.embed,
+            layers: w.layers,
+            norm: w.norm,
+            lm_head: w.lm_head,
+            cos: Tensor::from_vec(cos, (positions, half), &Device::Cpu)?,
+            sin: Tensor::from_vec(sin, (positions, half), &Device::Cpu)?,
         })
     }
 
-    /// A plan that gives every head the whole sequence (`--dense`).
+    /// A plan that gives every head the whole sequence (`--dense`): the same kernels,
+    /// every span = N.
     pub fn dense_plan(&self, name: &Path) -> Result<ValidPlan> {
-        let c = &self.config;
-        let alphas = vec![vec![1e12; c.num_heads]; c.num_layers];
-        let betas = vec![vec![0.0; c.num_heads]; c.num_layers];
-        Ok(moac::plan::validate(
-            name,
-            c.shape(),
-            Settings::default(),
-            &alphas,
-            &betas,
-        )?)
+        let label = name.display().to_string();
+        Ok(
+            uniform_plan(name, self.config.shape(), 1e12, 0.0, Settings::default())?
+                .with_name(label),
+        )
+    }
+
+    /// Checks that `plan` was made for this model's attention shape.
+    pub fn check_plan(&self, plan: &ValidPlan) -> Result<()> {
+        let want = self.config.shape();
+        let got = *plan.model();
+        if want != got {
+            return Err(Error::PlanMismatch {
+                plan: plan.source().to_path_buf(),
+                message: format!(
+                    "the plan is for {} layers x {} query heads ({} KV heads, head_dim {}); the model has {} layers x {} query heads ({} KV heads, head_dim {})",
+                    got.num_layers,
+                    got.num_query_heads,
+                    got.num_kv_heads,
+                    got.head_dim,
+                    want.num_layers,
+                    want.num_query_heads,
+                    want.num_kv_heads,
+                    want.head_dim
+                ),
+            });
+        }
+        Ok(())
     }
 
     fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
@@ -193,82 +152,170 @@ impl Llama {
         Ok(x.broadcast_mul(&inv)?.broadcast_mul(w)?)
     }
 
-    /// Interleaved RoPE over `x` [T, H, D] for positions `pos..pos + T`: pairs (2i, 2i+1)
-    /// rotate by `p * theta^(-2i/D)`.
-    fn rope(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
-        let (t, h, d) = x.dims3()?;
-        let half = d / 2;
-        let theta = self.config.rope_theta as f64;
-        let mut cos = Vec::with_capacity(t * half);
-        let mut sin = Vec::with_capacity(t * half);
-        for p in pos..pos + t {
-            for i in 0..half {
-                let a = p as f64 * theta.powf(-2.0 * i as f64 / d as f64);
-                cos.push(a.cos() as f32);
-                sin.push(a.sin() as f32);
-            }
+    /// cos / sin for `positions` laid out [rows, T, 1, D/2] (`positions` is rows * T
+    /// long, row-major).
+    fn rope_tables(&self, positions: &[usize], rows: usize) -> Result<(Tensor, Tensor)> {
+        let limit = self.config.context_len;
+        if let Some(&p) = positions.iter().find(|&&p| p >= limit) {
+            return Err(Error::TooLong {
+                what: format!("position {p}"),
+                len: p + 1,
+                max: limit,
+            });
         }
-        let cos = Tensor::from_vec(cos, (t, 1, half, 1), &Device::Cpu)?;
-        let sin = Tensor::from_vec(sin, (t, 1, half, 1), &Device::Cpu)?;
-        let x = x.reshape((t, h, half, 2))?;
-        let (x0, x1) = (x.narrow(3, 0, 1)?, x.narrow(3, 1, 1)?);
-        let r0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
-        let r1 = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
-        Ok(Tensor::cat(&[r0, r1], 3)?.reshape((t, h, d))?)
+        let idx: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
+        let idx = Tensor::new(idx.as_slice(), &Device::Cpu)?;
+        let t = positions.len() / rows.max(1);
+        let half = self.config.head_dim / 2;
+        let cos = self
+            .cos
+            .index_select(&idx, 0)?
+            .reshape((rows, t, 1, half))?;
+        let sin = self
+            .sin
+            .index_select(&idx, 0)?
+            .reshape((rows, t, 1, half))?;
+        Ok((cos, sin))
     }
 
-    /// Runs `tokens` at positions `pos..`: a prefill of the prompt when `pos == 0`
-    /// (any length), else one decode step (one token). Returns logits [T, vocab] (f32).
-    pub fn forward(
+    /// RoPE over `x` [B, T, H, D] with tables [B or 1, T, 1, D/2].
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let (b, t, h, d) = x.dims4()?;
+        let half = d / 2;
+        match self.config.rope {
+            RopeStyle::Interleaved => {
+                let x = x.reshape((b, t, h, half, 2))?;
+                let (cos, sin) = (cos.unsqueeze(4)?, sin.unsqueeze(4)?);
+                let (x0, x1) = (x.narrow(4, 0, 1)?, x.narrow(4, 1, 1)?);
+                let r0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
+                let r1 = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
+                Ok(Tensor::cat(&[r0, r1], 4)?.reshape((b, t, h, d))?)
+            }
+            RopeStyle::HalfSplit => {
+                let (x0, x1) = (x.narrow(3, 0, half)?, x.narrow(3, half, half)?);
+                let r0 = (x0.broadcast_mul(cos)? - x1.broadcast_mul(sin)?)?;
+                let r1 = (x1.broadcast_mul(cos)? + x0.broadcast_mul(sin)?)?;
+                Ok(Tensor::cat(&[r0, r1], 3)?)
+            }
+        }
+    }
+
+    /// Runs the layers over `tokens` [B, T] at `positions` (B * T, row-major);
+    /// `attend(layer, q, k, v)` with q [B,T,Hq,D], k/v [B,T,Hkv,D] returns the attention
+    /// output [B,T,Hq,D]. Returns the final normed hidden states [B, T, hidden].
+    fn run_layers(
         &self,
-        rt: &Runtime,
-        cache: &mut KvCache,
         tokens: &[u32],
-        pos: usize,
+        b: usize,
+        positions: &[usize],
+        attend: &mut dyn FnMut(usize, Tensor, Tensor, Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let c = &self.config;
-        let t = tokens.len();
-        if t == 0 || (pos > 0 && t != 1) {
-            return Err(Error::Tokenizer(format!(
-                "forward takes a whole prompt at position 0 or one token after it (got {t} at {pos})"
+        let t = tokens.len() / b;
+        if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= c.vocab_size) {
+            return Err(Error::Usage(format!(
+                "token id {bad} is outside the vocabulary ({} ids)",
+                c.vocab_size
             )));
         }
+        let (cos, sin) = self.rope_tables(positions, b)?;
         let ids = Tensor::new(tokens, &Device::Cpu)?;
         let mut x = self.embed.index_select(&ids, 0)?;
         for (l, w) in self.layers.iter().enumerate() {
             let h = self.rms_norm(&x, &w.attn_norm)?;
-            let q = self.rope(
-                &w.wq.forward(&h)?.reshape((t, c.num_heads, c.head_dim))?,
-                pos,
-            )?;
-            let k = self.rope(
-                &w.wk.forward(&h)?.reshape((t, c.num_kv_heads, c.head_dim))?,
-                pos,
-            )?;
-            let v = w.wv.forward(&h)?.reshape((t, c.num_kv_heads, c.head_dim))?;
-            let attn = if pos == 0 {
-                let opts = PrefillOptions::default().mode(PrefillMode::Block64);
-                rt.prefill(
-                    cache,
-                    l,
-                    &q.unsqueeze(0)?,
-                    &k.unsqueeze(0)?,
-                    &v.unsqueeze(0)?,
-                    &opts,
-                )?
-                .squeeze(0)?
-            } else {
-                rt.decode_step(cache, l, &q, &k, &v, &DecodeOptions::default())?
-            };
-            let attn = attn
+            let q = w.wq.forward(&h)?.reshape((b, t, c.num_heads, c.head_dim))?;
+            let k =
+                w.wk.forward(&h)?
+                    .reshape((b, t, c.num_kv_heads, c.head_dim))?;
+            let v =
+                w.wv.forward(&h)?
+                    .reshape((b, t, c.num_kv_heads, c.head_dim))?;
+            let q = self.rope(&q, &cos, &sin)?;
+            let k = self.rope(&k, &cos, &sin)?;
+            let attn = attend(l, q, k, v)?
                 .to_dtype(DType::F32)?
-                .reshape((t, c.num_heads * c.head_dim))?;
+                .reshape((b * t, c.num_heads * c.head_dim))?;
             x = (x + w.wo.forward(&attn)?)?;
             let h = self.rms_norm(&x, &w.ffn_norm)?;
             let gate = w.gate.forward(&h)?;
             x = (x + w.down.forward(&(gate.silu()? * w.up.forward(&h)?)?)?)?;
         }
-        let x = self.rms_norm(&x, &self.norm)?;
-        Ok(self.lm_head.forward(&x)?)
+        Ok(self.rms_norm(&x, &self.norm)?.reshape((b, t, c.hidden))?)
     }
+
+    /// Prefill of a batch of prompts (different lengths allowed; each at positions
+    /// 0..len): every layer's attention through `attn` (which also fills its cache).
+    /// Returns the final hidden states [B, P, hidden] (P = the longest prompt; a row's
+    /// positions past its length hold nothing meaningful).
+    pub fn prefill(&self, attn: &mut dyn Attention, prompts: &[&[u32]]) -> Result<Tensor> {
+        if prompts.is_empty() {
+            return Err(Error::Usage("no prompt".into()));
+        }
+        if let Some(row) = prompts.iter().position(|p| p.is_empty()) {
+            return Err(Error::Usage(format!("prompt {row} is empty")));
+        }
+        let b = prompts.len();
+        let p = prompts.iter().map(|r| r.len()).max().unwrap_or(0);
+        let lens: Vec<usize> = prompts.iter().map(|r| r.len()).collect();
+        let mut tokens = Vec::with_capacity(b * p);
+        let mut positions = Vec::with_capacity(b * p);
+        for row in prompts {
+            tokens.extend_from_slice(row);
+            tokens.resize(tokens.len() + p - row.len(), 0);
+            positions.extend(0..p);
+        }
+        self.run_layers(&tokens, b, &positions, &mut |l, q, k, v| {
+            attn.prefill(l, &q, &k, &v, &lens)
+        })
+    }
+
+    /// One decode step: row b's `tokens[b]` at `positions[b]` (the row's cache holds
+    /// exactly the tokens before it). Returns the final hidden states [B, hidden].
+    pub fn decode(
+        &self,
+        attn: &mut dyn Attention,
+        tokens: &[u32],
+        positions: &[usize],
+    ) -> Result<Tensor> {
+        if tokens.len() != positions.len() || tokens.is_empty() {
+            return Err(Error::Usage(format!(
+                "decode takes one token and one position per row (got {} tokens, {} positions)",
+                tokens.len(),
+                positions.len()
+            )));
+        }
+        let b = tokens.len();
+        let h = self.run_layers(tokens, b, positions, &mut |l, q, k, v| {
+            Ok(attn
+                .decode(l, &q.squeeze(1)?, &k.squeeze(1)?, &v.squeeze(1)?)?
+                .unsqueeze(1)?)
+        })?;
+        Ok(h.squeeze(1)?)
+    }
+
+    /// The logits [.., vocab] (f32) of final hidden states [.., hidden].
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let dims = hidden.dims().to_vec();
+        let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+        let flat = hidden.reshape((rows, self.config.hidden))?;
+        let mut out_dims = dims;
+        if let Some(last) = out_dims.last_mut() {
+            *last = self.config.vocab_size;
+        }
+        Ok(self.lm_head.forward(&flat)?.reshape(out_dims)?)
+    }
+}
+
+/// A StreamingLLM-style plan: every head of every layer gets S = alpha + beta * N.
+pub fn uniform_plan(
+    name: &Path,
+    shape: ModelShape,
+    alpha: f64,
+    beta: f64,
+    settings: Settings,
+) -> Result<ValidPlan> {
+    let alphas = vec![vec![alpha; shape.num_query_heads]; shape.num_layers];
+    let betas = vec![vec![beta; shape.num_query_heads]; shape.num_layers];
+    let label = name.display().to_string();
+    Ok(moac::plan::validate(name, shape, settings, &alphas, &betas)?.with_name(label))
 }

@@ -6,6 +6,7 @@
 
 use crate::gguf::GgufMetadata;
 use crate::{Error, Result};
+use std::path::Path;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -135,6 +136,87 @@ impl Tokenizer {
             stop,
             add_bos,
         })
+    }
+
+    /// The tokenizer of a Hugging Face folder: `tokenizer.json`, with the special ids
+    /// from `config.json` / `generation_config.json` (`bos_token_id`, `eos_token_id`:
+    /// one id or a list) and whether a BOS is added from what the tokenizer's
+    /// post-processor puts around an empty text.
+    pub fn from_hf_dir(dir: &Path) -> Result<Tokenizer> {
+        let file = dir.join("tokenizer.json");
+        if !file.is_file() {
+            return Err(Error::Io {
+                path: file,
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "not found"),
+            });
+        }
+        let inner = tokenizers::Tokenizer::from_file(&file).map_err(|e| Error::Format {
+            path: file.clone(),
+            message: e.to_string(),
+        })?;
+        let mut bos = None;
+        let mut stop = Vec::new();
+        for name in ["generation_config.json", "config.json"] {
+            let path = dir.join(name);
+            if !path.is_file() {
+                continue;
+            }
+            let json = crate::weights::read_json(&path)?;
+            if bos.is_none() {
+                bos = json
+                    .get("bos_token_id")
+                    .and_then(|v| v.as_u64())
+                    .map(|v| v as u32);
+            }
+            let ids: Vec<u32> = match json.get("eos_token_id") {
+                Some(serde_json::Value::Array(a)) => a
+                    .iter()
+                    .filter_map(|v| v.as_u64())
+                    .map(|v| v as u32)
+                    .collect(),
+                Some(v) => v.as_u64().map(|v| v as u32).into_iter().collect(),
+                None => Vec::new(),
+            };
+            for id in ids {
+                if !stop.contains(&id) {
+                    stop.push(id);
+                }
+            }
+        }
+        let empty = inner
+            .encode("", true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let add_bos = bos.is_some_and(|b| empty.get_ids().first() == Some(&b));
+        Ok(Tokenizer {
+            inner,
+            bos,
+            stop,
+            add_bos,
+        })
+    }
+
+    /// Writes the tokenizer as a Hugging Face `tokenizer.json`.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        self.inner
+            .save(path, false)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))
+    }
+
+    /// The string of one token id (control tokens by their text), if the id exists.
+    pub fn token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    /// The ids of `text` as a prompt: a BOS first where the model expects one (and the
+    /// text does not start with it).
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = self.encode(text)?;
+        if let (true, Some(b)) = (self.add_bos, self.bos) {
+            if ids.first() != Some(&b) {
+                ids.insert(0, b);
+            }
+        }
+        Ok(ids)
     }
 
     /// The ids of `text`; control-token strings in it become their ids.

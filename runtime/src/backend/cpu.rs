@@ -55,6 +55,14 @@ fn load(row: &[u16], dtype: Dtype, out: &mut [f32]) {
     }
 }
 
+/// Rounds outputs to the storage dtype, as the kernels write O (so every backend returns
+/// the same values, and a model run through cpu matches one through emu or cuda).
+fn round_to(out: &mut [f32], dtype: Dtype) {
+    for x in out.iter_mut() {
+        *x = super::from_bits(super::to_bits(*x, dtype), dtype);
+    }
+}
+
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
@@ -259,6 +267,7 @@ impl LayerBackend for CpuLayer {
                 }
             }
         });
+        round_to(&mut out, self.dtype);
         Ok(out)
     }
 
@@ -354,6 +363,7 @@ impl LayerBackend for CpuLayer {
                 sm.finish(x, &mut o[x * d..(x + 1) * d]);
             }
         });
+        round_to(&mut out, self.dtype);
         Ok(out)
     }
 

@@ -199,3 +199,20 @@ pub fn max_abs_diff(a: &[f32], b: &[f64]) -> f64 {
         .map(|(&x, &y)| (x as f64 - y).abs())
         .fold(0.0, f64::max)
 }
+
+/// The SmolLM2-135M GGUF that `scripts/setup-model.sh` installs, if present. Where
+/// MOAC_REQUIRE_MODEL is set (scripts/test.sh sets it) its absence fails the test
+/// instead of skipping it.
+pub fn smollm2() -> Option<PathBuf> {
+    let path = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if path.is_file() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var_os("MOAC_REQUIRE_MODEL").is_none(),
+        "{} is missing: run scripts/setup-model.sh",
+        path.display()
+    );
+    eprintln!("skipped: no {}", path.display());
+    None
+}

@@ -1,0 +1,268 @@
+//! `moac eval perplexity` and `moac eval retrieval`: dense against MoA on a real model.
+
+use super::model::{mib, plan_for, progress_bar, ModelArgs};
+use super::parse;
+use crate::{CliError, Result};
+use clap::{Args, Subcommand};
+use moac::ValidPlan;
+use moac_model::eval::{last_integer, perplexity, PplMode, PplOptions};
+use moac_model::generate::{generate, GenerateOptions, SplitMix};
+use moac_model::retrieval::{self, Task};
+use std::path::{Path, PathBuf};
+
+#[derive(Subcommand)]
+pub enum EvalCommand {
+    /// Perplexity of a text in windows of --context-len tokens.
+    Perplexity(PerplexityArgs),
+    /// Retrieval accuracy (LongEval lines, or a pass key) at several input lengths, for
+    /// every plan given and dense.
+    Retrieval(RetrievalArgs),
+}
+
+#[derive(Args)]
+pub struct PerplexityArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long, conflicts_with = "dense")]
+    pub plan: Option<PathBuf>,
+    #[arg(long)]
+    pub dense: bool,
+    /// The text to score.
+    #[arg(long)]
+    pub text_file: PathBuf,
+    /// Tokens per window (each window is its own sequence).
+    #[arg(long)]
+    pub context_len: usize,
+    /// prefill: every position from the prefill; decode: the second half of each window
+    /// fed through decode steps (teacher forcing).
+    #[arg(long, value_parser = parse::<PplMode>, default_value = "prefill")]
+    pub mode: PplMode,
+    /// Added to N = context_len when sizing the cache and the spans.
+    #[arg(long, default_value_t = 0)]
+    pub max_new_tokens: usize,
+    /// Score at most this many windows.
+    #[arg(long)]
+    pub max_windows: Option<usize>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct RetrievalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// A plan to compare (repeat for several); dense is always run alongside.
+    #[arg(long)]
+    pub plan: Vec<PathBuf>,
+    /// Run dense (the default when no plan is given; always run with plans).
+    #[arg(long)]
+    pub dense: bool,
+    #[arg(long, value_parser = parse::<Task>)]
+    pub task: Task,
+    /// Input lengths in tokens, comma-separated.
+    #[arg(long, value_parser = retrieval::parse_length, value_delimiter = ',', default_value = "1024,2048,4096")]
+    pub lengths: Vec<usize>,
+    /// Samples per length (their hidden items spread over the input's depth).
+    #[arg(long, default_value_t = 8)]
+    pub samples: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// The start of the answer, put in the assistant's turn (default: the task's own,
+    /// e.g. "The pass key is"; "" for none).
+    #[arg(long)]
+    pub answer_prefix: Option<String>,
+    /// Tokens the answer may take.
+    #[arg(long, default_value_t = 16)]
+    pub max_new_tokens: usize,
+    /// Write a plot of accuracy against length (SVG).
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(c: EvalCommand) -> Result<()> {
+    match c {
+        EvalCommand::Perplexity(a) => run_perplexity(a),
+        EvalCommand::Retrieval(a) => run_retrieval(a),
+    }
+}
+
+fn run_perplexity(a: PerplexityArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&a.text_file)
+        .map_err(|e| CliError::Usage(format!("{}: {e}", a.text_file.display())))?;
+    let model = a.model.load()?;
+    let plan = super::model::plan_or_dense(&model, a.plan.as_deref(), a.dense)?;
+    let tokens = model.prompt(&text)?;
+    let rt = a.model.runtime(&plan)?;
+    let bar = progress_bar(!a.json, "perplexity");
+    let r = perplexity(
+        &model.llama,
+        a.model.engine(&rt),
+        &tokens,
+        &PplOptions {
+            context_len: a.context_len,
+            mode: a.mode,
+            extra_new_tokens: a.max_new_tokens,
+            max_windows: a.max_windows,
+        },
+        &mut |done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        },
+    )?;
+    bar.finish_and_clear();
+    if a.json {
+        let mut o = serde_json::to_value(r).map_err(|e| CliError::Usage(e.to_string()))?;
+        o["plan"] = serde_json::json!(plan.name());
+        o["mode"] = serde_json::json!(format!("{:?}", a.mode).to_lowercase());
+        o["context_len"] = serde_json::json!(a.context_len);
+        println!("{o}");
+    } else {
+        println!(
+            "{}: {} tokens scored in {} windows of {} ({:?} mode): nll {:.4}, ppl {:.3}; KV cache {} ({:.1}% of dense)",
+            plan.name(),
+            r.tokens,
+            r.windows,
+            a.context_len,
+            a.mode,
+            r.nll,
+            r.ppl,
+            mib(r.kv_bytes),
+            100.0 * r.kv_bytes as f64 / r.dense_kv_bytes.max(1) as f64
+        );
+    }
+    Ok(())
+}
+
+/// One compared configuration's results: accuracy per length.
+#[derive(serde::Serialize)]
+struct Series {
+    plan: String,
+    /// Per length: correct samples.
+    correct: Vec<usize>,
+    accuracy: Vec<f64>,
+    /// Per length: KV bytes of one sample's cache and a dense one.
+    kv_bytes: Vec<u64>,
+    dense_kv_bytes: Vec<u64>,
+}
+
+fn run_retrieval(a: RetrievalArgs) -> Result<()> {
+    retrieval::check_samples(a.samples)?;
+    let model = a.model.load()?;
+    let mut plans: Vec<ValidPlan> = Vec::new();
+    plans.push(model.llama.dense_plan(Path::new("dense"))?);
+    for p in &a.plan {
+        plans.push(plan_for(&model, p)?);
+    }
+    let prefix = a
+        .answer_prefix
+        .clone()
+        .unwrap_or_else(|| a.task.default_answer_prefix().to_string());
+    let limit = model.llama.config.context_len;
+    // The samples, the same for every plan.
+    let mut rng = SplitMix::new(a.seed);
+    let mut samples = Vec::new();
+    for &len in &a.lengths {
+        let mut row = Vec::new();
+        for depth in retrieval::depths(a.samples) {
+            let s = retrieval::make_sample(a.task, &model.tokenizer, len, depth, &mut rng)?;
+            let ids = model.chat_prompt(&s.user, &prefix)?;
+            if ids.len() + a.max_new_tokens > limit {
+                return Err(CliError::Usage(format!(
+                    "length {len}: the prompt takes {} tokens, with --max-new-tokens {} more than the {limit} the model takes",
+                    ids.len(),
+                    a.max_new_tokens
+                )));
+            }
+            row.push((s, ids));
+        }
+        samples.push(row);
+    }
+    let bar = progress_bar(!a.json, &format!("retrieval {}", a.task.name()));
+    bar.set_length((plans.len() * a.lengths.len() * a.samples) as u64);
+    let mut series = Vec::new();
+    for plan in &plans {
+        let rt = a.model.runtime(plan)?;
+        let engine = a.model.engine(&rt);
+        let mut s = Series {
+            plan: plan.name().to_string(),
+            correct: Vec::new(),
+            accuracy: Vec::new(),
+            kv_bytes: Vec::new(),
+            dense_kv_bytes: Vec::new(),
+        };
+        for row in &samples {
+            let mut ok = 0;
+            let (mut kv, mut dense) = (0, 0);
+            for (sample, ids) in row {
+                let mut attn = engine.open(1, ids.len(), a.max_new_tokens)?;
+                let opts = GenerateOptions {
+                    max_new_tokens: a.max_new_tokens,
+                    stop: model.tokenizer.stop.clone(),
+                    ..GenerateOptions::default()
+                };
+                let out = generate(&model.llama, attn.as_mut(), &[ids], &opts, &mut |_, _| {})?;
+                let answer = model.tokenizer.decode(&out.rows[0].tokens, false)?;
+                if last_integer(&answer) == Some(sample.value) {
+                    ok += 1;
+                }
+                kv = attn.kv_bytes();
+                dense = attn.dense_kv_bytes();
+                bar.inc(1);
+            }
+            s.correct.push(ok);
+            s.accuracy.push(ok as f64 / a.samples as f64);
+            s.kv_bytes.push(kv);
+            s.dense_kv_bytes.push(dense);
+        }
+        series.push(s);
+    }
+    bar.finish_and_clear();
+    if let Some(svg) = &a.svg {
+        let text = crate::tools::svg::accuracy_plot(
+            &format!("{} retrieval, {}", a.task.name(), model.path.display()),
+            &a.lengths,
+            &series
+                .iter()
+                .map(|s| (s.plan.clone(), s.accuracy.clone()))
+                .collect::<Vec<_>>(),
+        );
+        moac::fsutil::write_atomic(svg, text.as_bytes())?;
+    }
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "task": a.task.name(),
+                "lengths": a.lengths,
+                "samples": a.samples,
+                "seed": a.seed,
+                "answer_prefix": prefix,
+                "series": series,
+            })
+        );
+    } else {
+        print!("{:<24}", "plan \\ length");
+        for l in &a.lengths {
+            print!(" {l:>8}");
+        }
+        println!("   KV at the longest (of dense)");
+        for s in &series {
+            print!("{:<24}", s.plan);
+            for acc in &s.accuracy {
+                print!(" {:>7.0}%", acc * 100.0);
+            }
+            let (kv, dense) = (
+                s.kv_bytes.last().copied().unwrap_or(0),
+                s.dense_kv_bytes.last().copied().unwrap_or(0),
+            );
+            println!(
+                "   {} ({:.0}%)",
+                mib(kv),
+                100.0 * kv as f64 / dense.max(1) as f64
+            );
+        }
+    }
+    Ok(())
+}
