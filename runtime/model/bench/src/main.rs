@@ -36,8 +36,8 @@ struct Args {
     /// The MoA plan's density: S = beta * N for every head.
     #[arg(long, default_value_t = 0.5)]
     beta: f64,
-    /// Largest batch x context the anchor prefills (its prefill holds [B, H, T, T]
-    /// scores).
+    /// Largest batch x context the anchor fills (its batch-1 prefill holds [H, T, T]
+    /// scores; larger batches fill token by token).
     #[arg(long, default_value_t = 8192)]
     anchor_max_tokens: usize,
     /// Skip the anchor.
