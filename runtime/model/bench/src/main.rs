@@ -98,8 +98,9 @@ fn moac_decode(
     Ok(((batch * steps) as f64 / secs, attn.cache.bytes()))
 }
 
-/// candle-transformers' quantized Llama on the same file: a real prefill of `context`
-/// tokens per row, then `steps` timed decode steps.
+/// candle-transformers' quantized Llama on the same file: its cache filled with
+/// `context` tokens per row (batch 1: one prefill; larger batches token by token), then
+/// `steps` timed decode steps.
 fn anchor_decode(path: &Path, context: usize, batch: usize, steps: usize) -> Res<f64> {
     use candle_transformers::models::quantized_llama::ModelWeights;
     let mut file = std::fs::File::open(path)?;
@@ -108,8 +109,16 @@ fn anchor_decode(path: &Path, context: usize, batch: usize, steps: usize) -> Res
     let ids: Vec<u32> = (0..batch * context)
         .map(|i| (i * 7919 % 40000 + 100) as u32)
         .collect();
-    let x = Tensor::from_vec(ids, (batch, context), &Device::Cpu)?;
-    m.forward(&x, 0)?;
+    if batch == 1 {
+        m.forward(&Tensor::from_vec(ids, (1, context), &Device::Cpu)?, 0)?;
+    } else {
+        // Its batched prefill fails (the last position of a batch is not contiguous
+        // for its LM head): fill token by token.
+        for p in 0..context {
+            let col: Vec<u32> = (0..batch).map(|b| ids[b * context + p]).collect();
+            m.forward(&Tensor::from_vec(col, (batch, 1), &Device::Cpu)?, p)?;
+        }
+    }
     let next = Tensor::from_vec(vec![504u32; batch], (batch, 1), &Device::Cpu)?;
     m.forward(&next, context)?; // warm-up
     let t = Instant::now();
@@ -169,7 +178,13 @@ fn main() -> Res<()> {
             {
                 None
             } else {
-                Some(anchor_decode(&a.model, context, batch, a.steps)?)
+                match anchor_decode(&a.model, context, batch, a.steps) {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        eprintln!("anchor at context {context}, batch {batch}: {e}");
+                        None
+                    }
+                }
             };
             let ratio = |x: f64| anchor.map_or("-".to_string(), |an| format!("{:.2}x", x / an));
             println!(
