@@ -23,7 +23,7 @@ struct Args {
     #[arg(long)]
     model: PathBuf,
     /// Tokens in the cache before the timed steps.
-    #[arg(long, value_delimiter = ',', default_value = "1024,4096,8192")]
+    #[arg(long, value_delimiter = ',', default_value = "1024,4096,8176")]
     contexts: Vec<usize>,
     #[arg(long, value_delimiter = ',', default_value = "1,8")]
     batches: Vec<usize>,
@@ -169,6 +169,14 @@ fn main() -> Res<()> {
         "KV dense"
     );
     for &context in &a.contexts {
+        let limit = model.llama.config.context_len;
+        if context + a.steps + 1 > limit {
+            println!(
+                "{context:>7}: skipped: context + {} steps passes the model's {limit} positions",
+                a.steps + 1
+            );
+            continue;
+        }
         for &batch in &a.batches {
             let (moa_tps, moa_kv) = moac_decode(&model, &rt_moa, context, batch, a.steps)?;
             let (dense_tps, dense_kv) = moac_decode(&model, &rt_dense, context, batch, a.steps)?;
