@@ -140,6 +140,40 @@ fn expect_dims(t: &Tensor, name: &str, want: &[usize]) -> Result<()> {
     Ok(())
 }
 
+/// Each row's prompt length (`lens`, or every row the padded length `p`), checked
+/// against the batch, the padded length and the cache's prompt length.
+fn checked_lens(
+    lens: Option<&[usize]>,
+    batch: usize,
+    p: usize,
+    max_prompt: usize,
+) -> Result<Vec<usize>> {
+    let lens = lens
+        .map(<[usize]>::to_vec)
+        .unwrap_or_else(|| vec![p; batch]);
+    if lens.len() != batch {
+        return Err(Error::shape(
+            "prompt_lens",
+            format!("{batch} rows"),
+            lens.len(),
+        ));
+    }
+    if p > max_prompt {
+        return Err(Error::PromptTooLong {
+            len: p,
+            max: max_prompt,
+        });
+    }
+    if let Some((b, &l)) = lens.iter().enumerate().find(|(_, &l)| l > p) {
+        return Err(Error::shape(
+            format!("prompt_lens[{b}]"),
+            format!("at most the padded length {p}"),
+            l,
+        ));
+    }
+    Ok(lens)
+}
+
 /// The output in the dtype of the input it answers (f32 stays f32).
 fn output(values: Vec<f32>, dims: &[usize], like: DType) -> Result<Tensor> {
     Ok(Tensor::from_vec(values, dims, &candle_core::Device::Cpu)?.to_dtype(like)?)
@@ -237,27 +271,7 @@ impl Runtime {
         expect_dims(q, "q", &[batch, p, s.num_query_heads, s.head_dim])?;
         expect_dims(k, "k", &[batch, p, s.num_kv_heads, s.head_dim])?;
         expect_dims(v, "v", &[batch, p, s.num_kv_heads, s.head_dim])?;
-        let prompt_lens = opts.prompt_lens.clone().unwrap_or_else(|| vec![p; batch]);
-        if prompt_lens.len() != batch {
-            return Err(Error::shape(
-                "prompt_lens",
-                format!("{batch} rows"),
-                prompt_lens.len(),
-            ));
-        }
-        if p > max_prompt {
-            return Err(Error::PromptTooLong {
-                len: p,
-                max: max_prompt,
-            });
-        }
-        if let Some((b, &l)) = prompt_lens.iter().enumerate().find(|(_, &l)| l > p) {
-            return Err(Error::shape(
-                format!("prompt_lens[{b}]"),
-                format!("at most the padded length {p}"),
-                l,
-            ));
-        }
+        let prompt_lens = checked_lens(opts.prompt_lens.as_deref(), batch, p, max_prompt)?;
         let scale = opts.scale.unwrap_or(1.0 / (s.head_dim as f32).sqrt());
         let lens: Vec<i32> = prompt_lens.iter().map(|&l| l as i32).collect();
         let (kb, vb) = (bits_of(k, dtype)?, bits_of(v, dtype)?);
@@ -294,29 +308,7 @@ impl Runtime {
         let p = k.dims().get(1).copied().unwrap_or(0);
         expect_dims(k, "k", &[batch, p, s.num_kv_heads, s.head_dim])?;
         expect_dims(v, "v", &[batch, p, s.num_kv_heads, s.head_dim])?;
-        if p > max_prompt {
-            return Err(Error::PromptTooLong {
-                len: p,
-                max: max_prompt,
-            });
-        }
-        let prompt_lens = prompt_lens
-            .map(<[usize]>::to_vec)
-            .unwrap_or_else(|| vec![p; batch]);
-        if prompt_lens.len() != batch {
-            return Err(Error::shape(
-                "prompt_lens",
-                format!("{batch} rows"),
-                prompt_lens.len(),
-            ));
-        }
-        if let Some((b, &l)) = prompt_lens.iter().enumerate().find(|(_, &l)| l > p) {
-            return Err(Error::shape(
-                format!("prompt_lens[{b}]"),
-                format!("at most the padded length {p}"),
-                l,
-            ));
-        }
+        let prompt_lens = checked_lens(prompt_lens, batch, p, max_prompt)?;
         let lens: Vec<i32> = prompt_lens.iter().map(|&l| l as i32).collect();
         let (kb, vb) = (bits_of(k, dtype)?, bits_of(v, dtype)?);
         st.kernels.fill(&Prompt {

@@ -75,10 +75,10 @@ fn missing_and_foreign_files_are_clear_errors() {
 #[test]
 fn retrieval_samples_hit_their_length_and_hide_the_value() {
     use moac_model::eval::last_integer;
-    use moac_model::generate::SplitMix;
+    use moac_model::generate::Rng;
     use moac_model::retrieval::{depths, make_sample, Task};
     let Some(t) = tokenizer() else { return };
-    let mut rng = SplitMix::new(5);
+    let mut rng = Rng::new(5);
     for task in [Task::Passkey, Task::Lines] {
         for target in [1024usize, 3000] {
             for depth in depths(3) {

@@ -6,7 +6,7 @@ use crate::{CliError, Result};
 use clap::{Args, Subcommand};
 use moac::ValidPlan;
 use moac_model::eval::{last_integer, perplexity, PplMode, PplOptions};
-use moac_model::generate::{generate, GenerateOptions, SplitMix};
+use moac_model::generate::{generate, GenerateOptions, Rng};
 use moac_model::retrieval::{self, Task};
 use std::path::{Path, PathBuf};
 
@@ -161,7 +161,7 @@ fn run_retrieval(a: RetrievalArgs) -> Result<()> {
         .unwrap_or_else(|| a.task.default_answer_prefix().to_string());
     let limit = model.llama.config.context_len;
     // The samples, the same for every plan.
-    let mut rng = SplitMix::new(a.seed);
+    let mut rng = Rng::new(a.seed);
     let mut samples = Vec::new();
     for &len in &a.lengths {
         let mut row = Vec::new();

@@ -73,35 +73,9 @@ impl GenerateOutput {
     }
 }
 
-/// SplitMix64: a small seeded generator (sampling needs reproducible streams, not
-/// cryptographic ones).
-#[derive(Debug, Clone)]
-pub struct SplitMix(u64);
-
-impl SplitMix {
-    pub fn new(seed: u64) -> SplitMix {
-        SplitMix(seed)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    pub fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    /// Uniform in 0..n.
-    pub fn below(&mut self, n: u64) -> u64 {
-        if n == 0 {
-            0
-        } else {
-            self.next_u64() % n
-        }
-    }
-}
+/// The seeded generator of sampling and of the retrieval tasks: the runtime's one
+/// Rng64 (reproducible streams, not cryptographic ones).
+pub use moac_runtime::reference::check::Rng;
 
 /// Log-softmax of one row of logits, in f64.
 pub fn log_softmax(logits: &[f32]) -> Vec<f64> {
@@ -140,7 +114,7 @@ pub fn argmax(logits: &[f32]) -> u32 {
 }
 
 /// Chooses the next id from one row of logits.
-pub fn sample(logits: &[f32], s: &Sampling, rng: &mut SplitMix) -> u32 {
+pub fn sample(logits: &[f32], s: &Sampling, rng: &mut Rng) -> u32 {
     if s.temperature <= 0.0 {
         return argmax(logits);
     }
@@ -186,8 +160,8 @@ pub fn generate(
     on_token: &mut dyn FnMut(usize, u32),
 ) -> Result<GenerateOutput> {
     let b = prompts.len();
-    let mut rngs: Vec<SplitMix> = (0..b)
-        .map(|r| SplitMix::new(opts.sampling.seed ^ (r as u64).wrapping_mul(0x9e37_79b9)))
+    let mut rngs: Vec<Rng> = (0..b)
+        .map(|r| Rng::new(opts.sampling.seed ^ (r as u64).wrapping_mul(0x9e37_79b9)))
         .collect();
     let mut out = GenerateOutput {
         rows: vec![RowOutput::default(); b],

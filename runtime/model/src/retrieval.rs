@@ -4,7 +4,7 @@
 //! given (spread over the input by the caller); a sample is correct iff the last integer
 //! of the model's answer is the value.
 
-use crate::generate::SplitMix;
+use crate::generate::Rng;
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
@@ -81,7 +81,7 @@ pub fn make_sample(
     tok: &Tokenizer,
     target_tokens: usize,
     depth: f64,
-    rng: &mut SplitMix,
+    rng: &mut Rng,
 ) -> Result<Sample> {
     let budget = target_tokens.saturating_sub(OVERHEAD);
     match task {
