@@ -49,7 +49,7 @@ const LOGIT_CHUNK: usize = 256;
 
 /// Negative log-likelihoods of `targets` given hidden states [T, hidden] (row i predicts
 /// targets[i]).
-fn nlls(model: &Llama, hidden: &Tensor, targets: &[u32]) -> Result<Vec<f64>> {
+pub(crate) fn nlls(model: &Llama, hidden: &Tensor, targets: &[u32]) -> Result<Vec<f64>> {
     let mut out = Vec::with_capacity(targets.len());
     let mut start = 0;
     while start < targets.len() {

@@ -12,6 +12,7 @@ pub mod generate;
 pub mod gguf;
 pub mod llama;
 pub mod model;
+pub mod pipeline;
 pub mod retrieval;
 pub mod tokenizer;
 pub mod weights;

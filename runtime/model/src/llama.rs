@@ -66,10 +66,10 @@ pub(crate) struct Layer {
 /// A loaded model.
 pub struct Llama {
     pub config: LlamaConfig,
-    embed: Tensor,
-    layers: Vec<Layer>,
-    norm: Tensor,
-    lm_head: QMatMul,
+    pub(crate) embed: Tensor,
+    pub(crate) layers: Vec<Layer>,
+    pub(crate) norm: Tensor,
+    pub(crate) lm_head: QMatMul,
     /// cos / sin of every position up to the context length, [context, D/2].
     cos: Tensor,
     sin: Tensor,
@@ -83,6 +83,44 @@ impl Llama {
         let mut src = WeightsSource::open(path)?;
         let config = src.config()?;
         let w = Weights::read(&mut src, &config, mode)?;
+        Llama::from_weights(config, w)
+    }
+
+    /// A model with random weights (normal, scaled like a trained model's: 1/sqrt(fan-in)
+    /// for matrices, norms near 1), the same for the same seed: for tests and benchmarks
+    /// whose results do not depend on what the weights are.
+    pub fn random(config: LlamaConfig, intermediate: usize, seed: u64) -> Result<Llama> {
+        let mut rng = moac_runtime::reference::check::Rng::new(seed);
+        let mut matrix = |rows: usize, cols: usize| -> Result<Tensor> {
+            let scale = 1.0 / (cols as f32).sqrt();
+            let data: Vec<f32> = (0..rows * cols)
+                .map(|_| rng.uniform() * scale * 1.7)
+                .collect();
+            Ok(Tensor::from_vec(data, (rows, cols), &Device::Cpu)?)
+        };
+        let c = &config;
+        let (q, kv) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for _ in 0..c.num_layers {
+            layers.push(Layer {
+                attn_norm: Tensor::ones(c.hidden, DType::F32, &Device::Cpu)?,
+                wq: QMatMul::Tensor(matrix(q, c.hidden)?),
+                wk: QMatMul::Tensor(matrix(kv, c.hidden)?),
+                wv: QMatMul::Tensor(matrix(kv, c.hidden)?),
+                wo: QMatMul::Tensor(matrix(c.hidden, q)?),
+                ffn_norm: Tensor::ones(c.hidden, DType::F32, &Device::Cpu)?,
+                gate: QMatMul::Tensor(matrix(intermediate, c.hidden)?),
+                up: QMatMul::Tensor(matrix(intermediate, c.hidden)?),
+                down: QMatMul::Tensor(matrix(c.hidden, intermediate)?),
+            });
+        }
+        let embed = matrix(c.vocab_size, c.hidden)?;
+        let w = Weights {
+            lm_head: QMatMul::Tensor(embed.clone()),
+            embed,
+            layers,
+            norm: Tensor::ones(c.hidden, DType::F32, &Device::Cpu)?,
+        };
         Llama::from_weights(config, w)
     }
 
@@ -146,7 +184,7 @@ impl Llama {
         Ok(())
     }
 
-    fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    pub(crate) fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         let var = x.sqr()?.mean_keepdim(D::Minus1)?;
         let inv = (var + self.config.rms_eps as f64)?.sqrt()?.recip()?;
         Ok(x.broadcast_mul(&inv)?.broadcast_mul(w)?)
@@ -154,7 +192,7 @@ impl Llama {
 
     /// cos / sin for `positions` laid out [rows, T, 1, D/2] (`positions` is rows * T
     /// long, row-major).
-    fn rope_tables(&self, positions: &[usize], rows: usize) -> Result<(Tensor, Tensor)> {
+    pub(crate) fn rope_tables(&self, positions: &[usize], rows: usize) -> Result<(Tensor, Tensor)> {
         let limit = self.config.context_len;
         if let Some(&p) = positions.iter().find(|&&p| p >= limit) {
             return Err(Error::TooLong {
@@ -179,7 +217,7 @@ impl Llama {
     }
 
     /// RoPE over `x` [B, T, H, D] with tables [B or 1, T, 1, D/2].
-    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    pub(crate) fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let (b, t, h, d) = x.dims4()?;
         let half = d / 2;
         match self.config.rope {

@@ -1,0 +1,483 @@
+//! Attention influence: how much the response loss of one sample would change if an
+//! attention entry were masked (MoA's profile; `docs/plan-pipeline.md`, section 2).
+//!
+//! For head h with probabilities A = softmax(Q K^T / sqrt(d) + causal) and G = dL/dA =
+//! dO V^T, masking entry (i, j) and renormalizing row i changes the loss by, to first
+//! order, `E_ij = -A_ij (G_ij - S_i) / (1 - A_ij)` with `S_i = sum_n A_in G_in`; MoA
+//! keeps |E| and takes a mask's influence as the sum over the entries it removes.
+//!
+//! moac computes dL/dO with an exact, hand-written backward pass of the whole model in
+//! f32 (no autograd graph: one layer's N x N probabilities of one head at a time, the
+//! layers' inputs and attention outputs kept from the forward pass), and reduces |E| on
+//! the fly into the O(N) sums every candidate span's loss needs ([`HeadSums`]), with the
+//! masks moac's kernels apply: the prompt's rows under prefill's `moa-block64` rule, the
+//! answer's rows under decode's token rule (the answer is decoded at run time).
+
+use crate::llama::{Layer, Llama};
+use crate::{Error, Result};
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, Tensor, D};
+
+/// Added to `1 - A_ij` in the influence formula (MoA's epsilon).
+const EPS: f32 = 1e-6;
+/// Block size of the prefill rule.
+const BLOCK: usize = 64;
+
+/// The sums over one query head's |E| that the loss of every span needs, for one
+/// sequence length N.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeadSums {
+    /// Over every causal entry.
+    pub total: f64,
+    /// Over the entries whose key lies in the sink (always kept).
+    pub sink: f64,
+    /// Answer rows (decode rule), keys past the sink, by distance `i - j` ([N]).
+    pub token: Vec<f64>,
+    /// Prompt rows (`moa-block64` rule), keys past the sink, by block distance
+    /// `i/64 - j/64` ([ceil(N/64)]).
+    pub block: Vec<f64>,
+}
+
+impl HeadSums {
+    /// Zero sums for sequences of up to `n` tokens.
+    pub fn new(n: usize) -> HeadSums {
+        HeadSums {
+            total: 0.0,
+            sink: 0.0,
+            token: vec![0.0; n],
+            block: vec![0.0; n.div_ceil(BLOCK)],
+        }
+    }
+
+    /// The influence of everything a head of capacity `capacity` does not see (sink
+    /// `sink` tokens inside the capacity, the rest a window of recent tokens).
+    pub fn loss(&self, capacity: u64, sink: u64) -> f64 {
+        let local = capacity.saturating_sub(sink) as usize;
+        let kept_token: f64 = self.token.iter().take(local).sum();
+        let kept_block: f64 = self.block.iter().take(local / BLOCK).sum();
+        (self.total - self.sink - kept_token - kept_block).max(0.0)
+    }
+
+    /// `self += weight * other` (sums of the same length).
+    pub fn add(&mut self, other: &HeadSums, weight: f64) {
+        self.total += weight * other.total;
+        self.sink += weight * other.sink;
+        for (a, b) in self.token.iter_mut().zip(&other.token) {
+            *a += weight * b;
+        }
+        for (a, b) in self.block.iter_mut().zip(&other.block) {
+            *a += weight * b;
+        }
+    }
+}
+
+/// One sample's profile: the response loss and every head's sums.
+#[derive(Debug, Clone)]
+pub struct Influence {
+    /// Tokens of the sample (prompt + answer).
+    pub len: usize,
+    /// Mean cross-entropy of the answer tokens under dense attention.
+    pub loss: f64,
+    /// [layer][query head].
+    pub heads: Vec<Vec<HeadSums>>,
+}
+
+/// Scales attention entry (layer, head, row, col) by `factor` and renormalizes its row
+/// (finite-difference checks of the influence formula).
+#[derive(Debug, Clone, Copy)]
+pub struct Perturb {
+    pub layer: usize,
+    pub head: usize,
+    pub row: usize,
+    pub col: usize,
+    pub factor: f32,
+}
+
+/// Sees one head's probabilities A and dS = A * (G - S) (both [T, T], row-major) during
+/// the backward pass: `(layer, head, a, ds)`. For tests.
+pub type Observer<'a> = dyn FnMut(usize, usize, &[f32], &[f32]) + 'a;
+
+/// The f32 matrices of one layer ([out, in]), dequantized if the model holds them
+/// quantized.
+struct Dense {
+    wq: Tensor,
+    wk: Tensor,
+    wv: Tensor,
+    wo: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    down: Tensor,
+}
+
+fn dense(w: &QMatMul) -> Result<Tensor> {
+    Ok(match w {
+        QMatMul::QTensor(q) => q.dequantize(&Device::Cpu)?,
+        QMatMul::Tensor(t) => t.to_dtype(DType::F32)?,
+        QMatMul::TensorF16(t) => t.to_dtype(DType::F32)?,
+    })
+}
+
+impl Dense {
+    fn of(l: &Layer) -> Result<Dense> {
+        Ok(Dense {
+            wq: dense(&l.wq)?,
+            wk: dense(&l.wk)?,
+            wv: dense(&l.wv)?,
+            wo: dense(&l.wo)?,
+            gate: dense(&l.gate)?,
+            up: dense(&l.up)?,
+            down: dense(&l.down)?,
+        })
+    }
+}
+
+/// x [T, in] times w^T (w [out, in]).
+fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    Ok(x.matmul(&w.t()?)?)
+}
+
+/// Row-wise causal softmax of `scores` [T, T] (scaled), in place; entries above the
+/// diagonal become 0. Applies `perturb` (row, col, factor) after normalizing.
+fn causal_softmax(scores: &mut [f32], t: usize, scale: f32, perturb: Option<(usize, usize, f32)>) {
+    for i in 0..t {
+        let row = &mut scores[i * t..(i + 1) * t];
+        let mut max = f32::NEG_INFINITY;
+        for s in &mut row[..=i] {
+            *s *= scale;
+            max = max.max(*s);
+        }
+        let mut sum = 0.0f64;
+        for s in &mut row[..=i] {
+            *s = (*s - max).exp();
+            sum += *s as f64;
+        }
+        let inv = (1.0 / sum) as f32;
+        for s in &mut row[..=i] {
+            *s *= inv;
+        }
+        row[i + 1..].fill(0.0);
+        if let Some((r, c, f)) = perturb {
+            if r == i && c <= i {
+                row[c] *= f;
+                let sum: f64 = row[..=i].iter().map(|&v| v as f64).sum();
+                let inv = (1.0 / sum) as f32;
+                for s in &mut row[..=i] {
+                    *s *= inv;
+                }
+            }
+        }
+    }
+}
+
+fn head(x: &Tensor, h: usize) -> Result<Tensor> {
+    Ok(x.narrow(1, h, 1)?.squeeze(1)?.contiguous()?)
+}
+
+impl Llama {
+    fn check_profile_input(&self, tokens: &[u32], prompt_len: usize) -> Result<()> {
+        if prompt_len == 0 || prompt_len >= tokens.len() {
+            return Err(Error::Usage(format!(
+                "a profiled sample needs a prompt and an answer (prompt {prompt_len} of {} tokens)",
+                tokens.len()
+            )));
+        }
+        if tokens.len() > self.config.context_len {
+            return Err(Error::TooLong {
+                what: "profiled sample".into(),
+                len: tokens.len(),
+                max: self.config.context_len,
+            });
+        }
+        if let Some(&bad) = tokens
+            .iter()
+            .find(|&&id| id as usize >= self.config.vocab_size)
+        {
+            return Err(Error::Usage(format!(
+                "token id {bad} is outside the vocabulary ({} ids)",
+                self.config.vocab_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// q [T,Hq,D] and k, v [T,Hkv,D] of one layer (RoPE applied), from its input x.
+    fn qkv(
+        &self,
+        l: &Layer,
+        w: &Dense,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let c = &self.config;
+        let t = x.dim(0)?;
+        let n1 = self.rms_norm(x, &l.attn_norm)?;
+        let q = linear(&n1, &w.wq)?.reshape((1, t, c.num_heads, c.head_dim))?;
+        let k = linear(&n1, &w.wk)?.reshape((1, t, c.num_kv_heads, c.head_dim))?;
+        let v = linear(&n1, &w.wv)?.reshape((t, c.num_kv_heads, c.head_dim))?;
+        let q = self.rope(&q, cos, sin)?.squeeze(0)?;
+        let k = self.rope(&k, cos, sin)?.squeeze(0)?;
+        Ok((q, k, v))
+    }
+
+    /// Probabilities [T*T] of query head h against its KV head.
+    fn probs(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        h: usize,
+        perturb: Option<(usize, usize, f32)>,
+    ) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let g = c.num_heads / c.num_kv_heads;
+        let t = q.dim(0)?;
+        let qh = head(q, h)?;
+        let kh = head(k, h / g)?;
+        let mut p = qh.matmul(&kh.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+        causal_softmax(&mut p, t, 1.0 / (c.head_dim as f32).sqrt(), perturb);
+        Ok(p)
+    }
+
+    /// The MLP's residual branch of x2 and what its backward needs.
+    fn mlp(&self, l: &Layer, w: &Dense, x2: &Tensor) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+        let n2 = self.rms_norm(x2, &l.ffn_norm)?;
+        let g = linear(&n2, &w.gate)?;
+        let u = linear(&n2, &w.up)?;
+        let out = linear(&(g.silu()? * &u)?, &w.down)?;
+        Ok((out, n2, g, u))
+    }
+
+    /// Dense forward of one sequence: the inputs of every layer, every layer's attention
+    /// output [T, Hq*D], and the last layer's output.
+    fn forward_exact(
+        &self,
+        tokens: &[u32],
+        perturb: Option<Perturb>,
+    ) -> Result<(Vec<Tensor>, Vec<Tensor>, Tensor)> {
+        let c = &self.config;
+        let t = tokens.len();
+        let positions: Vec<usize> = (0..t).collect();
+        let (cos, sin) = self.rope_tables(&positions, 1)?;
+        let ids = Tensor::new(tokens, &Device::Cpu)?;
+        let mut x = self.embed.index_select(&ids, 0)?.to_dtype(DType::F32)?;
+        let (mut inputs, mut attn) = (Vec::new(), Vec::new());
+        for (li, l) in self.layers.iter().enumerate() {
+            let w = Dense::of(l)?;
+            let (q, k, v) = self.qkv(l, &w, &x, &cos, &sin)?;
+            let mut outs = Vec::with_capacity(c.num_heads);
+            for h in 0..c.num_heads {
+                let pt = perturb
+                    .filter(|p| p.layer == li && p.head == h)
+                    .map(|p| (p.row, p.col, p.factor));
+                let p = Tensor::from_vec(self.probs(&q, &k, h, pt)?, (t, t), &Device::Cpu)?;
+                outs.push(p.matmul(&head(&v, h / (c.num_heads / c.num_kv_heads))?)?);
+            }
+            let a = Tensor::stack(&outs, 1)?.reshape((t, c.num_heads * c.head_dim))?;
+            let x2 = (&x + linear(&a, &w.wo)?)?;
+            let (m, ..) = self.mlp(l, &w, &x2)?;
+            inputs.push(x);
+            attn.push(a);
+            x = (x2 + m)?;
+        }
+        Ok((inputs, attn, x))
+    }
+
+    /// Mean cross-entropy (f64) of tokens[prompt_len..] predicted from the final layer
+    /// output `x` [T, hidden], and its gradient with respect to `x`.
+    fn response_loss(
+        &self,
+        x: &Tensor,
+        tokens: &[u32],
+        prompt_len: usize,
+    ) -> Result<(f64, Tensor)> {
+        let t = tokens.len();
+        let answer = t - prompt_len;
+        let rows = x.narrow(0, prompt_len - 1, answer)?;
+        let n = self.rms_norm(&rows, &self.norm)?;
+        let lm = dense(&self.lm_head)?;
+        let logits = linear(&n, &lm)?.to_vec2::<f32>()?;
+        let mut loss = 0.0f64;
+        let mut grad = Vec::with_capacity(answer * self.config.vocab_size);
+        for (r, row) in logits.iter().enumerate() {
+            let target = tokens[prompt_len + r] as usize;
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+            let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+            let lse = max + sum.ln();
+            loss += lse - row[target] as f64;
+            for (i, &v) in row.iter().enumerate() {
+                let p = (v as f64 - lse).exp();
+                let g = if i == target { p - 1.0 } else { p };
+                grad.push((g / answer as f64) as f32);
+            }
+        }
+        let dlogits = Tensor::from_vec(grad, (answer, self.config.vocab_size), &Device::Cpu)?;
+        let dn = dlogits.matmul(&lm)?;
+        let drows = self.rms_norm_backward(&rows, &self.norm, &dn)?;
+        let hidden = self.config.hidden;
+        let mut parts = Vec::new();
+        if prompt_len > 1 {
+            parts.push(Tensor::zeros(
+                (prompt_len - 1, hidden),
+                DType::F32,
+                &Device::Cpu,
+            )?);
+        }
+        parts.push(drows);
+        parts.push(Tensor::zeros((1, hidden), DType::F32, &Device::Cpu)?);
+        Ok((loss / answer as f64, Tensor::cat(&parts, 0)?))
+    }
+
+    /// dL/dx of y = rms_norm(x) * w, given dL/dy.
+    fn rms_norm_backward(&self, x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<Tensor> {
+        let n = x.dim(D::Minus1)? as f64;
+        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + self.config.rms_eps as f64)?
+            .sqrt()?
+            .recip()?;
+        let gw = dy.broadcast_mul(w)?;
+        let dot = ((x * &gw)?.sum_keepdim(D::Minus1)? / n)?;
+        let r3 = r.powf(3.0)?;
+        Ok((gw.broadcast_mul(&r)? - x.broadcast_mul(&(r3 * dot)?)?)?)
+    }
+
+    /// The response loss of one sample (prompt, then answer) under dense attention, with
+    /// entry `perturb` scaled (for finite-difference checks).
+    pub fn response_loss_exact(
+        &self,
+        tokens: &[u32],
+        prompt_len: usize,
+        perturb: Option<Perturb>,
+    ) -> Result<f64> {
+        self.check_profile_input(tokens, prompt_len)?;
+        let (_, _, x) = self.forward_exact(tokens, perturb)?;
+        Ok(self.response_loss(&x, tokens, prompt_len)?.0)
+    }
+
+    /// Profiles one sample: `tokens` = prompt (`prompt_len` tokens, prefilled at run
+    /// time) then the answer (decoded at run time; its tokens are the loss). `sink`:
+    /// the plan's sink (a multiple of 64). The sums are sized for `n` >= tokens.len()
+    /// (the length level the sample stands for).
+    pub fn influence(
+        &self,
+        tokens: &[u32],
+        prompt_len: usize,
+        n: usize,
+        sink: usize,
+        mut observer: Option<&mut Observer<'_>>,
+    ) -> Result<Influence> {
+        self.check_profile_input(tokens, prompt_len)?;
+        if sink == 0 || !sink.is_multiple_of(BLOCK) {
+            return Err(Error::Usage(format!(
+                "profiling needs a sink that is a positive multiple of {BLOCK} (got {sink})"
+            )));
+        }
+        let c = &self.config;
+        let t = tokens.len();
+        let n = n.max(t);
+        let g = c.num_heads / c.num_kv_heads;
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        let (inputs, attn, x) = self.forward_exact(tokens, None)?;
+        let (loss, mut dx) = self.response_loss(&x, tokens, prompt_len)?;
+        let positions: Vec<usize> = (0..t).collect();
+        let (cos, sin) = self.rope_tables(&positions, 1)?;
+        let nsin = sin.neg()?;
+        let mut heads = vec![Vec::new(); c.num_layers];
+        for li in (0..c.num_layers).rev() {
+            let l = &self.layers[li];
+            let w = Dense::of(l)?;
+            let x_in = &inputs[li];
+            let (q, k, v) = self.qkv(l, &w, x_in, &cos, &sin)?;
+            let x2 = (x_in + linear(&attn[li], &w.wo)?)?;
+            // MLP backward.
+            let (_, _, gate, up) = self.mlp(l, &w, &x2)?;
+            let dm = dx.matmul(&w.down)?;
+            let sg = (gate.neg()?.exp()? + 1.0)?.recip()?;
+            let silu = (&gate * &sg)?;
+            let dsilu = (&sg * ((&gate * (1.0 - &sg)?)? + 1.0)?)?;
+            let dgate = ((&dm * &up)? * dsilu)?;
+            let dup = (&dm * silu)?;
+            let dn2 = (dgate.matmul(&w.gate)? + dup.matmul(&w.up)?)?;
+            let dx2 = (&dx + self.rms_norm_backward(&x2, &l.ffn_norm, &dn2)?)?;
+            // Attention backward, one query head at a time.
+            let da = dx2.matmul(&w.wo)?.reshape((t, c.num_heads, c.head_dim))?;
+            let mut dq = Vec::with_capacity(c.num_heads);
+            let mut dk =
+                vec![Tensor::zeros((t, c.head_dim), DType::F32, &Device::Cpu)?; c.num_kv_heads];
+            let mut dv = dk.clone();
+            let mut sums = Vec::with_capacity(c.num_heads);
+            for h in 0..c.num_heads {
+                let kv = h / g;
+                let a = self.probs(&q, &k, h, None)?;
+                let d_o = head(&da, h)?;
+                let vh = head(&v, kv)?;
+                let mut ds = d_o.matmul(&vh.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+                let mut s = HeadSums::new(n);
+                reduce_head(&a, &mut ds, t, prompt_len, sink, &mut s);
+                if let Some(obs) = observer.as_mut() {
+                    obs(li, h, &a, &ds);
+                }
+                let a = Tensor::from_vec(a, (t, t), &Device::Cpu)?;
+                let ds = Tensor::from_vec(ds, (t, t), &Device::Cpu)?;
+                dq.push((ds.matmul(&head(&k, kv)?)? * scale)?);
+                dk[kv] = (&dk[kv] + (ds.t()?.matmul(&head(&q, h)?)? * scale)?)?;
+                dv[kv] = (&dv[kv] + a.t()?.matmul(&d_o)?)?;
+                sums.push(s);
+            }
+            heads[li] = sums;
+            let unrope = |parts: &[Tensor], hn: usize| -> Result<Tensor> {
+                let x = Tensor::stack(parts, 1)?.reshape((1, t, hn, c.head_dim))?;
+                Ok(self.rope(&x, &cos, &nsin)?.reshape((t, hn * c.head_dim))?)
+            };
+            let dq = unrope(&dq, c.num_heads)?;
+            let dk = unrope(&dk, c.num_kv_heads)?;
+            let dv = Tensor::stack(&dv, 1)?.reshape((t, c.num_kv_heads * c.head_dim))?;
+            let dn1 = ((dq.matmul(&w.wq)? + dk.matmul(&w.wk)?)? + dv.matmul(&w.wv)?)?;
+            dx = (dx2 + self.rms_norm_backward(x_in, &l.attn_norm, &dn1)?)?;
+        }
+        Ok(Influence {
+            len: t,
+            loss,
+            heads,
+        })
+    }
+}
+
+/// Turns G = dO V^T (in `ds`) into dS = A * (G - S) in place, and adds
+/// |E| = |dS| / (1 - A + eps) of every causal entry to `sums` under the run-time masks:
+/// rows before `prompt_len` by block distance, the others by token distance.
+fn reduce_head(
+    a: &[f32],
+    ds: &mut [f32],
+    t: usize,
+    prompt_len: usize,
+    sink: usize,
+    sums: &mut HeadSums,
+) {
+    for i in 0..t {
+        let ar = &a[i * t..i * t + i + 1];
+        let gr = &mut ds[i * t..(i + 1) * t];
+        let s: f64 = ar
+            .iter()
+            .zip(gr.iter())
+            .map(|(&a, &g)| a as f64 * g as f64)
+            .sum();
+        let s = s as f32;
+        let mut row_total = 0.0f64;
+        let mut row_sink = 0.0f64;
+        for j in 0..=i {
+            let d = ar[j] * (gr[j] - s);
+            gr[j] = d;
+            let e = (d.abs() / (1.0 - ar[j] + EPS)) as f64;
+            row_total += e;
+            if j < sink {
+                row_sink += e;
+            } else if i >= prompt_len {
+                sums.token[i - j] += e;
+            } else {
+                sums.block[i / BLOCK - j / BLOCK] += e;
+            }
+        }
+        gr[i + 1..].fill(0.0);
+        sums.total += row_total;
+        sums.sink += row_sink;
+    }
+}

@@ -1,0 +1,9 @@
+//! MoA's plan pipeline on moac's models: calibration samples ([`calib`]), attention
+//! influence ([`influence`]) summed into a profile ([`profile`]), and validation of
+//! candidate plans ([`validate`]). The solver that turns a profile into plans is model-free
+//! (`moac::plan::optimize`).
+
+pub mod calib;
+pub mod influence;
+pub mod profile;
+pub mod validate;
