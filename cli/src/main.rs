@@ -1,7 +1,7 @@
 //! The `moac` command: parses the command line and dispatches to [`moac_cli::commands`].
 
 use clap::{Parser, Subcommand};
-use moac_cli::commands::{compile, eval, generate, inspect, plan, run, tune, verify};
+use moac_cli::commands::{compile, eval, generate, inspect, pipeline, plan, run, tune, verify};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -37,6 +37,14 @@ enum Command {
     /// Evaluate a real model with a plan against dense: perplexity, retrieval.
     #[command(subcommand)]
     Eval(eval::EvalCommand),
+    /// Make calibration samples: long-dependency tasks answered by the dense model.
+    Calibrate(pipeline::CalibrateArgs),
+    /// Profile the attention influence of every head on calibration samples.
+    Profile(pipeline::ProfileArgs),
+    /// Every Pareto-optimal plan of a profile at a KV density (exact MILP).
+    Optimize(pipeline::OptimizeArgs),
+    /// Choose the plan with the lowest response loss on held-out, longer samples.
+    Validate(pipeline::ValidateArgs),
 }
 
 fn main() -> ExitCode {
@@ -49,6 +57,10 @@ fn main() -> ExitCode {
         Command::Plan(c) => plan::run(c),
         Command::Generate(a) => generate::run(a),
         Command::Eval(c) => eval::run(c),
+        Command::Calibrate(a) => pipeline::calibrate(a),
+        Command::Profile(a) => pipeline::profile(a),
+        Command::Optimize(a) => pipeline::optimize_cmd(a),
+        Command::Validate(a) => pipeline::validate(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

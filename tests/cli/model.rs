@@ -11,25 +11,6 @@ use std::path::Path;
 
 const QUESTION: &str = "What is the capital of France?";
 
-fn ok(out: &std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "exit {:?}\nstderr: {}",
-        out.status.code(),
-        stderr(out)
-    );
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
-
-fn fails(out: &std::process::Output, needles: &[&str]) {
-    assert_eq!(out.status.code(), Some(1), "stderr: {}", stderr(out));
-    let e = stderr(out);
-    assert!(!e.contains("panicked"), "{e}");
-    for n in needles {
-        assert!(e.contains(n), "stderr lacks {n:?}: {e}");
-    }
-}
-
 fn json(out: &std::process::Output) -> serde_json::Value {
     serde_json::from_str(ok(out).trim()).unwrap()
 }

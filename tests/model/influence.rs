@@ -34,6 +34,25 @@ fn tokens(n: usize, rng: &mut Rng) -> Vec<u32> {
     (0..n).map(|_| rng.below(61) as u32).collect()
 }
 
+/// The loss with attention entry (layer, head, row, col) scaled by `factor`.
+fn perturbed(
+    m: &Llama,
+    toks: &[u32],
+    prompt: usize,
+    at: (usize, usize, usize, usize),
+    factor: f32,
+) -> f64 {
+    let (layer, head, row, col) = at;
+    let p = Perturb {
+        layer,
+        head,
+        row,
+        col,
+        factor,
+    };
+    m.response_loss_exact(toks, prompt, Some(p)).unwrap()
+}
+
 /// Full |E| and signed dS of every (layer, head) of one sample.
 struct Observed {
     t: usize,
@@ -106,20 +125,7 @@ fn backward_is_the_exact_gradient_of_the_loss() {
         let base = m.response_loss_exact(&toks, prompt, None).unwrap();
         let eps = 0.02f32;
         for (layer, head, row, col, ds, _) in largest(&obs, 8, 1.0) {
-            let at = |factor| {
-                m.response_loss_exact(
-                    &toks,
-                    prompt,
-                    Some(Perturb {
-                        layer,
-                        head,
-                        row,
-                        col,
-                        factor,
-                    }),
-                )
-                .unwrap()
-            };
+            let at = |factor| perturbed(&m, &toks, prompt, (layer, head, row, col), factor);
             let fd = (at(1.0 - eps) - at(1.0 + eps)) / (2.0 * eps as f64);
             let want = -(ds as f64);
             let err = (fd - want).abs();
@@ -148,20 +154,13 @@ fn influence_predicts_masking_an_entry_to_first_order() {
         // step by 4 shrinks the relative remainder at least 2 times (or it is already small).
         let rel = |delta: f64| {
             let predicted = -(ds as f64) * delta / (1.0 - delta * a as f64);
-            let actual = m
-                .response_loss_exact(
-                    &toks,
-                    prompt,
-                    Some(Perturb {
-                        layer,
-                        head,
-                        row,
-                        col,
-                        factor: (1.0 - delta) as f32,
-                    }),
-                )
-                .unwrap()
-                - base;
+            let actual = perturbed(
+                &m,
+                &toks,
+                prompt,
+                (layer, head, row, col),
+                (1.0 - delta) as f32,
+            ) - base;
             assert_eq!(
                 actual.signum(),
                 predicted.signum(),

@@ -5,6 +5,7 @@ pub mod eval;
 pub mod generate;
 pub mod inspect;
 pub mod model;
+pub mod pipeline;
 pub mod plan;
 pub mod run;
 pub mod tune;

@@ -20,6 +20,8 @@ pub enum PlanCommand {
     /// Write a plan giving every head of every layer the span S = alpha + beta * N
     /// (StreamingLLM-style: a sink and a window; beta 0.5 = 50% density).
     Uniform(UniformArgs),
+    /// Make a MoA plan for a model: calibrate, profile, optimize and validate.
+    Make(super::pipeline::MakeArgs),
 }
 
 #[derive(clap::Args)]
@@ -85,6 +87,7 @@ pub fn run(c: PlanCommand) -> Result<()> {
             });
             write_plan(&plan, file, &output)
         }
+        PlanCommand::Make(a) => super::pipeline::make(a),
         PlanCommand::Uniform(a) => {
             let shape = match model_shape(&a.config)? {
                 Some(s) => s,

@@ -114,3 +114,67 @@ mod tests {
         assert!(svg.contains("cy=\"40.0\"") && svg.contains("cy=\"350.0\""));
     }
 }
+
+/// A scatter plot of labelled points (x, y), axes from the data's ranges.
+pub fn scatter_plot(
+    title: &str,
+    xlabel: &str,
+    ylabel: &str,
+    points: &[(String, f64, f64)],
+) -> String {
+    let (w, h) = (640.0, 420.0);
+    let (left, right, top, bottom) = (80.0, 40.0, 40.0, 60.0);
+    let (pw, ph) = (w - left - right, h - top - bottom);
+    let range = |f: &dyn Fn(&(String, f64, f64)) -> f64| {
+        let (lo, hi) = points
+            .iter()
+            .map(f)
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+                (a.min(v), b.max(v))
+            });
+        let pad = ((hi - lo) * 0.08).max(hi.abs() * 1e-3).max(1e-12);
+        (lo - pad, hi + pad)
+    };
+    let (x0, x1) = range(&|p| p.1);
+    let (y0, y1) = range(&|p| p.2);
+    let x = |v: f64| left + (v - x0) / (x1 - x0) * pw;
+    let y = |v: f64| top + (1.0 - (v - y0) / (y1 - y0)) * ph;
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"14\">{}</text>\n<rect x=\"{left}\" y=\"{top}\" width=\"{pw}\" height=\"{ph}\" fill=\"none\" stroke=\"#999999\"/>\n",
+        left + pw / 2.0,
+        escape(title)
+    );
+    for k in 0..=4 {
+        let f = k as f64 / 4.0;
+        let (vx, vy) = (x0 + f * (x1 - x0), y0 + f * (y1 - y0));
+        s.push_str(&format!(
+            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{vx:.3}</text>\n<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{vy:.3}</text>\n",
+            x(vx),
+            top + ph + 16.0,
+            left - 6.0,
+            y(vy) + 4.0
+        ));
+    }
+    s.push_str(&format!(
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n<text x=\"16\" y=\"{}\" transform=\"rotate(-90 16 {})\" text-anchor=\"middle\">{}</text>\n",
+        left + pw / 2.0,
+        h - 14.0,
+        escape(xlabel),
+        top + ph / 2.0,
+        top + ph / 2.0,
+        escape(ylabel)
+    ));
+    for (k, (name, px, py)) in points.iter().enumerate() {
+        let color = COLORS[(k + 1) % COLORS.len()];
+        s.push_str(&format!(
+            "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"4\" fill=\"{color}\"/>\n<text x=\"{:.1}\" y=\"{:.1}\">{}</text>\n",
+            x(*px),
+            y(*py),
+            x(*px) + 6.0,
+            y(*py) - 6.0,
+            escape(name)
+        ));
+    }
+    s.push_str("</svg>\n");
+    s
+}

@@ -5,6 +5,7 @@
 //! which carries the geometry and the settings beside the rules (see [`MoacPlanFile`]).
 //! Every later stage takes a [`ValidPlan`], so the type system proves validation ran.
 
+pub mod optimize;
 mod parse;
 pub mod synthetic;
 mod validate;

@@ -68,6 +68,27 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// The stdout of a command that must have succeeded (else its stderr in the panic).
+pub fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstderr: {}",
+        out.status.code(),
+        stderr(out)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Checks a command failed cleanly: exit 1, no panic, every needle in its stderr.
+pub fn fails(out: &Output, needles: &[&str]) {
+    assert_eq!(out.status.code(), Some(1), "stderr: {}", stderr(out));
+    let e = stderr(out);
+    assert!(!e.contains("panicked"), "{e}");
+    for n in needles {
+        assert!(e.contains(n), "stderr lacks {n:?}: {e}");
+    }
+}
+
 /// NVRTC is required when MOAC_REQUIRE_NVRTC is set (scripts/test.sh sets it, so CI
 /// cannot skip silently); elsewhere tests that need it are skipped with the reason.
 pub fn have_nvrtc() -> bool {

@@ -15,7 +15,6 @@ use crate::chat::Message;
 use crate::generate::{generate, GenerateOptions, Rng, Sampling};
 use crate::model::Model;
 use crate::{Error, Result};
-use std::io::Write;
 use std::path::Path;
 
 /// The calibration file's first line.
@@ -176,21 +175,15 @@ fn json_err(e: serde_json::Error) -> Error {
     Error::Usage(format!("JSON: {e}"))
 }
 
-/// Writes `bytes` to a temporary file beside `path`, then renames it into place.
+/// Writes `bytes` whole (a temporary file renamed into place), creating the folder.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let io = |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&dir).map_err(io)?;
-    let mut tmp = tempfile::NamedTempFile::new_in(&dir).map_err(io)?;
-    tmp.write_all(bytes).map_err(io)?;
-    tmp.persist(path).map_err(|e| io(e.error))?;
-    Ok(())
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    Ok(moac::fsutil::write_atomic(path, bytes)?)
 }
 
 /// What [`make`] builds.
@@ -350,40 +343,6 @@ fn document(task: &str, count: usize, rng: &mut Rng, sources: &[(String, String)
                 }),
             }
         }
-        "river" => {
-            let ts = towns(rng, count, &rivers);
-            let pieces = ts
-                .iter()
-                .enumerate()
-                .map(|(i, t)| town_record(i, t, rng))
-                .collect();
-            let river = ts.first().map(|t| t.river.clone()).unwrap_or_default();
-            Doc {
-                task: "river".into(),
-                pieces,
-                question: Box::new(move |_| {
-                    format!("Name every town in the records above that lies on the river {river}, with its mayor and its trade.")
-                }),
-            }
-        }
-        "town" => {
-            let ts = towns(rng, count, &rivers);
-            let pieces = ts
-                .iter()
-                .enumerate()
-                .map(|(i, t)| town_record(i, t, rng))
-                .collect();
-            let names: Vec<String> = ts.iter().map(|t| t.name.clone()).collect();
-            let pick = rng.next_u64();
-            Doc {
-                task: "town".into(),
-                pieces,
-                question: Box::new(move |kept| {
-                    let k = kept[(pick % kept.len().max(1) as u64) as usize % kept.len().max(1)];
-                    format!("What do the records above say about the town of {}? Give its river, its mayor, its trade and the year it was founded.", names[k])
-                }),
-            }
-        }
         _ => {
             let ts = towns(rng, count, &rivers);
             let pieces = ts
@@ -391,12 +350,39 @@ fn document(task: &str, count: usize, rng: &mut Rng, sources: &[(String, String)
                 .enumerate()
                 .map(|(i, t)| town_record(i, t, rng))
                 .collect();
+            let (task, question): (&str, Box<dyn Fn(&[usize]) -> String>) = match task {
+                "river" => {
+                    let river = ts.first().map(|t| t.river.clone()).unwrap_or_default();
+                    (
+                        "river",
+                        Box::new(move |_| {
+                            format!("Name every town in the records above that lies on the river {river}, with its mayor and its trade.")
+                        }),
+                    )
+                }
+                "town" => {
+                    let names: Vec<String> = ts.iter().map(|t| t.name.clone()).collect();
+                    let pick = rng.next_u64();
+                    (
+                        "town",
+                        Box::new(move |kept| {
+                            let k = kept
+                                [(pick % kept.len().max(1) as u64) as usize % kept.len().max(1)];
+                            format!("What do the records above say about the town of {}? Give its river, its mayor, its trade and the year it was founded.", names[k])
+                        }),
+                    )
+                }
+                _ => (
+                    "summary",
+                    Box::new(|_| {
+                        "Now, write a one-page summary of all the records above.\n\nSummary:".into()
+                    }),
+                ),
+            };
             Doc {
-                task: "summary".into(),
+                task: task.into(),
                 pieces,
-                question: Box::new(|_| {
-                    "Now, write a one-page summary of all the records above.\n\nSummary:".into()
-                }),
+                question,
             }
         }
     }

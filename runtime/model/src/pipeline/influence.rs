@@ -17,6 +17,7 @@ use crate::llama::{Layer, Llama};
 use crate::{Error, Result};
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Tensor, D};
+use rayon::prelude::*;
 
 /// Added to `1 - A_ij` in the influence formula (MoA's epsilon).
 const EPS: f32 = 1e-6;
@@ -399,28 +400,49 @@ impl Llama {
             let dx2 = (&dx + self.rms_norm_backward(&x2, &l.ffn_norm, &dn2)?)?;
             // Attention backward, one query head at a time.
             let da = dx2.matmul(&w.wo)?.reshape((t, c.num_heads, c.head_dim))?;
-            let mut dq = Vec::with_capacity(c.num_heads);
-            let mut dk =
-                vec![Tensor::zeros((t, c.head_dim), DType::F32, &Device::Cpu)?; c.num_kv_heads];
-            let mut dv = dk.clone();
-            let mut sums = Vec::with_capacity(c.num_heads);
-            for h in 0..c.num_heads {
+            // Each query head's backward is independent: they run in parallel (unless a
+            // test observes them, in order).
+            let keep = observer.is_some();
+            let one = |h: usize| -> Result<HeadGrad> {
                 let kv = h / g;
                 let a = self.probs(&q, &k, h, None)?;
                 let d_o = head(&da, h)?;
                 let vh = head(&v, kv)?;
                 let mut ds = d_o.matmul(&vh.t()?)?.flatten_all()?.to_vec1::<f32>()?;
-                let mut s = HeadSums::new(n);
-                reduce_head(&a, &mut ds, t, prompt_len, sink, &mut s);
-                if let Some(obs) = observer.as_mut() {
-                    obs(li, h, &a, &ds);
-                }
+                let mut sums = HeadSums::new(n);
+                reduce_head(&a, &mut ds, t, prompt_len, sink, &mut sums);
+                let seen = keep.then(|| (a.clone(), ds.clone()));
                 let a = Tensor::from_vec(a, (t, t), &Device::Cpu)?;
                 let ds = Tensor::from_vec(ds, (t, t), &Device::Cpu)?;
-                dq.push((ds.matmul(&head(&k, kv)?)? * scale)?);
-                dk[kv] = (&dk[kv] + (ds.t()?.matmul(&head(&q, h)?)? * scale)?)?;
-                dv[kv] = (&dv[kv] + a.t()?.matmul(&d_o)?)?;
-                sums.push(s);
+                Ok(HeadGrad {
+                    dq: (ds.matmul(&head(&k, kv)?)? * scale)?,
+                    dk: (ds.t()?.matmul(&head(&q, h)?)? * scale)?,
+                    dv: a.t()?.matmul(&d_o)?,
+                    sums,
+                    seen,
+                })
+            };
+            let grads: Vec<HeadGrad> = if keep {
+                (0..c.num_heads).map(one).collect::<Result<_>>()?
+            } else {
+                (0..c.num_heads)
+                    .into_par_iter()
+                    .map(one)
+                    .collect::<Result<_>>()?
+            };
+            let mut dq = Vec::with_capacity(c.num_heads);
+            let mut dk =
+                vec![Tensor::zeros((t, c.head_dim), DType::F32, &Device::Cpu)?; c.num_kv_heads];
+            let mut dv = dk.clone();
+            let mut sums = Vec::with_capacity(c.num_heads);
+            for (h, hg) in grads.into_iter().enumerate() {
+                if let (Some(obs), Some((a, ds))) = (observer.as_mut(), &hg.seen) {
+                    obs(li, h, a, ds);
+                }
+                dq.push(hg.dq);
+                dk[h / g] = (&dk[h / g] + hg.dk)?;
+                dv[h / g] = (&dv[h / g] + hg.dv)?;
+                sums.push(hg.sums);
             }
             heads[li] = sums;
             let unrope = |parts: &[Tensor], hn: usize| -> Result<Tensor> {
@@ -439,6 +461,16 @@ impl Llama {
             heads,
         })
     }
+}
+
+/// One query head's share of the backward pass.
+struct HeadGrad {
+    dq: Tensor,
+    dk: Tensor,
+    dv: Tensor,
+    sums: HeadSums,
+    /// A and dS, kept for an observer.
+    seen: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 /// Turns G = dO V^T (in `ds`) into dS = A * (G - S) in place, and adds

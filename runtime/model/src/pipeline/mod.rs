@@ -5,5 +5,6 @@
 
 pub mod calib;
 pub mod influence;
+pub mod optimize;
 pub mod profile;
 pub mod validate;

@@ -1,0 +1,274 @@
+//! From a profile to plans: one decision per KV head (moac's cache stores a KV head once,
+//! sized for the widest of its query heads, so a narrower sibling would save no bytes),
+//! its loss the sum of its query heads' losses at each profiled length, its cost the
+//! slots (bytes) it takes in moac's cache at each constraint length; every Pareto-optimal
+//! plan over the profiled lengths from the exact MILP solver (`moac::plan::optimize`).
+
+use super::profile::Profile;
+use crate::{Error, Result};
+use moac::geometry::capacity;
+use moac::plan::optimize::{self as solver, Candidate, Problem, Solution};
+use moac::plan::{HeadRule, Settings};
+
+/// How [`optimize`] chooses.
+#[derive(Debug, Clone)]
+pub struct OptimizeOptions {
+    /// KV bytes at most this fraction of the dense cache's at every constraint length.
+    pub density: f64,
+    /// Lengths N where the density holds (default: the profiled lengths).
+    pub constraint_lengths: Vec<usize>,
+    /// MoA's kernels' limit of distinct rules per layer (off by default).
+    pub max_rules_per_layer: Option<usize>,
+    /// Step of the alpha grid (default: MoA's, 1024 or 512 for short profiles).
+    pub alpha_step: Option<u64>,
+    /// Epsilon-constraint grid intervals per objective (MoA: 4).
+    pub intervals: usize,
+    /// Also require at least 90% of the budget to be used (MoA's lower bound).
+    pub min_use: bool,
+    pub settings: Settings,
+}
+
+/// One plan: a rule per layer and query head, and what it costs and loses.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MadePlan {
+    pub name: String,
+    /// [layer][query head].
+    #[serde(skip)]
+    pub rules: Vec<Vec<HeadRule>>,
+    /// Predicted loss (sum of the influence of what is dropped) per profiled length.
+    pub loss: Vec<f64>,
+    /// KV bytes over the dense cache's, per constraint length.
+    pub density: Vec<f64>,
+    /// KV bytes (f16/bf16 K and V) per sequence, per constraint length.
+    pub kv_bytes: Vec<u64>,
+    /// The solver's relative optimality gap (0 = proven optimal; none for baselines).
+    pub gap: Option<f64>,
+}
+
+impl MadePlan {
+    /// The official MoA JSON of the plan.
+    pub fn to_moa_json(&self) -> serde_json::Value {
+        let col = |f: &dyn Fn(&HeadRule) -> f64| -> Vec<Vec<f64>> {
+            self.rules
+                .iter()
+                .map(|l| l.iter().map(f).collect())
+                .collect()
+        };
+        serde_json::json!({
+            "alphas": col(&|r| r.alpha),
+            "betas": col(&|r| r.beta),
+        })
+    }
+}
+
+/// The outcome of [`optimize`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Optimized {
+    pub model: String,
+    pub profile_lengths: Vec<usize>,
+    pub constraint_lengths: Vec<usize>,
+    pub density: f64,
+    pub candidates: usize,
+    /// The Pareto plans, by loss at the first profiled length.
+    pub plans: Vec<MadePlan>,
+    /// The uniform plan of the same density (alpha 0, beta = density), for comparison.
+    pub uniform: MadePlan,
+    /// Solver seconds.
+    pub seconds: f64,
+}
+
+/// Per-KV-head slots of the dense cache of N tokens.
+fn dense_slots(n: usize) -> u64 {
+    n as u64
+}
+
+/// Bytes of one slot of one KV head: K and V of head_dim f16/bf16 values.
+fn slot_bytes(head_dim: usize) -> u64 {
+    2 * 2 * head_dim as u64
+}
+
+/// Scores a plan (rule per layer and query head) with the profile and the cache rule.
+fn score(
+    profile: &Profile,
+    rules: &[Vec<HeadRule>],
+    constraint_lengths: &[usize],
+    settings: &Settings,
+) -> (Vec<f64>, Vec<f64>, Vec<u64>) {
+    let shape = profile.shape;
+    let g = shape.group_size();
+    let loss = profile
+        .levels
+        .iter()
+        .map(|lv| {
+            let mut s = 0.0;
+            for (l, heads) in lv.heads.iter().enumerate() {
+                for (h, sums) in heads.iter().enumerate() {
+                    let c = capacity(rules[l][h], lv.length as u64, settings);
+                    s += sums.loss(c, profile.sink);
+                }
+            }
+            s
+        })
+        .collect();
+    let mut density = Vec::new();
+    let mut bytes = Vec::new();
+    for &n in constraint_lengths {
+        let mut slots = 0u64;
+        for layer in rules {
+            for kv in layer.chunks(g) {
+                slots += kv
+                    .iter()
+                    .map(|r| capacity(*r, n as u64, settings))
+                    .max()
+                    .unwrap_or(0);
+            }
+        }
+        let dense = dense_slots(n) * (shape.num_layers * shape.num_kv_heads) as u64;
+        density.push(slots as f64 / dense as f64);
+        bytes.push(slots * slot_bytes(shape.head_dim));
+    }
+    (loss, density, bytes)
+}
+
+/// Every Pareto-optimal plan of `profile` at `opts.density`.
+pub fn optimize(profile: &Profile, opts: &OptimizeOptions) -> Result<Optimized> {
+    let start = std::time::Instant::now();
+    let d = opts.density;
+    if !(d > 0.0 && d <= 1.0) {
+        return Err(Error::Usage(format!(
+            "density {d}: it must be in (0, 1] (the fraction of the dense cache's bytes)"
+        )));
+    }
+    let shape = profile.shape;
+    let settings = &opts.settings;
+    if profile.sink != settings.sink {
+        return Err(Error::Usage(format!(
+            "the profile was made with a {}-token sink, the plan asks for {}",
+            profile.sink, settings.sink
+        )));
+    }
+    let lengths = profile.lengths();
+    let constraint: Vec<usize> = if opts.constraint_lengths.is_empty() {
+        lengths.clone()
+    } else {
+        opts.constraint_lengths.clone()
+    };
+    let as64 = |v: &[usize]| v.iter().map(|&x| x as u64).collect::<Vec<u64>>();
+    let grid: Vec<Candidate> =
+        solver::candidate_grid(&as64(&lengths), &as64(&constraint), opts.alpha_step)?;
+    let g = shape.group_size();
+    let units = shape.num_layers * shape.num_kv_heads;
+    let nc = grid.len();
+    let rule = |c: &Candidate| HeadRule {
+        alpha: c.alpha,
+        beta: c.beta,
+    };
+    // Loss of unit k = (layer, kv head) with candidate c at each level.
+    let mut loss = vec![vec![0.0; units * nc]; lengths.len()];
+    for (i, lv) in profile.levels.iter().enumerate() {
+        for k in 0..units {
+            let (l, kv) = (k / shape.num_kv_heads, k % shape.num_kv_heads);
+            for (c, cand) in grid.iter().enumerate() {
+                let cap = capacity(rule(cand), lv.length as u64, settings);
+                loss[i][k * nc + c] = lv.heads[l][kv * g..(kv + 1) * g]
+                    .iter()
+                    .map(|s| s.loss(cap, profile.sink))
+                    .sum();
+            }
+        }
+    }
+    let mut cost = vec![vec![0u64; units * nc]; constraint.len()];
+    let mut budget = Vec::new();
+    for (j, &n) in constraint.iter().enumerate() {
+        for k in 0..units {
+            for (c, cand) in grid.iter().enumerate() {
+                cost[j][k * nc + c] = capacity(rule(cand), n as u64, settings);
+            }
+        }
+        let b = (d * (units as u64 * dense_slots(n)) as f64).floor() as u64;
+        let cheapest: u64 = (0..nc).map(|c| cost[j][c]).min().unwrap_or(0) * units as u64;
+        if cheapest > b {
+            return Err(Error::Usage(format!(
+                "density {d} cannot be met at length {n}: even every head at its smallest capacity ({} slots) takes {:.1}% of the dense cache",
+                cheapest / units as u64,
+                100.0 * cheapest as f64 / (units as u64 * dense_slots(n)) as f64
+            )));
+        }
+        budget.push(b);
+    }
+    let floor = opts.min_use.then(|| {
+        budget
+            .iter()
+            .map(|&b| (b as f64 * 0.9).floor() as u64)
+            .collect()
+    });
+    let problem = Problem {
+        units,
+        candidates: nc,
+        loss,
+        cost,
+        budget,
+        floor,
+        max_rules_per_group: opts.max_rules_per_layer.map(|r| (shape.num_kv_heads, r)),
+    };
+    problem.check()?;
+    let front: Vec<Solution> = solver::pareto(&problem, opts.intervals.max(1))?;
+    if front.is_empty() {
+        return Err(Error::Usage(format!(
+            "no plan meets density {d} at every length {constraint:?} with the given limits"
+        )));
+    }
+    let to_rules = |choice: &[usize]| -> Vec<Vec<HeadRule>> {
+        (0..shape.num_layers)
+            .map(|l| {
+                (0..shape.num_query_heads)
+                    .map(|h| rule(&grid[choice[l * shape.num_kv_heads + h / g]]))
+                    .collect()
+            })
+            .collect()
+    };
+    let plans = front
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let rules = to_rules(&s.choice);
+            let (loss, density, kv_bytes) = score(profile, &rules, &constraint, settings);
+            MadePlan {
+                name: format!("plan-{i:02}"),
+                rules,
+                loss,
+                density,
+                kv_bytes,
+                gap: Some(s.gap),
+            }
+        })
+        .collect();
+    let uniform_rules = vec![
+        vec![
+            HeadRule {
+                alpha: 0.0,
+                beta: d
+            };
+            shape.num_query_heads
+        ];
+        shape.num_layers
+    ];
+    let (loss, density, kv_bytes) = score(profile, &uniform_rules, &constraint, settings);
+    Ok(Optimized {
+        model: profile.model.clone(),
+        profile_lengths: lengths,
+        constraint_lengths: constraint,
+        density: d,
+        candidates: nc,
+        plans,
+        uniform: MadePlan {
+            name: "uniform".into(),
+            rules: uniform_rules,
+            loss,
+            density,
+            kv_bytes,
+            gap: None,
+        },
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}

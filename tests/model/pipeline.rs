@@ -1,0 +1,290 @@
+//! The plan pipeline from profile to plans on a tiny random Llama (no model file):
+//! - a profile written and read back is the same; the same samples give the same profile;
+//!   a run resumes from its finished samples;
+//! - every plan `optimize` returns meets the density at every constraint length exactly as
+//!   moac's cache geometry counts bytes, loads as a valid plan, gives the query heads of
+//!   one KV head one rule, and the same profile gives the same plans;
+//! - the best plan's predicted loss is no worse than the uniform plan's of the same
+//!   density, and is optimal against brute force on a small instance;
+//! - bad input (density out of (0, 1], a budget no plan meets, lengths the calibration set
+//!   lacks, a profile of another model, an empty calibration file) is a clear error.
+#![allow(clippy::unwrap_used)]
+
+use moac::geometry::{CacheGeometry, Dtype};
+use moac::plan::{ModelShape, Settings};
+use moac_model::llama::{Llama, LlamaConfig, RopeStyle};
+use moac_model::pipeline::calib::{CalibHeader, CalibSample, CalibSet, FORMAT};
+use moac_model::pipeline::optimize::{optimize, OptimizeOptions};
+use moac_model::pipeline::profile::{self, Profile};
+use moac_runtime::reference::check::Rng;
+use std::path::Path;
+
+fn tiny_config(num_layers: usize, rope: RopeStyle) -> LlamaConfig {
+    LlamaConfig {
+        num_layers,
+        hidden: 32,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 8,
+        vocab_size: 50,
+        rope_theta: 10000.0,
+        rms_eps: 1e-5,
+        context_len: 2048,
+        rope,
+    }
+}
+
+fn tiny() -> Llama {
+    Llama::random(tiny_config(3, RopeStyle::HalfSplit), 64, 11).unwrap()
+}
+
+fn calib(lengths: &[usize], per: usize, seed: u64) -> CalibSet {
+    let mut rng = Rng::new(seed);
+    let mut samples = Vec::new();
+    for &n in lengths {
+        for s in 0..per {
+            let answer = 20 + rng.below(12) as usize;
+            let prompt_len = n - 32;
+            let tokens: Vec<u32> = (0..prompt_len + answer)
+                .map(|_| rng.below(50) as u32)
+                .collect();
+            samples.push(CalibSample {
+                id: format!("n{n}-{s}"),
+                length: n,
+                task: "random".into(),
+                prompt_len,
+                tokens,
+                answer: String::new(),
+            });
+        }
+    }
+    CalibSet {
+        header: CalibHeader {
+            format: FORMAT.into(),
+            version: 1,
+            model: "tiny".into(),
+            vocab_size: 50,
+            seed,
+            max_answer: 32,
+            sources: vec!["random tokens".into()],
+        },
+        samples,
+    }
+}
+
+fn run(m: &Llama, set: &CalibSet, out: &Path) -> (Profile, usize) {
+    let mut resumed = 0;
+    let p = profile::run(m, "tiny", set, &[], 64, out, &mut |_, _, r| {
+        resumed += r as usize
+    })
+    .unwrap();
+    (p, resumed)
+}
+
+fn options(density: f64, constraint: Vec<usize>) -> OptimizeOptions {
+    OptimizeOptions {
+        density,
+        constraint_lengths: constraint,
+        max_rules_per_layer: None,
+        alpha_step: Some(128),
+        intervals: 4,
+        min_use: false,
+        settings: Settings::default(),
+    }
+}
+
+#[test]
+fn profile_round_trips_is_deterministic_and_resumes() {
+    let m = tiny();
+    let dir = tempfile::tempdir().unwrap();
+    let set = calib(&[256, 512], 2, 1);
+    let out = dir.path().join("p.safetensors");
+    let (p, resumed) = run(&m, &set, &out);
+    assert_eq!(resumed, 0);
+    assert_eq!(p.lengths(), vec![256, 512]);
+    assert!(p.levels.iter().all(|l| l.samples == 2 && l.loss > 0.0));
+    p.write(&out).unwrap();
+    assert_eq!(Profile::read(&out).unwrap(), p);
+    // The parts are still there: a second run takes them all and agrees.
+    let (again, resumed) = run(&m, &set, &out);
+    assert_eq!(resumed, 4);
+    assert_eq!(again, p);
+    // Without the parts, the computation itself is reproducible.
+    std::fs::remove_dir_all(profile::parts_dir(&out)).unwrap();
+    let (fresh, resumed) = run(&m, &set, &out);
+    assert_eq!(resumed, 0);
+    assert_eq!(fresh, p);
+    // Another calibration set with the same ids is not mistaken for this one.
+    let other = calib(&[256, 512], 2, 2);
+    let (q, resumed) = run(&m, &other, &out);
+    assert_eq!(resumed, 0);
+    assert_ne!(q, p);
+}
+
+#[test]
+fn plans_meet_the_density_as_the_geometry_counts_and_beat_uniform() {
+    let m = tiny();
+    let dir = tempfile::tempdir().unwrap();
+    let set = calib(&[512, 1024], 1, 3);
+    let (p, _) = run(&m, &set, &dir.path().join("p.safetensors"));
+    let shape = m.config.shape();
+    let constraint = vec![512, 1024, 2048];
+    for density in [0.3, 0.5, 0.75] {
+        let out = optimize(&p, &options(density, constraint.clone())).unwrap();
+        assert!(!out.plans.is_empty());
+        let again = optimize(&p, &options(density, constraint.clone())).unwrap();
+        for (a, b) in out.plans.iter().zip(&again.plans) {
+            assert_eq!(a.rules, b.rules, "same profile, same plans");
+        }
+        for plan in &out.plans {
+            let json = plan.to_moa_json();
+            let get =
+                |k: &str| -> Vec<Vec<f64>> { serde_json::from_value(json[k].clone()).unwrap() };
+            let valid = moac::plan::validate(
+                Path::new("made.json"),
+                shape,
+                Settings::default(),
+                &get("alphas"),
+                &get("betas"),
+            )
+            .unwrap();
+            for (i, &n) in constraint.iter().enumerate() {
+                let geo = CacheGeometry::new(&valid, n as u64 - 128, 128).unwrap();
+                let (kv, dense) = (
+                    geo.kv_bytes(Dtype::F16, 1),
+                    geo.dense_kv_bytes(Dtype::F16, 1),
+                );
+                assert!(
+                    kv as f64 <= density * dense as f64,
+                    "density {density} at N = {n}: {kv} bytes of {dense}"
+                );
+                assert_eq!(
+                    plan.kv_bytes[i], kv,
+                    "the optimizer counts bytes as the geometry does"
+                );
+            }
+            for layer in &plan.rules {
+                for group in layer.chunks(shape.group_size()) {
+                    assert!(group.iter().all(|r| r == &group[0]), "one rule per KV head");
+                }
+            }
+        }
+        // Where uniform meets the same budget (its capacities round up to 64: at 0.3 it
+        // does not), the best plan at each length is at least as good.
+        let uniform_fits = out.uniform.density.iter().all(|&d| d <= density);
+        assert_eq!(uniform_fits, density != 0.3);
+        for i in (0..out.profile_lengths.len()).filter(|_| uniform_fits) {
+            let best = out
+                .plans
+                .iter()
+                .map(|p| p.loss[i])
+                .fold(f64::INFINITY, f64::min);
+            assert!(
+                best <= out.uniform.loss[i] * (1.0 + 1e-9),
+                "density {density}: best predicted loss {best} at length {} worse than uniform {}",
+                out.profile_lengths[i],
+                out.uniform.loss[i]
+            );
+        }
+    }
+}
+
+#[test]
+fn the_plan_is_optimal_against_brute_force() {
+    // One layer, two KV heads, one profiled length: few enough choices to enumerate.
+    let m = Llama::random(tiny_config(1, RopeStyle::Interleaved), 64, 5).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (p, _) = run(&m, &calib(&[768], 1, 9), &dir.path().join("p.safetensors"));
+    let opts = options(0.5, vec![768, 1536]);
+    let out = optimize(&p, &opts).unwrap();
+    let best = &out.plans[0];
+    // Every pair of rules from the grid the optimizer used.
+    let grid = moac::plan::optimize::candidate_grid(&[768], &[768, 1536], Some(128)).unwrap();
+    let settings = Settings::default();
+    let mut brute = f64::INFINITY;
+    for a in &grid {
+        for b in &grid {
+            let rules = [*a, *a, *b, *b];
+            let mut slots = [0u64; 2];
+            for (j, n) in [768u64, 1536].into_iter().enumerate() {
+                for r in [a, b] {
+                    let rule = moac::plan::HeadRule {
+                        alpha: r.alpha,
+                        beta: r.beta,
+                    };
+                    slots[j] += moac::geometry::capacity(rule, n, &settings);
+                }
+                if slots[j] as f64 > 0.5 * 2.0 * n as f64 {
+                    slots[0] = u64::MAX;
+                }
+            }
+            if slots[0] == u64::MAX {
+                continue;
+            }
+            let loss: f64 = rules
+                .iter()
+                .enumerate()
+                .map(|(h, r)| {
+                    let rule = moac::plan::HeadRule {
+                        alpha: r.alpha,
+                        beta: r.beta,
+                    };
+                    p.levels[0].heads[0][h].loss(moac::geometry::capacity(rule, 768, &settings), 64)
+                })
+                .sum();
+            brute = brute.min(loss);
+        }
+    }
+    assert!(
+        (best.loss[0] - brute).abs() <= 1e-9 * brute.max(1e-12),
+        "optimizer {} vs brute force {brute}",
+        best.loss[0]
+    );
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let m = tiny();
+    let dir = tempfile::tempdir().unwrap();
+    let set = calib(&[512], 1, 4);
+    let out = dir.path().join("p.safetensors");
+    let (p, _) = run(&m, &set, &out);
+    for d in [0.0, -0.5, 1.5, f64::NAN] {
+        let e = optimize(&p, &options(d, vec![])).unwrap_err().to_string();
+        assert!(e.contains("density"), "{e}");
+    }
+    // 5% of a 512-token cache is 25 tokens: below the 128-token minimum capacity.
+    let e = optimize(&p, &options(0.05, vec![512, 4096]))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("length 512"), "{e}");
+    // Lengths the calibration set lacks.
+    let e = profile::run(&m, "tiny", &set, &[1024], 64, &out, &mut |_, _, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("1024"), "{e}");
+    // A profile of another model shape.
+    let other = ModelShape {
+        num_layers: 4,
+        ..m.config.shape()
+    };
+    let e = p.check(&out, &other).unwrap_err().to_string();
+    assert!(e.contains("3 layers") && e.contains("4 layers"), "{e}");
+    // Files: empty, header only, not a profile.
+    let f = dir.path().join("c.jsonl");
+    std::fs::write(&f, "").unwrap();
+    assert!(CalibSet::read(&f)
+        .unwrap_err()
+        .to_string()
+        .contains("c.jsonl"));
+    let header = serde_json::to_string(&set.header).unwrap();
+    std::fs::write(&f, format!("{header}\n")).unwrap();
+    assert!(CalibSet::read(&f)
+        .unwrap_err()
+        .to_string()
+        .contains("no samples"));
+    std::fs::write(&f, format!("{header}\n{{\"id\": 3}}\n")).unwrap();
+    let e = CalibSet::read(&f).unwrap_err().to_string();
+    assert!(e.contains("line 2"), "{e}");
+    assert!(Profile::read(&f).is_err());
+}
