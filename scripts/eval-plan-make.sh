@@ -6,19 +6,9 @@
 # scripts/eval-smollm2.sh, not in the calibration set) at 2k/4k/8k in both scoring modes,
 # and pass-key retrieval at 1k-4k. Results go to target/eval-made/.
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$root"
-bash scripts/setup-model.sh
-cargo build --release -q -p moac-cli
-moac="$root/target/release/moac"
-model="$root/models/SmolLM2-135M-Instruct.Q4_1.gguf"
-out="$root/target/eval-made"
-mkdir -p "$out"
-weights="${EVAL_WEIGHTS:-q8}"
-text="${EVAL_TEXT:-$out/licenses.txt}"
-if [ -z "${EVAL_TEXT:-}" ]; then
-  cat /usr/share/common-licenses/{GPL-3,GPL-2,LGPL-2.1,MPL-2.0,Apache-2.0,GFDL-1.3} > "$text"
-fi
+EVAL_OUT=eval-made
+# shellcheck source=scripts/eval-common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/eval-common.sh"
 made="${MADE_PLAN:-$out/made50.json}"
 if [ ! -f "$made" ]; then
   { time "$moac" plan make --model "$model" --density 0.5 -o "$made"; } 2>&1 | tee "$out/plan-make.log"
@@ -40,6 +30,6 @@ ppl() { # ppl CONTEXT MODE ATTENTION...
   done
 } | tee -a "$out/perplexity.jsonl"
 "$moac" eval retrieval --model "$model" --weights "$weights" --plan "$out/uniform50.moac.json" \
-  --plan "$made" --task passkey --lengths "${EVAL_LENGTHS:-1024,2048,3072,4096}" \
+  --plan "$made" --task passkey --lengths "${EVAL_LENGTHS:-1024,2048,4096}" \
   --samples "${EVAL_SAMPLES:-4}" --seed 1 --svg "$out/retrieval-passkey.svg" \
   | tee "$out/retrieval-passkey.txt"

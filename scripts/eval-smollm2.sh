@@ -5,19 +5,9 @@
 # license texts Debian ships in /usr/share/common-licenses (plain English prose, ~30k
 # tokens); pass EVAL_TEXT=FILE for another. Results go to target/eval/.
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$root"
-bash scripts/setup-model.sh
-cargo build --release -q -p moac-cli
-moac="$root/target/release/moac"
-model="$root/models/SmolLM2-135M-Instruct.Q4_1.gguf"
-out="$root/target/eval"
-mkdir -p "$out"
-weights="${EVAL_WEIGHTS:-q8}"
-text="${EVAL_TEXT:-$out/licenses.txt}"
-if [ -z "${EVAL_TEXT:-}" ]; then
-  cat /usr/share/common-licenses/{GPL-3,GPL-2,LGPL-2.1,MPL-2.0,Apache-2.0,GFDL-1.3} > "$text"
-fi
+EVAL_OUT=eval
+# shellcheck source=scripts/eval-common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/eval-common.sh"
 plans=()
 for pct in 25 50 75; do
   beta=$(printf '0.%s' "$pct")
