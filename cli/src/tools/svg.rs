@@ -92,29 +92,6 @@ pub fn accuracy_plot(title: &str, lengths: &[usize], series: &[(String, Vec<f64>
     s
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn plots_every_series_and_length() {
-        let svg = accuracy_plot(
-            "t <x>",
-            &[1024, 2048, 4096],
-            &[
-                ("dense".into(), vec![1.0, 0.5, 0.0]),
-                ("half".into(), vec![1.0, 0.25, 0.0]),
-            ],
-        );
-        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
-        assert_eq!(svg.matches("<polyline").count(), 2);
-        assert_eq!(svg.matches("<circle").count(), 6);
-        assert!(svg.contains("t &lt;x&gt;") && svg.contains(">4096<"));
-        // 100% sits at the top of the plot area, 0% at the bottom.
-        assert!(svg.contains("cy=\"40.0\"") && svg.contains("cy=\"350.0\""));
-    }
-}
-
 /// A scatter plot of labelled points (x, y), axes from the data's ranges.
 pub fn scatter_plot(
     title: &str,
@@ -177,4 +154,27 @@ pub fn scatter_plot(
     }
     s.push_str("</svg>\n");
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plots_every_series_and_length() {
+        let svg = accuracy_plot(
+            "t <x>",
+            &[1024, 2048, 4096],
+            &[
+                ("dense".into(), vec![1.0, 0.5, 0.0]),
+                ("half".into(), vec![1.0, 0.25, 0.0]),
+            ],
+        );
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert_eq!(svg.matches("<polyline").count(), 2);
+        assert_eq!(svg.matches("<circle").count(), 6);
+        assert!(svg.contains("t &lt;x&gt;") && svg.contains(">4096<"));
+        // 100% sits at the top of the plot area, 0% at the bottom.
+        assert!(svg.contains("cy=\"40.0\"") && svg.contains("cy=\"350.0\""));
+    }
 }

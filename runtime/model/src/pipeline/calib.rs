@@ -205,12 +205,15 @@ pub struct CalibOptions {
 /// The document families, taken in turn.
 const TASKS: [&str; 3] = ["town", "river", "summary"];
 
+/// A document's question, given the indices of the pieces kept whole.
+type Question = Box<dyn Fn(&[usize]) -> String>;
+
 /// One document: its pieces (paragraphs or records) and the question about it.
 struct Doc {
     task: String,
     pieces: Vec<String>,
     /// The question, given the indices of the pieces kept whole.
-    question: Box<dyn Fn(&[usize]) -> String>,
+    question: Question,
 }
 
 const SYLLABLES: [&str; 36] = [
@@ -350,7 +353,7 @@ fn document(task: &str, count: usize, rng: &mut Rng, sources: &[(String, String)
                 .enumerate()
                 .map(|(i, t)| town_record(i, t, rng))
                 .collect();
-            let (task, question): (&str, Box<dyn Fn(&[usize]) -> String>) = match task {
+            let (task, question): (&str, Question) = match task {
                 "river" => {
                     let river = ts.first().map(|t| t.river.clone()).unwrap_or_default();
                     (
