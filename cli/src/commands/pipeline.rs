@@ -618,7 +618,7 @@ pub fn make(a: MakeArgs) -> Result<()> {
     // 3. Optimize.
     let t = Instant::now();
     let plans_dir = work.join("plans");
-    let opt = run_optimize(
+    run_optimize(
         &prof,
         &OptimizeArgs {
             profile: profile_path.clone(),
@@ -632,7 +632,6 @@ pub fn make(a: MakeArgs) -> Result<()> {
         },
         context,
     )?;
-    let _ = opt;
     times.push(("optimize", t.elapsed().as_secs_f64()));
     // 4. Validate on held-out samples at a longer length.
     let t = Instant::now();

@@ -6,6 +6,7 @@
 use super::calib::CalibSample;
 use crate::attention::Engine;
 use crate::eval::nlls;
+use crate::generate::log_softmax;
 use crate::llama::Llama;
 use crate::{Error, Result};
 
@@ -49,9 +50,11 @@ pub fn response_losses(
                 .collect();
             let positions: Vec<usize> = prompts.iter().map(|p| p.len() + step - 1).collect();
             let h = llama.decode(attn.as_mut(), &tokens, &positions)?;
-            for (r, answer) in answers.iter().enumerate() {
+            // One LM-head product for the whole batch per step.
+            let logits: Vec<Vec<f32>> = llama.logits(&h)?.to_vec2()?;
+            for ((sum, answer), row) in sums.iter_mut().zip(&answers).zip(&logits) {
                 if let Some(&target) = answer.get(step) {
-                    sums[r] += nlls(llama, &h.get(r)?.unsqueeze(0)?, &[target])?[0];
+                    *sum -= log_softmax(row)[target as usize];
                 }
             }
         }
