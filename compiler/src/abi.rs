@@ -228,15 +228,24 @@ impl ArgPack {
     /// Packs named arguments for a kernel of `kind`: every parameter of [`params`] must
     /// be given exactly once, with its type; the order of `named` does not matter.
     pub fn new(kernel: &str, kind: KernelKind, named: &[(&str, Arg)]) -> Result<ArgPack> {
-        let sig = params(kind);
+        ArgPack::with_params(kernel, &kind.slug(), params(kind), named)
+    }
+
+    /// Packs named arguments against any parameter table `sig` (the engine's ops have
+    /// their own, [`crate::ops::Op::params`]); `what` names the kernel's kind in errors.
+    pub fn with_params(
+        kernel: &str,
+        what: &str,
+        sig: &[(&str, Param)],
+        named: &[(&str, Arg)],
+    ) -> Result<ArgPack> {
         let abi_err = |message: String| Error::Abi {
             kernel: kernel.to_string(),
             message,
         };
         if let Some((extra, _)) = named.iter().find(|(n, _)| !sig.iter().any(|(s, _)| s == n)) {
             return Err(abi_err(format!(
-                "{} kernels take no argument {extra:?}",
-                kind.slug()
+                "{what} kernels take no argument {extra:?}"
             )));
         }
         let mut slots = Vec::with_capacity(sig.len());

@@ -26,6 +26,7 @@ pub mod geometry;
 pub mod inspect;
 pub mod ir;
 pub mod jit;
+pub mod ops;
 pub mod plan;
 pub mod tuning;
 

@@ -33,6 +33,7 @@
 mod artifact;
 pub mod backend;
 mod error;
+pub mod gpu;
 pub mod reference;
 mod runtime;
 

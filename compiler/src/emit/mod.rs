@@ -9,7 +9,7 @@ use sha2::Digest;
 use std::sync::OnceLock;
 
 /// Every template, by the name templates include each other with.
-pub const TEMPLATES: [(&str, &str); 9] = [
+pub const TEMPLATES: [(&str, &str); 10] = [
     (
         "moac_common.cuh",
         include_str!("../../../templates/moac_common.cuh"),
@@ -45,6 +45,10 @@ pub const TEMPLATES: [(&str, &str); 9] = [
     (
         "prefill.cu.tera",
         include_str!("../../../templates/prefill.cu.tera"),
+    ),
+    (
+        "ops.cu.tera",
+        include_str!("../../../templates/ops.cu.tera"),
     ),
 ];
 
@@ -237,7 +241,7 @@ pub fn emit(spec: &KernelSpec) -> Result<String> {
     Ok(unit(vec![spec.clone()])?.source)
 }
 
-fn render(name: &str, what: &str, ctx: &tera::Context) -> Result<String> {
+pub(crate) fn render(name: &str, what: &str, ctx: &tera::Context) -> Result<String> {
     engine()?.render(name, ctx).map_err(|e| Error::Template {
         name: format!("{name} ({what})"),
         message: describe(&e),

@@ -117,6 +117,21 @@ fn find() -> Option<(PathBuf, PathBuf)> {
     None
 }
 
+/// The first of the folders NVRTC is searched in (the project's venv, `MOAC_NVRTC_DIR`,
+/// `CUDA_HOME`, /usr/local/cuda) whose `lib`, `lib64` or itself holds `file`: where
+/// the other CUDA libraries from PyPI (cuBLAS) sit beside NVRTC.
+pub fn find_library(file: &str) -> Option<PathBuf> {
+    let mut roots = candidates();
+    if let Some(dir) = std::env::var_os("MOAC_CUBLAS_DIR") {
+        roots.insert(0, PathBuf::from(dir));
+    }
+    roots
+        .into_iter()
+        .flat_map(|c| [c.join("lib"), c.join("lib64"), c])
+        .map(|d| d.join(file))
+        .find(|f| f.is_file())
+}
+
 /// Finds and loads NVRTC once per process; later calls return the same result.
 pub fn load() -> Result<&'static Nvrtc> {
     static LOADED: OnceLock<std::result::Result<Nvrtc, String>> = OnceLock::new();

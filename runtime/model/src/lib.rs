@@ -7,6 +7,7 @@
 
 pub mod attention;
 pub mod chat;
+pub mod engine;
 pub mod eval;
 pub mod generate;
 pub mod gguf;

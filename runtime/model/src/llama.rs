@@ -124,7 +124,7 @@ impl Llama {
         Llama::from_weights(config, w)
     }
 
-    fn from_weights(config: LlamaConfig, w: Weights) -> Result<Llama> {
+    pub(crate) fn from_weights(config: LlamaConfig, w: Weights) -> Result<Llama> {
         let half = config.head_dim / 2;
         let theta = config.rope_theta as f64;
         let positions = config.context_len.max(1);

@@ -111,6 +111,45 @@ pub fn model_config(path: &Path) -> Result<LlamaConfig> {
     gguf_config(&GgufMetadata::read(path)?)
 }
 
+/// The configuration and the MLP width of a model, from a Hugging Face `config.json`
+/// (the file or its folder) or a GGUF file's header: what `--shape` builds random
+/// weights for.
+pub fn model_shape(path: &Path) -> Result<(LlamaConfig, usize)> {
+    let json = if path.is_dir() {
+        Some(path.join("config.json"))
+    } else if path.extension().is_some_and(|e| e == "json") {
+        Some(path.to_path_buf())
+    } else {
+        None
+    };
+    if let Some(file) = json {
+        let c = read_json(&file)?;
+        let config = hf_config(&file, &c)?;
+        let ff = c
+            .get("intermediate_size")
+            .and_then(|v| v.as_u64())
+            .filter(|&v| v > 0)
+            .ok_or_else(|| Error::Metadata {
+                path: file.clone(),
+                key: "intermediate_size".into(),
+                message: "missing or not a positive integer".into(),
+            })?;
+        return Ok((config, ff as usize));
+    }
+    let meta = GgufMetadata::read(path)?;
+    let config = gguf_config(&meta)?;
+    let ff = meta
+        .get("llama.feed_forward_length")
+        .and_then(|v| v.to_u64().ok())
+        .filter(|&v| v > 0)
+        .ok_or_else(|| Error::Metadata {
+            path: path.to_path_buf(),
+            key: "llama.feed_forward_length".into(),
+            message: "missing or not a positive integer".into(),
+        })?;
+    Ok((config, ff as usize))
+}
+
 /// Reads a JSON file of a model folder.
 pub(crate) fn read_json(path: &Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
