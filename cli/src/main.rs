@@ -1,7 +1,9 @@
 //! The `moac` command: parses the command line and dispatches to [`moac_cli::commands`].
 
 use clap::{Parser, Subcommand};
-use moac_cli::commands::{compile, eval, generate, inspect, pipeline, plan, run, tune, verify};
+use moac_cli::commands::{
+    bench, compile, eval, generate, inspect, pipeline, plan, run, tune, verify,
+};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -34,6 +36,10 @@ enum Command {
     /// Generate text with a real model (GGUF or Hugging Face folder), attention through
     /// moac with a plan or dense.
     Generate(generate::GenerateArgs),
+    /// Benchmarks of the whole model on the device engine (decode throughput, MoA
+    /// against dense).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// Evaluate a real model with a plan against dense: perplexity, retrieval.
     #[command(subcommand)]
     Eval(eval::EvalCommand),
@@ -57,6 +63,7 @@ fn main() -> ExitCode {
         Command::Plan(c) => plan::run(c),
         Command::Generate(a) => generate::run(a),
         Command::Eval(c) => eval::run(c),
+        Command::Bench(c) => bench::run(c),
         Command::Calibrate(a) => pipeline::calibrate(a),
         Command::Profile(a) => pipeline::profile(a),
         Command::Optimize(a) => pipeline::optimize_cmd(a),

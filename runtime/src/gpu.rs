@@ -641,7 +641,7 @@ impl Gpu {
 
     /// Milliseconds `f` takes on the machine: CUDA events around its queued work on
     /// cuda, the wall clock on emu (where the work is done when `f` returns).
-    pub fn time_ms(&self, f: impl FnOnce() -> Result<()>) -> Result<f64> {
+    pub fn time_ms<E: From<Error>>(&self, f: impl FnOnce() -> Result<(), E>) -> Result<f64, E> {
         match &self.kind {
             Kind::Emu(_) => {
                 let t = std::time::Instant::now();
@@ -660,9 +660,10 @@ impl Gpu {
                 end.record(dev.stream())
                     .map_err(Error::driver("event record"))?;
                 dev.synchronize()?;
-                Ok(start
+                let ms = start
                     .elapsed_ms(&end)
-                    .map_err(Error::driver("event time"))? as f64)
+                    .map_err(Error::driver("event time"))?;
+                Ok(ms as f64)
             }
         }
     }

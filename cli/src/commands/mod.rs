@@ -1,6 +1,8 @@
 //! One module per `moac` subcommand: its arguments (clap) and `run`.
 
+pub mod bench;
 pub mod compile;
+pub mod device;
 pub mod eval;
 pub mod generate;
 pub mod inspect;

@@ -18,7 +18,7 @@ pub struct ModelArgs {
     /// The model: a GGUF file or a Hugging Face folder (config.json, *.safetensors,
     /// tokenizer.json).
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// Where attention runs: cpu, emu (the generated CUDA run on the CPU) or cuda.
     #[arg(long, value_parser = parse::<Backend>, default_value = "cpu")]
     pub backend: Backend,
@@ -37,8 +37,17 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
+    /// The `--model` path (required by every command but those that take `--shape`).
+    pub fn path(&self) -> Result<&Path> {
+        self.model.as_deref().ok_or_else(|| {
+            CliError::Usage(
+                "name the model: --model M (a GGUF file or a Hugging Face folder)".into(),
+            )
+        })
+    }
+
     pub fn load(&self) -> Result<Model> {
-        Ok(Model::load(&self.model, self.weights)?)
+        Ok(Model::load(self.path()?, self.weights)?)
     }
 
     /// A runtime for `plan` on the chosen backend (the artifact is lowered in memory;

@@ -556,7 +556,7 @@ pub fn make(a: MakeArgs) -> Result<()> {
             a.density
         )));
     }
-    let model = Model::load(&a.model.model, WeightMode::F32)?;
+    let model = Model::load(a.model.path()?, WeightMode::F32)?;
     let context = model.llama.config.context_len;
     let lengths = if a.lengths.is_empty() {
         vec![(context / 8).max(512), (context / 4).max(1024)]
@@ -622,7 +622,7 @@ pub fn make(a: MakeArgs) -> Result<()> {
         &prof,
         &OptimizeArgs {
             profile: profile_path.clone(),
-            model: a.model.model.clone(),
+            model: a.model.path()?.to_path_buf(),
             density: a.density,
             constraint_lengths: a.constraint_lengths.clone(),
             max_rules_per_layer: a.max_rules_per_layer,

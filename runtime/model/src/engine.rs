@@ -512,10 +512,16 @@ impl DeviceEngine {
     }
 
     /// Bytes a session of `batch` rows and N = `prompt_len + max_new` takes on the
-    /// device beyond the weights: the compacted cache plus the step buffers (the prefill
-    /// workspace of `prompt_len`-token prompts is counted too, since it is allocated
-    /// while the cache lives).
-    pub fn session_bytes(&self, batch: usize, prompt_len: usize, max_new: usize) -> Result<u64> {
+    /// device beyond the weights: the compacted cache plus the step buffers, and with
+    /// `with_prefill` the workspace of prefilling every row's `prompt_len` tokens at once
+    /// (allocated while the cache lives).
+    pub fn session_bytes(
+        &self,
+        batch: usize,
+        prompt_len: usize,
+        max_new: usize,
+        with_prefill: bool,
+    ) -> Result<u64> {
         let geometry = CacheGeometry::new(self.artifact.plan(), prompt_len as u64, max_new as u64)
             .map_err(moac_runtime::Error::from)?;
         Ok(session_bytes(
@@ -524,20 +530,28 @@ impl DeviceEngine {
             &geometry,
             self.dtype,
             batch,
-            prompt_len,
+            if with_prefill { prompt_len } else { 0 },
         ))
     }
 
     /// Checks that a session fits the device's free memory, else names what would.
-    fn check_fits(&self, batch: usize, prompt_len: usize, max_new: usize) -> Result<()> {
+    fn check_fits(
+        &self,
+        batch: usize,
+        prompt_len: usize,
+        max_new: usize,
+        with_prefill: bool,
+    ) -> Result<()> {
         let Some((free, _)) = self.gpu.memory()? else {
             return Ok(());
         };
-        let need = self.session_bytes(batch, prompt_len, max_new)?;
+        let need = self.session_bytes(batch, prompt_len, max_new, with_prefill)?;
         // Headroom for cuBLAS workspaces and the driver.
         let usable = free.saturating_sub(512 << 20);
         if need > usable {
-            let per_row = self.session_bytes(1, prompt_len, max_new)?.max(1);
+            let per_row = self
+                .session_bytes(1, prompt_len, max_new, with_prefill)?
+                .max(1);
             let fits = usable / per_row;
             return Err(usage(format!(
                 "a batch of {batch} at {} tokens needs {:.2} GiB on the GPU, {:.2} GiB are free: at most {fits} rows fit at this length",
@@ -549,7 +563,13 @@ impl DeviceEngine {
         Ok(())
     }
 
-    fn new_session(&self, batch: usize, prompt_len: usize, max_new: usize) -> Result<Session> {
+    fn new_session(
+        &self,
+        batch: usize,
+        prompt_len: usize,
+        max_new: usize,
+        with_prefill: bool,
+    ) -> Result<Session> {
         if batch == 0 {
             return Err(usage("no prompt"));
         }
@@ -561,7 +581,7 @@ impl DeviceEngine {
                 max: self.config.context_len,
             });
         }
-        self.check_fits(batch, prompt_len, max_new)?;
+        self.check_fits(batch, prompt_len, max_new, with_prefill)?;
         let (geometry, layers) = self.bind(prompt_len, max_new)?;
         let c = &self.config;
         let g = &self.gpu;
@@ -646,7 +666,7 @@ impl DeviceEngine {
         }
         let b = prompts.len();
         let p = prompts.iter().map(|r| r.len()).max().unwrap_or(0);
-        let mut s = self.new_session(b, p, max_new)?;
+        let mut s = self.new_session(b, p, max_new, true)?;
         let g = &self.gpu;
         let rows = b * p;
         let mut tokens = Vec::with_capacity(rows);
@@ -1137,7 +1157,7 @@ impl DeviceEngine {
         max_new: usize,
         seed: u64,
     ) -> Result<Session> {
-        let mut s = self.new_session(batch, context, max_new)?;
+        let mut s = self.new_session(batch, context, max_new, false)?;
         let g = &self.gpu;
         for (l, (kc, vc)) in s.caches.iter_mut().enumerate() {
             for (j, buf) in [kc, vc].into_iter().enumerate() {
