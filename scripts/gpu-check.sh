@@ -11,7 +11,17 @@
 # On a machine without network or Rust (the lent GPU machines): build the release
 # binaries elsewhere and bring target/release/moac and target/release/moac-gpu-bench;
 # NVRTC then comes from the CUDA toolkit there.
+#
+# The device engine (issue 14) comes first: the whole model on the GPU (cuBLAS from the
+# CUDA toolkit there, or scripts/setup-cublas.sh's wheel) against the host runner on the
+# same random weights (`generate --engine device --check`, a tiny config and the
+# Llama-3.2-1B shape), then `moac bench decode` for the Llama-3.2-1B and Llama-3-8B
+# shapes with their MoA plans beside dense. `--engine-only` stops after that.
 set -euo pipefail
+engine_only=0
+if [ "${1:-}" = "--engine-only" ]; then
+  engine_only=1
+fi
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
@@ -82,6 +92,38 @@ else
   echo "gpu-check: no cargo on this machine and no prebuilt target/release/moac and moac-gpu-bench;"
   echo "  build them with 'cargo build --release' on a machine with Rust and carry both files"
   exit 1
+fi
+
+# ---- the device engine ---------------------------------------------------------------
+ids() { # ids N OFFSET: N comma-separated token ids below 500
+  local n=$1 off=$2 out="" i
+  for ((i = 0; i < n; i++)); do out+="${out:+,}$(((i * 37 + off) % 500))"; done
+  echo "$out"
+}
+tiny="tests/fixtures/tiny-llama/config.json"
+step "plan uniform (tiny)" "$moac" plan uniform --config "$tiny" --alpha 64 --beta 0.2 \
+  -o "$work/tiny-plan.json"
+for dt in f16 bf16; do
+  step "engine check cuda tiny $dt" "$moac" generate --shape "$tiny" --seed "$seed" \
+    --plan "$work/tiny-plan.json" --prompt-tokens "$(ids 300 3)" --prompt-tokens "$(ids 40 11)" \
+    --prompt-tokens 5,6,7 --max-new-tokens 100 --engine device --backend cuda --dtype "$dt" --check
+done
+small="examples/plans/meta-llama--Llama-3.2-1B-Instruct"
+large="examples/plans/gradientai--Llama-3-8B-Instruct-262k"
+step "bench decode Llama-3.2-1B" "$moac" bench decode --shape "$small/config.json" \
+  --plan "$small/moa_alpha_beta.json" --batch 1,8,32,64 --context 4096,16384,65536
+step "bench decode Llama-3-8B" "$moac" bench decode --shape "$large/config.json" \
+  --plan "$large/moa_alpha_beta.json" --batch 1,8,32,64 --context 4096,16384,65536
+step "engine check cuda Llama-3.2-1B shape f16 (MoA plan)" "$moac" generate \
+  --shape "$small/config.json" --seed "$seed" --plan "$small/moa_alpha_beta.json" \
+  --prompt-tokens "$(ids 400 5)" --prompt-tokens "$(ids 70 9)" --max-new-tokens 8 \
+  --engine device --backend cuda --dtype f16 --check
+if [ "$engine_only" = 1 ]; then
+  echo
+  echo "gpu-check (engine only): all steps passed in $((SECONDS - start_all))s"
+  for line in "${summary[@]}"; do echo "  $line"; done
+  for f in "$work"/logs/bench_decode_*.log; do echo; cat "$f"; done
+  exit 0
 fi
 
 plans=()
@@ -167,6 +209,8 @@ fi
 echo
 echo "gpu-check: all steps passed in $((SECONDS - start_all))s"
 for line in "${summary[@]}"; do echo "  $line"; done
+echo
+for f in "$work"/logs/bench_decode_*.log; do echo; cat "$f"; done
 echo
 echo "decode benchmark (moac vs dense, per step of all layers):"
 # The benchmark's table: everything after its last blank line.

@@ -156,6 +156,22 @@ fn load_cublas() -> std::result::Result<(), String> {
         .clone()
 }
 
+/// cuBLAS's version (13000 and up for 13.x), loading it first; an error names how to
+/// install it. Needs no GPU.
+pub fn cublas_version() -> Result<i32> {
+    load_cublas().map_err(Error::Unavailable)?;
+    let mut v: std::ffi::c_int = 0;
+    // SAFETY: the library is loaded (checked above); cublasGetVersion accepts a null
+    // handle and writes one int through the pointer, valid for the call.
+    let rc = unsafe { cudarc::cublas::sys::cublasGetVersion_v2(std::ptr::null_mut(), &mut v) };
+    if rc != cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+        return Err(Error::Unavailable(format!(
+            "cublasGetVersion failed: {rc:?}"
+        )));
+    }
+    Ok(v)
+}
+
 struct Blas {
     handle: cudarc::cublas::CudaBlas,
 }
@@ -666,5 +682,68 @@ impl Gpu {
                 Ok(ms as f64)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// cuBLAS loads without a GPU where `scripts/setup-cublas.sh` installed it (the
+    /// tests do not need it otherwise: emu's GEMMs are on the CPU).
+    #[test]
+    fn cublas_loads_where_installed() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        if !root.join(".venv/.moac-cublas-13.0").exists() {
+            eprintln!("skipped: cuBLAS not installed (scripts/setup-cublas.sh)");
+            return;
+        }
+        let v = cublas_version().expect("cuBLAS loads");
+        assert_eq!(v / 10000, 13, "cuBLAS 13.x, got {v}");
+    }
+
+    #[test]
+    fn emu_buffers_copy_move_and_multiply() {
+        let g = Gpu::open(Backend::Emu, EmuOptions::default()).expect("emu");
+        let mut a = g.alloc_of::<f32>(6).expect("alloc");
+        g.upload(&mut a, 1, &[1.0f32, 2.0, 3.0]).expect("upload");
+        assert_eq!(
+            g.download::<f32>(&a, 0, 6).expect("down"),
+            [0.0, 1.0, 2.0, 3.0, 0.0, 0.0]
+        );
+        assert!(g.upload(&mut a, 5, &[1.0f32, 2.0]).is_err(), "past the end");
+        g.move_row(&mut a, 2, 0, 8).expect("move");
+        assert_eq!(g.download::<f32>(&a, 4, 2).expect("down"), [0.0, 1.0]);
+        // y = x w^T + y for bf16 inputs: exact small integers.
+        let bits = |v: &[f32]| -> Vec<u16> {
+            v.iter()
+                .map(|&x| crate::backend::to_bits(x, Dtype::Bf16))
+                .collect()
+        };
+        let mut x = g.alloc_of::<u16>(4).expect("alloc");
+        g.upload(&mut x, 0, &bits(&[1.0, 2.0, 3.0, 4.0]))
+            .expect("up");
+        let mut w = g.alloc_of::<u16>(6).expect("alloc");
+        g.upload(&mut w, 0, &bits(&[1.0, 0.0, 0.0, 1.0, 1.0, 1.0]))
+            .expect("up");
+        let mut y = g.alloc_of::<f32>(6).expect("alloc");
+        g.upload(&mut y, 0, &[10.0f32; 6]).expect("up");
+        g.gemm(Dtype::Bf16, &mut y, 0, &x, 0, &w, 0, (2, 3, 2), 1.0)
+            .expect("gemm");
+        assert_eq!(
+            g.download::<f32>(&y, 0, 6).expect("down"),
+            [11.0, 12.0, 13.0, 13.0, 14.0, 17.0]
+        );
+        g.gemm(Dtype::Bf16, &mut y, 0, &x, 0, &w, 0, (2, 3, 2), 0.0)
+            .expect("gemm");
+        assert_eq!(
+            g.download::<f32>(&y, 0, 6).expect("down"),
+            [1.0, 2.0, 3.0, 3.0, 4.0, 7.0]
+        );
+        assert!(
+            g.gemm(Dtype::Bf16, &mut y, 0, &x, 0, &w, 0, (2, 4, 2), 0.0)
+                .is_err(),
+            "w too small"
+        );
     }
 }
