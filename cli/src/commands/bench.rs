@@ -275,7 +275,13 @@ fn decode(a: DecodeArgs) -> Result<()> {
                     attention_gb_per_s: None,
                 };
                 if let (Some(eng), true) = (&engine, fits) {
-                    measure(eng, &a, &mut p, max_new)?;
+                    // The budget may be the GPU's whole memory: what is free now decides.
+                    let free = eng.gpu().memory()?.map(|(f, _)| f);
+                    if free.is_some_and(|f| bytes + (512 << 20) > f) {
+                        p.fits = false;
+                    } else {
+                        measure(eng, &a, &mut p, max_new)?;
+                    }
                 }
                 if a.json {
                     let mut v = serde_json::to_value(&p).unwrap_or_default();

@@ -22,18 +22,14 @@ use crate::weights::Weights;
 use crate::{Error, Result};
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Tensor};
-use moac::abi::{self, Arg, ArgPack, Elem};
+use moac::abi::{Arg, ArgPack, Elem};
 use moac::geometry::{CacheGeometry, Dtype};
-use moac::ir::{KernelKind, PrefillMode};
+use moac::ir::PrefillMode;
 use moac::ops::{Op, OpsShape, RopePairs};
-use moac_runtime::backend::launch::{
-    self, AppendBufs, DecodeBufs, FillBufs, MergeBufs, PrefillBufs,
-};
-use moac_runtime::backend::{bind_layer, BoundKernel, LayerShape};
+use moac_runtime::gpu::attention::{DecodeScratch, DeviceAttention, DeviceKv};
 use moac_runtime::gpu::{Gpu, GpuBuf, GpuModule};
 use moac_runtime::Artifact;
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// Rows of prompt positions whose row-wise work (norms, projections, MLP) runs at once.
 const PREFILL_CHUNK: usize = 1024;
@@ -220,8 +216,6 @@ pub struct DeviceEngine {
     artifact: Artifact,
     ops: GpuModule,
     weights: DeviceWeights,
-    /// Attention modules by unit name.
-    modules: Mutex<HashMap<String, Arc<GpuModule>>>,
 }
 
 /// How the next token of each row is chosen on the device.
@@ -238,13 +232,6 @@ pub enum DeviceSampling {
     },
 }
 
-/// One layer's attention kernels bound for a session's shapes.
-struct LayerKernels {
-    shape: LayerShape,
-    kernels: Vec<(BoundKernel, Arc<GpuModule>, String)>,
-    nsplit: usize,
-}
-
 /// A batch of sequences being decoded: its caches and every buffer a step needs,
 /// allocated once.
 pub struct Session {
@@ -255,9 +242,8 @@ pub struct Session {
     /// Tokens each row holds (prompt + generated so far).
     lens: Vec<usize>,
     n: usize,
-    geometry: CacheGeometry,
-    layers: Vec<LayerKernels>,
-    caches: Vec<(GpuBuf, GpuBuf)>,
+    attn: DeviceAttention,
+    caches: Vec<DeviceKv>,
     lens_dev: GpuBuf,
     seq_ids_dev: GpuBuf,
     tokens: GpuBuf,
@@ -273,8 +259,7 @@ struct StepBufs {
     q: GpuBuf,
     k: GpuBuf,
     v: GpuBuf,
-    part_o: GpuBuf,
-    part_lse: GpuBuf,
+    scratch: DecodeScratch,
     o: GpuBuf,
     gu: GpuBuf,
     act: GpuBuf,
@@ -318,6 +303,8 @@ impl DeviceEngine {
             gpu.upload(&mut b, 0, &v)?;
             Ok(b)
         };
+        let tied = matches!(&llama.lm_head, QMatMul::Tensor(t) if t.id() == llama.embed.id());
+        check_weights(&gpu, &c, ff, tied)?;
         let mut layers = Vec::with_capacity(llama.layers.len());
         for l in &llama.layers {
             let qkv = Tensor::cat(
@@ -334,7 +321,7 @@ impl DeviceEngine {
                 w_down: upload_bits(&f32_matrix(&l.down)?)?,
             });
         }
-        let tied = matches!(&llama.lm_head, QMatMul::Tensor(t) if t.id() == llama.embed.id());
+
         let weights = DeviceWeights {
             embed: upload_bits(&llama.embed)?,
             lm_head: if tied {
@@ -361,6 +348,7 @@ impl DeviceEngine {
         mode: PrefillMode,
     ) -> Result<DeviceEngine> {
         let dtype = artifact.dtype();
+        check_weights(&gpu, &config, ff, true)?;
         let ops = build_ops(&gpu, &config, ff, dtype)?;
         let c = &config;
         let lay = SeededLayout::of(c, ff);
@@ -435,7 +423,6 @@ impl DeviceEngine {
             artifact,
             ops,
             weights,
-            modules: Mutex::new(HashMap::new()),
         })
     }
 
@@ -463,52 +450,6 @@ impl DeviceEngine {
 
     fn op(&self, op: Op, rows: usize, args: Vec<(&'static str, Arg)>) -> Result<()> {
         run_op(&self.gpu, &self.ops, op, rows, args)
-    }
-
-    /// The geometry and bound attention kernels of a session of N tokens.
-    fn bind(
-        &self,
-        prompt_len: usize,
-        max_new: usize,
-    ) -> Result<(CacheGeometry, Vec<LayerKernels>)> {
-        let geometry = CacheGeometry::new(self.artifact.plan(), prompt_len as u64, max_new as u64)
-            .map_err(moac_runtime::Error::from)?;
-        let mut out = Vec::with_capacity(self.config.num_layers);
-        for layer in 0..self.config.num_layers {
-            let shape = LayerShape::new(&geometry, layer);
-            let setup = self.artifact.layer_setup(&shape)?;
-            let mut kernels = Vec::new();
-            for k in bind_layer(setup.kernels, setup.specs, setup.units)? {
-                let u = &setup.units[k.unit];
-                let module = {
-                    let mut mods = self.modules.lock().unwrap_or_else(|e| e.into_inner());
-                    match mods.get(&u.name) {
-                        Some(m) => m.clone(),
-                        None => {
-                            let m = Arc::new(self.gpu.module(
-                                &u.name,
-                                &u.source,
-                                &[u.name.as_str()],
-                            )?);
-                            mods.insert(u.name.clone(), m.clone());
-                            m
-                        }
-                    }
-                };
-                kernels.push((k, module, u.name.clone()));
-            }
-            let nsplit = kernels
-                .iter()
-                .find(|(k, _, _)| k.kind == KernelKind::Decode)
-                .map(|(k, _, _)| abi::decode_splits(shape.max_kv_capacity(), &k.launch))
-                .unwrap_or(1);
-            out.push(LayerKernels {
-                shape,
-                kernels,
-                nsplit,
-            });
-        }
-        Ok((geometry, out))
     }
 
     /// Bytes a session of `batch` rows and N = `prompt_len + max_new` takes on the
@@ -582,17 +523,12 @@ impl DeviceEngine {
             });
         }
         self.check_fits(batch, prompt_len, max_new, with_prefill)?;
-        let (geometry, layers) = self.bind(prompt_len, max_new)?;
+        let attn = DeviceAttention::new(&self.gpu, &self.artifact, prompt_len, max_new)?;
         let c = &self.config;
         let g = &self.gpu;
-        let caches = layers
-            .iter()
-            .map(|l| {
-                let elems = l.shape.cache_elems(batch);
-                Ok((g.alloc_of::<u16>(elems)?, g.alloc_of::<u16>(elems)?))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let nsplit = layers.iter().map(|l| l.nsplit).max().unwrap_or(1);
+        let caches = (0..c.num_layers)
+            .map(|l| attn.new_cache(l, batch))
+            .collect::<moac_runtime::Result<Vec<_>>>()?;
         let (hq, hkv, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let bufs = StepBufs {
             x: g.alloc_of::<f32>(batch * c.hidden)?,
@@ -601,8 +537,7 @@ impl DeviceEngine {
             q: g.alloc_of::<u16>(batch * hq * d)?,
             k: g.alloc_of::<u16>(batch * hkv * d)?,
             v: g.alloc_of::<u16>(batch * hkv * d)?,
-            part_o: g.alloc_of::<f32>(batch * hq * nsplit * d)?,
-            part_lse: g.alloc_of::<f32>(batch * hq * nsplit)?,
+            scratch: attn.scratch(batch)?,
             o: g.alloc_of::<u16>(batch * hq * d)?,
             gu: g.alloc_of::<f32>(batch * 2 * self.ff)?,
             act: g.alloc_of::<u16>(batch * self.ff)?,
@@ -616,8 +551,7 @@ impl DeviceEngine {
             seq_ids: (0..batch).collect(),
             lens: vec![0; batch],
             n,
-            geometry,
-            layers,
+            attn,
             caches,
             lens_dev: g.alloc_of::<i32>(batch)?,
             seq_ids_dev,
@@ -625,26 +559,6 @@ impl DeviceEngine {
             step: 0,
             bufs,
         })
-    }
-
-    fn attn(
-        &self,
-        lk: &LayerKernels,
-        kind: KernelKind,
-        batch: usize,
-        p: usize,
-        args: launch::Named,
-    ) -> Result<()> {
-        let (k, module, entry) = lk
-            .kernels
-            .iter()
-            .find(|(k, _, _)| k.kind == kind)
-            .ok_or_else(|| usage(format!("no {} kernel bound", kind.slug())))?;
-        let mut pack = launch::pack(k, args)?;
-        let grid = abi::grid(kind, &k.launch, &lk.shape.grid_dims(batch, p));
-        Ok(self
-            .gpu
-            .launch(module, entry, grid, abi::block(&k.launch), &mut pack)?)
     }
 
     /// Starts a session: prefill of `prompts` (different lengths allowed) with room for
@@ -717,7 +631,6 @@ impl DeviceEngine {
         )?;
         let scale = 1.0 / (d as f32).sqrt();
         for (l, w) in self.weights.layers.iter().enumerate() {
-            let lk = &s.layers[l];
             for c0 in (0..rows).step_by(chunk) {
                 let m = chunk.min(rows - c0);
                 self.norm(&x, c0 * hid, &w.attn_norm, None, &mut h, m)?;
@@ -746,35 +659,9 @@ impl DeviceEngine {
                     ],
                 )?;
             }
-            let bufs = PrefillBufs {
-                q: g.addr(&q, 0),
-                k: g.addr(&k, 0),
-                v: g.addr(&v, 0),
-                o: g.addr_mut(&mut o, 0),
-                prompt_lens: g.addr(&lens_d, 0),
-            };
-            self.attn(
-                lk,
-                KernelKind::Prefill(self.mode),
-                b,
-                p,
-                launch::prefill(&lk.shape, bufs, p, scale),
-            )?;
-            let (kc, vc) = &mut s.caches[l];
-            let bufs = FillBufs {
-                k: g.addr(&k, 0),
-                v: g.addr(&v, 0),
-                k_cache: g.addr_mut(kc, 0),
-                v_cache: g.addr_mut(vc, 0),
-                prompt_lens: g.addr(&lens_d, 0),
-            };
-            self.attn(
-                lk,
-                KernelKind::Fill,
-                b,
-                p,
-                launch::fill(&lk.shape, bufs, p, b),
-            )?;
+            s.attn
+                .prefill(l, &q, &k, &v, &lens_d, (b, p), &mut o, self.mode, scale)?;
+            s.attn.fill(l, &k, &v, &lens_d, (b, p), &mut s.caches[l])?;
             for c0 in (0..rows).step_by(chunk) {
                 let m = chunk.min(rows - c0);
                 self.mlp(w, &mut x, c0, &o, c0 * hq * d, &mut h, &mut gu, &mut act, m)?;
@@ -997,7 +884,6 @@ impl DeviceEngine {
         )?;
         let scale = 1.0 / (d as f32).sqrt();
         for (l, w) in self.weights.layers.iter().enumerate() {
-            let lk = &s.layers[l];
             self.norm(&bf.x, 0, &w.attn_norm, None, &mut bf.h, b)?;
             g.gemm(
                 self.dtype,
@@ -1023,7 +909,18 @@ impl DeviceEngine {
                     ("rows", Arg::I32(b as i32)),
                 ],
             )?;
-            self.attention_step(lk, &mut s.caches[l], bf, &s.lens_dev, b, scale)?;
+            s.attn
+                .append(l, &bf.k, &bf.v, &s.lens_dev, b, &mut s.caches[l])?;
+            s.attn.decode(
+                l,
+                &bf.q,
+                &s.caches[l],
+                &s.lens_dev,
+                b,
+                &mut bf.scratch,
+                &mut bf.o,
+                scale,
+            )?;
             self.mlp(
                 w,
                 &mut bf.x,
@@ -1040,75 +937,6 @@ impl DeviceEngine {
         self.lm_head(s, b)?;
         s.step += 1;
         Ok(())
-    }
-
-    /// Append of the step's k/v, then split-KV decode and merge into `bf.o`.
-    fn attention_step(
-        &self,
-        lk: &LayerKernels,
-        cache: &mut (GpuBuf, GpuBuf),
-        bf: &mut StepBufs,
-        lens: &GpuBuf,
-        b: usize,
-        scale: f32,
-    ) -> Result<()> {
-        let g = &self.gpu;
-        let (kc, vc) = cache;
-        let bufs = AppendBufs {
-            k_new: g.addr(&bf.k, 0),
-            v_new: g.addr(&bf.v, 0),
-            k_cache: g.addr_mut(kc, 0),
-            v_cache: g.addr_mut(vc, 0),
-            seq_lens: g.addr(lens, 0),
-        };
-        self.attn(
-            lk,
-            KernelKind::Append,
-            b,
-            0,
-            launch::append(&lk.shape, bufs, b),
-        )?;
-        self.attention_only(lk, (kc, vc), bf, lens, b, scale)
-    }
-
-    /// Decode attention and merge of one layer (what the benchmark times alone).
-    fn attention_only(
-        &self,
-        lk: &LayerKernels,
-        (kc, vc): (&GpuBuf, &GpuBuf),
-        bf: &mut StepBufs,
-        lens: &GpuBuf,
-        b: usize,
-        scale: f32,
-    ) -> Result<()> {
-        let g = &self.gpu;
-        let bufs = DecodeBufs {
-            q: g.addr(&bf.q, 0),
-            k_cache: g.addr(kc, 0),
-            v_cache: g.addr(vc, 0),
-            seq_lens: g.addr(lens, 0),
-            part_o: g.addr_mut(&mut bf.part_o, 0),
-            part_lse: g.addr_mut(&mut bf.part_lse, 0),
-        };
-        self.attn(
-            lk,
-            KernelKind::Decode,
-            b,
-            0,
-            launch::decode(&lk.shape, bufs, b, lk.nsplit, scale),
-        )?;
-        let bufs = MergeBufs {
-            part_o: g.addr(&bf.part_o, 0),
-            part_lse: g.addr(&bf.part_lse, 0),
-            out: g.addr_mut(&mut bf.o, 0),
-        };
-        self.attn(
-            lk,
-            KernelKind::Merge,
-            b,
-            0,
-            launch::merge(bufs, b, lk.nsplit),
-        )
     }
 
     /// Every row's logits of the last prefill or step, [rows, V].
@@ -1129,10 +957,10 @@ impl DeviceEngine {
                 continue;
             }
             if to != from {
-                for (l, (kc, vc)) in s.caches.iter_mut().enumerate() {
-                    let row = s.layers[l].shape.cache_elems(1) * 2;
-                    g.move_row(kc, to, from, row)?;
-                    g.move_row(vc, to, from, row)?;
+                for (l, c) in s.caches.iter_mut().enumerate() {
+                    let row = s.attn.shape(l)?.cache_elems(1) * 2;
+                    g.move_row(&mut c.k, to, from, row)?;
+                    g.move_row(&mut c.v, to, from, row)?;
                 }
                 g.move_row(&mut s.lens_dev, to, from, 4)?;
                 g.move_row(&mut s.tokens, to, from, 4)?;
@@ -1159,8 +987,8 @@ impl DeviceEngine {
     ) -> Result<Session> {
         let mut s = self.new_session(batch, context, max_new, false)?;
         let g = &self.gpu;
-        for (l, (kc, vc)) in s.caches.iter_mut().enumerate() {
-            for (j, buf) in [kc, vc].into_iter().enumerate() {
+        for (l, c) in s.caches.iter_mut().enumerate() {
+            for (j, buf) in [&mut c.k, &mut c.v].into_iter().enumerate() {
                 let n = buf.bytes() / 2;
                 let args = vec![
                     ("buf", ptr(g.addr_mut(buf, 0), Elem::Scalar)),
@@ -1189,14 +1017,15 @@ impl DeviceEngine {
     /// are, without appending: what a step spends in attention.
     pub fn attention_pass(&self, s: &mut Session) -> Result<()> {
         let scale = 1.0 / (self.config.head_dim as f32).sqrt();
-        for l in 0..s.layers.len() {
-            let (kc, vc) = &s.caches[l];
-            self.attention_only(
-                &s.layers[l],
-                (kc, vc),
-                &mut s.bufs,
+        for (l, c) in s.caches.iter().enumerate() {
+            s.attn.decode(
+                l,
+                &s.bufs.q,
+                c,
                 &s.lens_dev,
                 s.rows,
+                &mut s.bufs.scratch,
+                &mut s.bufs.o,
                 scale,
             )?;
         }
@@ -1229,21 +1058,21 @@ impl Session {
     pub fn kv_bytes(&self) -> u64 {
         self.caches
             .iter()
-            .map(|(k, v)| (k.bytes() + v.bytes()) as u64)
+            .map(|c| (c.k.bytes() + c.v.bytes()) as u64)
             .sum()
     }
 
     /// The geometry the cache was sized with.
     pub fn geometry(&self) -> &CacheGeometry {
-        &self.geometry
+        self.attn.geometry()
     }
 
     /// Bytes the decode attention reads per step for the current rows and lengths:
     /// each KV head's filled slots (min(len, capacity)) of K and V.
     pub fn attention_bytes(&self, dtype: Dtype) -> u64 {
         let mut bytes = 0u64;
-        for lk in &self.layers {
-            let s = &lk.shape;
+        for l in self.attn.layers() {
+            let Ok(s) = self.attn.shape(l) else { continue };
             for &len in &self.lens {
                 for &cap in &s.kv_capacity {
                     bytes += (len.min(cap) * s.head_dim * 2) as u64 * dtype.size_bytes();
@@ -1296,6 +1125,24 @@ pub fn session_bytes(
     let prefill = rows * (h * 4 + (2 * hq + 2 * hkv) * d * 2 + 16)
         + chunk * (h * 2 + (hq + 2 * hkv) * d * 4 + ff * 10);
     kv + step + prefill
+}
+
+/// Refuses weights that cannot fit the device's free memory, before allocating any.
+fn check_weights(gpu: &Gpu, c: &LlamaConfig, ff: usize, tied: bool) -> Result<()> {
+    let need = weight_bytes(c, ff, tied);
+    if let Some((free, _)) = gpu.memory()? {
+        if need + (512 << 20) > free {
+            return Err(usage(format!(
+                "the weights need {:.2} GiB on the GPU ({} layers, hidden {}, MLP {ff}, vocab {}); {:.2} GiB are free",
+                need as f64 / (1u64 << 30) as f64,
+                c.num_layers,
+                c.hidden,
+                c.vocab_size,
+                free as f64 / (1u64 << 30) as f64
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn build_ops(gpu: &Gpu, c: &LlamaConfig, ff: usize, dtype: Dtype) -> Result<GpuModule> {

@@ -49,6 +49,24 @@ impl CudaDevice {
         }))
     }
 
+    /// The device of a stream the caller owns (say, the one its own engine or candle
+    /// runs on): every launch and copy of moac then goes to that stream, ordered with
+    /// the caller's work. The CUDA driver must be present (the stream proves it).
+    pub fn on_stream(stream: Arc<CudaStream>) -> Result<Arc<CudaDevice>> {
+        let ctx = stream.context().clone();
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(Error::driver("cannot read the compute capability"))?;
+        let name = ctx.name().unwrap_or_else(|_| "GPU".into());
+        Ok(Arc::new(CudaDevice {
+            ctx,
+            stream,
+            arch: module::arch_name(major, minor),
+            name,
+            modules: Mutex::new(HashMap::new()),
+        }))
+    }
+
     /// `sm_90` for compute capability 9.0.
     pub fn arch(&self) -> &str {
         &self.arch

@@ -12,6 +12,11 @@
 //! on cuda, the same convention as the attention backends ([`crate::backend::launch`]).
 //! Everything queued runs in order; [`Gpu::synchronize`] waits (a no-op on emu, where
 //! every call has finished when it returns).
+//!
+//! [`attention`] runs moac's attention kernels on such buffers: the device-resident
+//! runtime API.
+
+pub mod attention;
 
 use crate::backend::cuda::CudaDevice;
 use crate::backend::emu::{EmuModule, EmuOptions};
@@ -21,6 +26,7 @@ use cudarc::driver::{CudaFunction, CudaModule, CudaSlice, DevicePtr, DevicePtrMu
 use moac::abi::ArgPack;
 use moac::geometry::Dtype;
 use std::alloc::Layout;
+use std::collections::HashMap;
 use std::ffi::c_void;
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -186,6 +192,8 @@ pub struct Gpu {
     kind: Kind,
     /// Serializes emu launches' use of process-wide emulator state with GEMMs.
     lock: Mutex<()>,
+    /// Modules loaded by [`Gpu::module_cached`], by unit name.
+    modules: Mutex<HashMap<String, Arc<GpuModule>>>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -208,19 +216,7 @@ impl Gpu {
     pub fn open(backend: Backend, emu: EmuOptions) -> Result<Arc<Gpu>> {
         let kind = match backend {
             Backend::Emu => Kind::Emu(emu),
-            Backend::Cuda => {
-                let dev = CudaDevice::open()?;
-                load_cublas().map_err(Error::Unavailable)?;
-                dev.context()
-                    .bind_to_thread()
-                    .map_err(Error::driver("bind context"))?;
-                let handle = cudarc::cublas::CudaBlas::new(dev.stream().clone())
-                    .map_err(|e| Error::Unavailable(format!("cuBLAS: cannot create a handle: {e:?}")))?;
-                Kind::Cuda {
-                    dev,
-                    blas: Blas { handle },
-                }
-            }
+            Backend::Cuda => Gpu::cuda_kind(CudaDevice::open()?)?,
             Backend::Cpu => {
                 return Err(Error::Usage(
                     "the device engine runs on emu or cuda; the cpu backend uses the host runner (--engine host)".into(),
@@ -230,7 +226,47 @@ impl Gpu {
         Ok(Arc::new(Gpu {
             kind,
             lock: Mutex::new(()),
+            modules: Mutex::new(HashMap::new()),
         }))
+    }
+
+    /// The GPU of a stream the caller owns: every launch, copy and GEMM goes to it.
+    pub fn on_stream(stream: Arc<cudarc::driver::CudaStream>) -> Result<Arc<Gpu>> {
+        crate::cuda_available()?;
+        Ok(Arc::new(Gpu {
+            kind: Gpu::cuda_kind(CudaDevice::on_stream(stream)?)?,
+            lock: Mutex::new(()),
+            modules: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    fn cuda_kind(dev: Arc<CudaDevice>) -> Result<Kind> {
+        load_cublas().map_err(Error::Unavailable)?;
+        dev.context()
+            .bind_to_thread()
+            .map_err(Error::driver("bind context"))?;
+        let handle = cudarc::cublas::CudaBlas::new(dev.stream().clone())
+            .map_err(|e| Error::Unavailable(format!("cuBLAS: cannot create a handle: {e:?}")))?;
+        Ok(Kind::Cuda {
+            dev,
+            blas: Blas { handle },
+        })
+    }
+
+    /// [`Gpu::module`], loaded once per unit name and kept.
+    pub fn module_cached(
+        &self,
+        name: &str,
+        source: &str,
+        entries: &[&str],
+    ) -> Result<Arc<GpuModule>> {
+        let mut mods = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = mods.get(name) {
+            return Ok(m.clone());
+        }
+        let m = Arc::new(self.module(name, source, entries)?);
+        mods.insert(name.to_string(), m.clone());
+        Ok(m)
     }
 
     pub fn backend(&self) -> Backend {
