@@ -148,15 +148,13 @@ fn bench_decode_on_emu_and_memory_figures() {
     };
     assert!(kv("moa", 1) < kv("dense", 1));
     assert_eq!(kv("moa", 2), 2 * kv("moa", 1));
-    // The Llama-3-8B MoA plan at 16k on an H200-sized budget, from the shapes alone.
-    let dir = root().join("examples/plans/gradientai--Llama-3-8B-Instruct-262k");
+    // The Llama-3-8B MoA plan at 16k on an H200-sized budget, from the shapes alone
+    // (the named shape brings the official plan).
     let out = ok(&moac!(&[
         "bench",
         "decode",
         "--shape",
-        dir.join("config.json").to_str().unwrap(),
-        "--plan",
-        dir.join("moa_alpha_beta.json").to_str().unwrap(),
+        "llama-3-8b",
         "--batch",
         "8",
         "--context",

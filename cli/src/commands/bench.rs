@@ -6,7 +6,7 @@
 //! (decode speed does not depend on them); `--shape CONFIG` takes random weights for a
 //! model config, so a Llama-3-8B needs no download.
 
-use super::device::{open_gpu, Source};
+use super::device::{open_gpu, resolve_shape, Source};
 use super::model::ModelArgs;
 use super::parse;
 use crate::{CliError, Result};
@@ -31,7 +31,9 @@ pub struct DecodeArgs {
     /// The model: a GGUF file or a Hugging Face folder.
     #[arg(long, conflicts_with = "shape")]
     pub model: Option<PathBuf>,
-    /// Random weights for a model config (HF config.json or a GGUF file's header).
+    /// Random weights for a model config (HF config.json or a GGUF file's header), or
+    /// a known shape by name: llama-3-8b, llama-3.2-1b, vicuna-7b (each with its
+    /// official MoA plan, used unless --plan or --dense says otherwise).
     #[arg(long)]
     pub shape: Option<PathBuf>,
     /// Seed of the random weights and cache contents.
@@ -69,6 +71,10 @@ pub struct DecodeArgs {
     /// timing; needs --memory-gib.
     #[arg(long)]
     pub fit_only: bool,
+    /// Launch every kernel of a decode step one by one instead of replaying the step
+    /// captured as a CUDA graph.
+    #[arg(long)]
+    pub no_graphs: bool,
     /// One JSON object per point (a line each), instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -98,6 +104,8 @@ struct Point {
     /// Bytes the decode attention reads per step.
     attention_bytes: Option<u64>,
     attention_gb_per_s: Option<f64>,
+    /// The timed steps replayed a CUDA graph.
+    graphed: Option<bool>,
 }
 
 fn model_args(a: &DecodeArgs) -> ModelArgs {
@@ -110,10 +118,14 @@ fn model_args(a: &DecodeArgs) -> ModelArgs {
     }
 }
 
-/// The plans to compare: (name, plan), MoA first.
+/// The plans to compare: (name, plan), MoA first. A named shape brings its MoA plan.
 fn variants(a: &DecodeArgs, source: &Source) -> Result<Vec<(String, ValidPlan)>> {
     let dense = ("dense".to_string(), source.plan(None, true)?);
-    match (&a.plan, a.dense) {
+    let named = match (&a.shape, &a.plan, a.dense) {
+        (Some(s), None, false) => resolve_shape(s)?.1,
+        _ => None,
+    };
+    match (a.plan.as_ref().or(named.as_ref()), a.dense) {
         (Some(p), _) => Ok(vec![
             ("moa".to_string(), source.plan(Some(p), false)?),
             dense,
@@ -191,9 +203,10 @@ fn decode(a: DecodeArgs) -> Result<()> {
         // The memory figures need only the shape.
         match (&a.model, &a.shape) {
             (Some(m), None) | (None, Some(m)) => {
-                let (config, ff) = moac_model::weights::model_shape(m)?;
+                let (m, _) = resolve_shape(m)?;
+                let (config, ff) = moac_model::weights::model_shape(&m)?;
                 Source::Shape {
-                    path: m.clone(),
+                    path: m,
                     config,
                     ff,
                     seed: a.seed,
@@ -251,7 +264,11 @@ fn decode(a: DecodeArgs) -> Result<()> {
     let mut points = Vec::new();
     for (name, plan) in &vars {
         let engine = match &gpu {
-            Some(g) => Some(source.engine(g, plan, &margs)?),
+            Some(g) => {
+                let mut e = source.engine(g, plan, &margs)?;
+                e.set_graphs(!a.no_graphs);
+                Some(e)
+            }
             None => None,
         };
         for &context in &a.context {
@@ -273,6 +290,7 @@ fn decode(a: DecodeArgs) -> Result<()> {
                     ms_rest: None,
                     attention_bytes: None,
                     attention_gb_per_s: None,
+                    graphed: None,
                 };
                 if let (Some(eng), true) = (&engine, fits) {
                     // The budget may be the GPU's whole memory: what is free now decides.
@@ -335,6 +353,10 @@ fn measure(eng: &DeviceEngine, a: &DecodeArgs, p: &mut Point, max_new: usize) ->
     p.tokens_per_s = Some(p.batch as f64 * 1e3 / step);
     p.attention_bytes = Some(bytes);
     p.attention_gb_per_s = Some(bytes as f64 / (attn * 1e-3) / 1e9);
+    p.graphed = Some(s.graphed());
+    if let Some(note) = s.graph_note() {
+        eprintln!("{note}");
+    }
     Ok(())
 }
 
@@ -353,9 +375,13 @@ fn table(
 ) {
     match gpu {
         Some(g) => println!(
-            "device: {}; dtype {}; copy bandwidth {:.0} GB/s; weights {}; budget {}",
+            "device: {}; dtype {}; decode step {}; copy bandwidth {:.0} GB/s; weights {}; budget {}",
             g.describe(),
             a.dtype,
+            match points.iter().find_map(|p| p.graphed) {
+                Some(true) => "a CUDA graph",
+                _ => "launch by launch",
+            },
             copy_gbps.unwrap_or(0.0),
             gib(weights),
             gib(budget)

@@ -15,6 +15,61 @@ use moac_runtime::Artifact;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// Model shapes known by name (`--shape llama-3-8b`), with their official MoA plans:
+/// (name, example folder, config.json, moa_alpha_beta.json), compiled into the binary
+/// (the plans are the MoA repository's, MIT; examples/plans/NOTICE).
+const NAMED: [(&str, &str, &str, &str); 3] = [
+    (
+        "llama-3-8b",
+        "gradientai--Llama-3-8B-Instruct-262k",
+        include_str!("../../../examples/plans/gradientai--Llama-3-8B-Instruct-262k/config.json"),
+        include_str!(
+            "../../../examples/plans/gradientai--Llama-3-8B-Instruct-262k/moa_alpha_beta.json"
+        ),
+    ),
+    (
+        "llama-3.2-1b",
+        "meta-llama--Llama-3.2-1B-Instruct",
+        include_str!("../../../examples/plans/meta-llama--Llama-3.2-1B-Instruct/config.json"),
+        include_str!(
+            "../../../examples/plans/meta-llama--Llama-3.2-1B-Instruct/moa_alpha_beta.json"
+        ),
+    ),
+    (
+        "vicuna-7b",
+        "lmsys--vicuna-7b-v1.5-16k",
+        include_str!("../../../examples/plans/lmsys--vicuna-7b-v1.5-16k/config.json"),
+        include_str!("../../../examples/plans/lmsys--vicuna-7b-v1.5-16k/moa_alpha_beta.json"),
+    ),
+];
+
+/// `--shape`: a config file or folder, or a known name (`llama-3-8b`, `llama-3.2-1b`,
+/// `vicuna-7b`), whose config and MoA plan are written to a folder under the temporary
+/// directory. Returns the config's path and, for a name, its MoA plan's.
+pub fn resolve_shape(arg: &Path) -> Result<(PathBuf, Option<PathBuf>)> {
+    if arg.exists() {
+        return Ok((arg.to_path_buf(), None));
+    }
+    let name = arg.to_string_lossy().to_ascii_lowercase();
+    let Some((_, folder, config, plan)) = NAMED.iter().find(|(n, ..)| *n == name) else {
+        return Err(CliError::Usage(format!(
+            "--shape {}: no such file, and not a known shape ({})",
+            arg.display(),
+            NAMED.iter().map(|n| n.0).collect::<Vec<_>>().join(", ")
+        )));
+    };
+    let dir = std::env::temp_dir().join("moac-shapes").join(folder);
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| CliError::Usage(format!("{}: {e}", dir.display())))?;
+    let (c, p) = (dir.join("config.json"), dir.join("moa_alpha_beta.json"));
+    for (path, text) in [(&c, config), (&p, plan)] {
+        if std::fs::read_to_string(path).ok().as_deref() != Some(*text) {
+            moac::fsutil::write_atomic(path, text.as_bytes())?;
+        }
+    }
+    Ok((c, Some(p)))
+}
+
 /// Where the weights come from.
 pub enum Source {
     /// A real model, with its tokenizer.
@@ -41,9 +96,10 @@ impl Source {
             )),
             (Some(_), None) => Ok(Source::Model(Box::new(model.load()?))),
             (None, Some(p)) => {
-                let (config, ff) = moac_model::weights::model_shape(p)?;
+                let (p, _) = resolve_shape(p)?;
+                let (config, ff) = moac_model::weights::model_shape(&p)?;
                 Ok(Source::Shape {
-                    path: p.to_path_buf(),
+                    path: p,
                     config,
                     ff,
                     seed,

@@ -54,8 +54,9 @@ pub struct GenerateArgs {
     #[arg(long, conflicts_with = "prompt_file")]
     pub prompt_tokens: Vec<String>,
     /// Random weights for this model config instead of --model: a Hugging Face
-    /// config.json (or its folder) or a GGUF file (only its header is read); the same
-    /// weights on every backend for the same --seed.
+    /// config.json (or its folder), a GGUF file (only its header is read), or a known
+    /// shape (llama-3-8b, llama-3.2-1b, vicuna-7b); the same weights on every backend
+    /// for the same --seed.
     #[arg(long)]
     pub shape: Option<PathBuf>,
     /// host: the model on the CPU, attention on --backend; device: the whole model on
@@ -411,6 +412,9 @@ fn run_device(
                 &format!("decode step {}", step + 1),
             )?;
         }
+    }
+    if let Some(note) = s.graph_note() {
+        eprintln!("{note}");
     }
     // The last step's tokens were sampled but need no further logits: the timing ends
     // with the last sample.

@@ -27,7 +27,7 @@ use moac::geometry::{CacheGeometry, Dtype};
 use moac::ir::PrefillMode;
 use moac::ops::{Op, OpsShape, RopePairs};
 use moac_runtime::gpu::attention::{DecodeScratch, DeviceAttention, DeviceKv};
-use moac_runtime::gpu::{Gpu, GpuBuf, GpuModule};
+use moac_runtime::gpu::{Captured, Gpu, GpuBuf, GpuGraph, GpuModule};
 use moac_runtime::Artifact;
 use std::sync::Arc;
 
@@ -216,6 +216,8 @@ pub struct DeviceEngine {
     artifact: Artifact,
     ops: GpuModule,
     weights: DeviceWeights,
+    /// Capture the decode step as a CUDA graph (cuda; default on).
+    graphs: bool,
 }
 
 /// How the next token of each row is chosen on the device.
@@ -249,6 +251,12 @@ pub struct Session {
     tokens: GpuBuf,
     step: usize,
     bufs: StepBufs,
+    /// The decode step captured as a CUDA graph, for this many rows.
+    graph: Option<(usize, GpuGraph)>,
+    /// Capture failed (or the machine has no graphs): steps run launch by launch.
+    graphs_failed: bool,
+    /// Why a capture failed.
+    graph_note: Option<String>,
 }
 
 /// Buffers of a decode step for the batch's first size.
@@ -423,7 +431,15 @@ impl DeviceEngine {
             artifact,
             ops,
             weights,
+            graphs: true,
         })
+    }
+
+    /// Whether decode steps are captured as a CUDA graph once per batch size and
+    /// replayed (cuda only; on by default; a capture that fails falls back to plain
+    /// launches with one line on stderr).
+    pub fn set_graphs(&mut self, on: bool) {
+        self.graphs = on;
     }
 
     pub fn gpu(&self) -> &Arc<Gpu> {
@@ -558,6 +574,9 @@ impl DeviceEngine {
             tokens: g.alloc_of::<i32>(batch)?,
             step: 0,
             bufs,
+            graph: None,
+            graphs_failed: false,
+            graph_note: None,
         })
     }
 
@@ -858,6 +877,39 @@ impl DeviceEngine {
                 n: s.n,
             }));
         }
+        if s.graph.as_ref().is_some_and(|(rows, _)| *rows != b) {
+            s.graph = None;
+        }
+        if self.graphs && s.graph.is_none() && !s.graphs_failed {
+            match g.capture(|| self.step_kernels(s)) {
+                Ok(Captured::Graph(graph)) => s.graph = Some((b, graph)),
+                Ok(Captured::Unsupported) => s.graphs_failed = true,
+                Err(e) => {
+                    // Run without graphs from here on ([`Session::graph_note`] says why).
+                    s.graph_note = Some(format!(
+                        "the decode step could not be captured as a CUDA graph ({e}); it runs launch by launch"
+                    ));
+                    s.graphs_failed = true;
+                }
+            }
+        }
+        match &s.graph {
+            Some((_, graph)) => g.replay(graph)?,
+            None => self.step_kernels(s)?,
+        }
+        for l in s.lens.iter_mut() {
+            *l += 1;
+        }
+        s.step += 1;
+        Ok(())
+    }
+
+    /// The device work of one decode step (what a graph captures): lengths advance,
+    /// embedding, every layer, final norm and LM head, for the session's rows.
+    fn step_kernels(&self, s: &mut Session) -> Result<()> {
+        let c = self.config;
+        let g = &self.gpu;
+        let b = s.rows;
         let (hq, hkv, d, hid) = (c.num_heads, c.num_kv_heads, c.head_dim, c.hidden);
         let qkv_w = (hq + 2 * hkv) * d;
         self.op(
@@ -868,9 +920,6 @@ impl DeviceEngine {
                 ("rows", Arg::I32(b as i32)),
             ],
         )?;
-        for l in s.lens.iter_mut() {
-            *l += 1;
-        }
         let bf = &mut s.bufs;
         self.op(
             Op::Embed,
@@ -934,9 +983,7 @@ impl DeviceEngine {
             )?;
         }
         self.norm(&bf.x, 0, &self.weights.norm, None, &mut bf.h, b)?;
-        self.lm_head(s, b)?;
-        s.step += 1;
-        Ok(())
+        self.lm_head(s, b)
     }
 
     /// Every row's logits of the last prefill or step, [rows, V].
@@ -1034,6 +1081,16 @@ impl DeviceEngine {
 }
 
 impl Session {
+    /// Whether the last decode step ran as a replayed CUDA graph.
+    pub fn graphed(&self) -> bool {
+        self.graph.is_some()
+    }
+
+    /// Why decode steps are not captured as a graph, if a capture failed.
+    pub fn graph_note(&self) -> Option<&str> {
+        self.graph_note.as_deref()
+    }
+
     /// Rows still decoding.
     pub fn rows(&self) -> usize {
         self.rows

@@ -180,6 +180,25 @@ pub fn cublas_version() -> Result<i32> {
 
 struct Blas {
     handle: cudarc::cublas::CudaBlas,
+    /// cuBLAS's workspace, set once so GEMMs allocate nothing (and can be captured in a
+    /// CUDA graph).
+    _workspace: CudaSlice<u8>,
+}
+
+/// Bytes of cuBLAS's workspace (what NVIDIA suggests for Hopper).
+const CUBLAS_WORKSPACE: usize = 32 << 20;
+
+/// A captured sequence of launches and GEMMs, replayed with [`Gpu::replay`].
+pub struct GpuGraph {
+    graph: cudarc::driver::CudaGraph,
+}
+
+/// What [`Gpu::capture`] did.
+pub enum Captured {
+    /// The work was recorded into a graph (not run).
+    Graph(GpuGraph),
+    /// This machine has no graphs (emu): nothing was recorded or run.
+    Unsupported,
 }
 
 enum Kind {
@@ -216,7 +235,20 @@ impl Gpu {
     pub fn open(backend: Backend, emu: EmuOptions) -> Result<Arc<Gpu>> {
         let kind = match backend {
             Backend::Emu => Kind::Emu(emu),
-            Backend::Cuda => Gpu::cuda_kind(CudaDevice::open()?)?,
+            Backend::Cuda => {
+                // A stream of its own (the legacy default stream cannot be captured into
+                // a graph), with cudarc's cross-stream event tracking off: everything of
+                // the engine runs on this one stream, in order.
+                let dev = CudaDevice::open()?;
+                let ctx = dev.context().clone();
+                // SAFETY: every buffer moac allocates in this context is used on the one
+                // stream made next, so no cross-stream synchronization is needed.
+                unsafe { ctx.disable_event_tracking() };
+                let stream = ctx
+                    .new_stream()
+                    .map_err(Error::driver("cannot create a stream"))?;
+                Gpu::cuda_kind(CudaDevice::on_stream(stream)?)?
+            }
             Backend::Cpu => {
                 return Err(Error::Usage(
                     "the device engine runs on emu or cuda; the cpu backend uses the host runner (--engine host)".into(),
@@ -247,9 +279,30 @@ impl Gpu {
             .map_err(Error::driver("bind context"))?;
         let handle = cudarc::cublas::CudaBlas::new(dev.stream().clone())
             .map_err(|e| Error::Unavailable(format!("cuBLAS: cannot create a handle: {e:?}")))?;
+        let mut workspace = dev.zeros::<u8>(CUBLAS_WORKSPACE)?;
+        {
+            let (p, _g) = workspace.device_ptr_mut(dev.stream());
+            // SAFETY: `p` is a live allocation of CUBLAS_WORKSPACE bytes in this context,
+            // kept alive with the handle in `Blas` (dropped together).
+            let rc = unsafe {
+                cudarc::cublas::sys::cublasSetWorkspace_v2(
+                    *handle.handle(),
+                    p as *mut c_void,
+                    CUBLAS_WORKSPACE,
+                )
+            };
+            if rc != cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                return Err(Error::Unavailable(format!(
+                    "cuBLAS: cannot set its workspace: {rc:?}"
+                )));
+            }
+        }
         Ok(Kind::Cuda {
             dev,
-            blas: Blas { handle },
+            blas: Blas {
+                handle,
+                _workspace: workspace,
+            },
         })
     }
 
@@ -681,6 +734,36 @@ impl Gpu {
                 .map_err(|e| Error::Unavailable(format!("cuBLAS gemm {m}x{n}x{k}: {e:?}")))
             }
         }
+    }
+
+    /// Records the launches and GEMMs `f` queues into a graph instead of running them
+    /// (cuda), or does nothing where there are no graphs (emu): the caller then runs
+    /// `f`'s work itself. `f` must queue only (no copies to or from the host, no
+    /// synchronization).
+    pub fn capture<E: From<Error>>(
+        &self,
+        f: impl FnOnce() -> Result<(), E>,
+    ) -> Result<Captured, E> {
+        let Kind::Cuda { dev, .. } = &self.kind else {
+            return Ok(Captured::Unsupported);
+        };
+        let st = dev.stream();
+        st.begin_capture(
+            cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+        )
+        .map_err(Error::driver("begin graph capture"))?;
+        let ran = f();
+        let ended = st.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
+        ran?;
+        match ended.map_err(Error::driver("end graph capture"))? {
+            Some(graph) => Ok(Captured::Graph(GpuGraph { graph })),
+            None => Err(Error::Usage("graph capture recorded nothing".into()).into()),
+        }
+    }
+
+    /// Queues a captured graph.
+    pub fn replay(&self, g: &GpuGraph) -> Result<()> {
+        g.graph.launch().map_err(Error::driver("graph launch"))
     }
 
     /// Waits for everything queued and reports a kernel's failure.
