@@ -436,7 +436,6 @@ fn smollm2_on_the_device_engine() {
     assert_eq!(top(&got), top(&want));
     let mut tokens = Vec::new();
     let mut host_tokens = Vec::new();
-    let mut pos = prompt.len();
     let mut host_next = argmax(&want);
     for step in 0..new {
         let t = eng.sample(&mut s, DeviceSampling::Greedy).unwrap()[0];
@@ -451,7 +450,6 @@ fn smollm2_on_the_device_engine() {
             .decode(attn.as_mut(), &[host_next], &[pos])
             .unwrap();
         host_next = argmax(&model.llama.logits(&h).unwrap().to_vec2::<f32>().unwrap()[0]);
-        pos += 1;
     }
     assert_eq!(tokens, host_tokens);
     let text = model.tokenizer.decode(&tokens, false).unwrap();
