@@ -445,6 +445,7 @@ fn smollm2_on_the_device_engine() {
             break;
         }
         eng.step(&mut s, None).unwrap();
+        let pos = prompt.len() + step;
         let h = model
             .llama
             .decode(attn.as_mut(), &[host_next], &[pos])
