@@ -49,6 +49,8 @@ finish() {
 trap finish EXIT
 
 # step NAME CMD...: runs CMD with its output shown and logged; stops everything on failure.
+soft=0
+soft_failed=0
 step() {
   local name="$1"
   shift
@@ -60,6 +62,13 @@ step() {
   local rc=${PIPESTATUS[0]}
   set -e
   local dt=$((SECONDS - t0))
+  if [ "$rc" -ne 0 ] && [ "$soft" = 1 ]; then
+    # A soft step (the engine's, before the rest) records its failure and goes on.
+    echo "gpu-check: step \"$name\" FAILED (exit $rc, ${dt}s); log: $log; continuing"
+    summary+=("FAIL  ${dt}s  $name")
+    soft_failed=1
+    return 0
+  fi
   if [ "$rc" -ne 0 ]; then
     echo
     echo "gpu-check: FAILED at step \"$name\" (exit $rc, ${dt}s); log: $log"
@@ -95,6 +104,10 @@ else
 fi
 
 # ---- the device engine ---------------------------------------------------------------
+# In a full run its failures (say, no cuBLAS on the machine) do not stop the older checks.
+if [ "$engine_only" = 0 ]; then
+  soft=1
+fi
 ids() { # ids N OFFSET: N comma-separated token ids below 500
   local n=$1 off=$2 out="" i
   for ((i = 0; i < n; i++)); do out+="${out:+,}$(((i * 37 + off) % 500))"; done
@@ -118,11 +131,12 @@ step "engine check cuda Llama-3.2-1B shape f16 (MoA plan)" "$moac" generate \
   --shape "$small/config.json" --seed "$seed" --plan "$small/moa_alpha_beta.json" \
   --prompt-tokens "$(ids 400 5)" --prompt-tokens "$(ids 70 9)" --max-new-tokens 8 \
   --engine device --backend cuda --dtype f16 --check
+soft=0
 if [ "$engine_only" = 1 ]; then
   echo
   echo "gpu-check (engine only): all steps passed in $((SECONDS - start_all))s"
   for line in "${summary[@]}"; do echo "  $line"; done
-  for f in "$work"/logs/bench_decode_*.log; do echo; cat "$f"; done
+  for f in "$work"/logs/bench_decode_*.log; do if [ -f "$f" ]; then echo; cat "$f"; fi; done
   exit 0
 fi
 
@@ -207,10 +221,14 @@ PY
 fi
 
 echo
-echo "gpu-check: all steps passed in $((SECONDS - start_all))s"
+if [ "$soft_failed" = 1 ]; then
+  echo "gpu-check: the device engine's steps FAILED (see FAIL below); the rest passed in $((SECONDS - start_all))s"
+else
+  echo "gpu-check: all steps passed in $((SECONDS - start_all))s"
+fi
 for line in "${summary[@]}"; do echo "  $line"; done
 echo
-for f in "$work"/logs/bench_decode_*.log; do echo; cat "$f"; done
+for f in "$work"/logs/bench_decode_*.log; do if [ -f "$f" ]; then echo; cat "$f"; fi; done
 echo
 echo "decode benchmark (moac vs dense, per step of all layers):"
 # The benchmark's table: everything after its last blank line.
@@ -220,4 +238,7 @@ if [ -n "$tune_log" ]; then
   echo
   echo "tuning (best vs heuristic):"
   grep -E "best .* heuristic" "$tune_log" || true
+fi
+if [ "$soft_failed" = 1 ]; then
+  exit 1
 fi
