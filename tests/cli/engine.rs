@@ -148,6 +148,27 @@ fn bench_decode_on_emu_and_memory_figures() {
     };
     assert!(kv("moa", 1) < kv("dense", 1));
     assert_eq!(kv("moa", 2), 2 * kv("moa", 1));
+    // Dense alone, as a table.
+    let out = ok(&moac!(&[
+        "bench",
+        "decode",
+        "--shape",
+        &tiny(),
+        "--dense",
+        "--batch",
+        "1",
+        "--context",
+        "300",
+        "--backend",
+        "emu",
+        "--memory-gib",
+        "0.01",
+        "--steps",
+        "1",
+        "--warmup",
+        "0"
+    ]));
+    assert!(out.contains("dense tok/s") && !out.contains("moa"), "{out}");
     // The Llama-3-8B MoA plan at 16k on an H200-sized budget, from the shapes alone
     // (the named shape brings the official plan).
     let out = ok(&moac!(&[

@@ -440,8 +440,11 @@ fn table(
                     f(pct, 0)
                 ));
             }
-            if let (2, Some(m), Some(d)) = (names.len(), find(names[0], c, b), find(names[1], c, b))
-            {
+            let pair = match names[..] {
+                [m, d] => find(m, c, b).zip(find(d, c, b)),
+                _ => None,
+            };
+            if let Some((m, d)) = pair {
                 let speed = match (m.tokens_per_s, d.tokens_per_s) {
                     (Some(x), Some(y)) if y > 0.0 => format!("{:>7.2}x", x / y),
                     _ => format!("{:>8}", "-"),
@@ -469,4 +472,91 @@ fn table(
         }
         println!("{line}");
     }
+    if names.len() == 2 {
+        for t in targets(points, copy_gbps) {
+            println!("{t}");
+        }
+    }
+}
+
+/// The three targets, judged on the points measured: attention at batch >= 8
+/// and context >= 16k reaches 80% of the copy bandwidth; MoA's tokens/s over dense is at
+/// least 0.8x the KV-byte ratio where attention is most of dense's step; the largest
+/// batch at 16k is at least 1.4x dense's.
+fn targets(points: &[Point], copy_gbps: Option<f64>) -> Vec<String> {
+    let mut out = vec!["targets:".to_string()];
+    let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
+    let big: Vec<&Point> = points
+        .iter()
+        .filter(|p| p.batch >= 8 && p.context >= 16384 && p.attention_gb_per_s.is_some())
+        .collect();
+    match (copy_gbps, big.is_empty()) {
+        (Some(cp), false) if cp > 0.0 => {
+            let worst = big
+                .iter()
+                .filter_map(|p| p.attention_gb_per_s)
+                .fold(f64::INFINITY, f64::min)
+                / cp;
+            out.push(format!(
+                "  attention >= 80% of copy bandwidth (batch >= 8, context >= 16k): lowest {:.0}%: {}",
+                100.0 * worst,
+                verdict(worst >= 0.8)
+            ));
+        }
+        _ => out.push(
+            "  attention bandwidth: no measured point at batch >= 8 and context >= 16k".into(),
+        ),
+    }
+    let mut ratios = Vec::new();
+    for m in points.iter().filter(|p| p.variant == "moa") {
+        let Some(d) = points
+            .iter()
+            .find(|d| d.variant == "dense" && d.context == m.context && d.batch == m.batch)
+        else {
+            continue;
+        };
+        let (Some(tm), Some(td), Some(ad), Some(sd)) = (
+            m.tokens_per_s,
+            d.tokens_per_s,
+            d.ms_attention,
+            d.ms_per_step,
+        ) else {
+            continue;
+        };
+        if ad > 0.5 * sd {
+            let kv = d.kv_bytes as f64 / m.kv_bytes.max(1) as f64;
+            ratios.push((tm / td) / kv);
+        }
+    }
+    if ratios.is_empty() {
+        out.push("  tokens/s vs KV ratio: no point where attention is most of dense's step".into());
+    } else {
+        let worst = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+        out.push(format!(
+            "  MoA/dense tokens/s >= 0.8 x KV ratio where attention dominates ({} points): lowest {worst:.2}x: {}",
+            ratios.len(),
+            verdict(worst >= 0.8)
+        ));
+    }
+    let at16: Vec<(u64, u64)> = points
+        .iter()
+        .filter(|p| p.variant == "moa" && p.context == 16384)
+        .filter_map(|m| {
+            points
+                .iter()
+                .find(|d| d.variant == "dense" && d.context == 16384)
+                .map(|d| (m.max_batch, d.max_batch))
+        })
+        .collect();
+    match at16.first() {
+        Some(&(m, d)) => {
+            let r = m as f64 / d.max(1) as f64;
+            out.push(format!(
+                "  largest batch at 16k >= 1.4x dense's: {r:.2}x: {}",
+                verdict(r >= 1.4)
+            ));
+        }
+        None => out.push("  largest batch at 16k: context 16384 not run".into()),
+    }
+    out
 }
