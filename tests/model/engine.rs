@@ -332,6 +332,30 @@ fn device_sampling_stays_in_the_nucleus() {
         .is_err());
 }
 
+/// The memory estimate that refuses sessions too large for the GPU covers what a
+/// session really allocates (and is not wildly above it).
+#[test]
+fn session_bytes_cover_what_sessions_allocate() {
+    let c = config(RopeStyle::HalfSplit);
+    for dtype in Dtype::ALL {
+        let art = Artifact::from_plan(&plan(&c), dtype, None).unwrap();
+        let eng = DeviceEngine::seeded(gpu(), c, FF, 2, art, PrefillMode::Block64).unwrap();
+        for (batch, context) in [(1, 100), (3, 700), (8, 1000)] {
+            let s = eng.synthetic(batch, context, 24, 1).unwrap();
+            let est = eng.session_bytes(batch, context, 24, false).unwrap();
+            let real = s.device_bytes();
+            assert!(
+                est >= real,
+                "{dtype} b{batch} c{context}: estimate {est} < {real}"
+            );
+            assert!(
+                est <= 2 * real,
+                "{dtype} b{batch} c{context}: estimate {est} >> {real}"
+            );
+        }
+    }
+}
+
 #[test]
 fn bad_calls_are_refused() {
     let c = config(RopeStyle::HalfSplit);

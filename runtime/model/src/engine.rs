@@ -1091,6 +1091,21 @@ impl Session {
         self.graph_note.as_deref()
     }
 
+    /// Bytes of every device buffer the session holds (caches, per-row state and the
+    /// decode step's buffers).
+    pub fn device_bytes(&self) -> u64 {
+        let b = &self.bufs;
+        let step = [
+            &b.x, &b.h, &b.qkv, &b.q, &b.k, &b.v, &b.o, &b.gu, &b.act, &b.logits,
+        ]
+        .iter()
+        .map(|x| x.bytes())
+        .sum::<usize>()
+            + b.scratch.bytes();
+        let rows = self.lens_dev.bytes() + self.seq_ids_dev.bytes() + self.tokens.bytes();
+        self.kv_bytes() + (step + rows) as u64
+    }
+
     /// Rows still decoding.
     pub fn rows(&self) -> usize {
         self.rows

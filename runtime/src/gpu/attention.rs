@@ -42,6 +42,13 @@ pub struct DecodeScratch {
     part_lse: GpuBuf,
 }
 
+impl DecodeScratch {
+    /// Bytes of the partials.
+    pub fn bytes(&self) -> usize {
+        self.part_o.bytes() + self.part_lse.bytes()
+    }
+}
+
 /// Every compiled layer's attention for one cache geometry (one N), on one device.
 pub struct DeviceAttention {
     gpu: Arc<Gpu>,
