@@ -17,7 +17,7 @@
 //! finishes leaves the batch ([`Session::retire`]): its rows are closed up, so it costs
 //! no further work.
 
-use crate::llama::{Layer, Llama, LlamaConfig, RopeStyle};
+use crate::llama::{dense_matrix, Layer, Llama, LlamaConfig, RopeStyle};
 use crate::weights::Weights;
 use crate::{Error, Result};
 use candle_core::quantized::QMatMul;
@@ -26,6 +26,7 @@ use moac::abi::{Arg, ArgPack, Elem};
 use moac::geometry::{CacheGeometry, Dtype};
 use moac::ir::PrefillMode;
 use moac::ops::{Op, OpsShape, RopePairs};
+use moac_runtime::backend::f32_of;
 use moac_runtime::gpu::attention::{DecodeScratch, DeviceAttention, DeviceKv};
 use moac_runtime::gpu::{Captured, Gpu, GpuBuf, GpuGraph, GpuModule};
 use moac_runtime::Artifact;
@@ -102,12 +103,6 @@ fn seeded_matrix(seed: u64, index: u64, n: usize, scale: f32, dtype: Dtype) -> V
         .collect()
 }
 
-fn widen(bits: &[u16], dtype: Dtype) -> Vec<f32> {
-    bits.iter()
-        .map(|&b| moac_runtime::backend::from_bits(b, dtype))
-        .collect()
-}
-
 /// A Llama with random weights from `seed` (`ff`: the MLP width), every value exactly
 /// an f16/bf16 number of `dtype` (norms f32), tied embeddings: the same model the device
 /// engine generates on the device from the same seed ([`DeviceEngine::seeded`]), held
@@ -122,7 +117,7 @@ pub fn seeded_llama(config: LlamaConfig, ff: usize, seed: u64, dtype: Dtype) -> 
     for l in 0..c.num_layers {
         let [qkv, wo, gu, down] = lay.matrices(l).map(|(i, r, k, sc)| {
             (
-                widen(&seeded_matrix(seed, i, r * k, sc, dtype), dtype),
+                f32_of(&seeded_matrix(seed, i, r * k, sc, dtype), dtype),
                 r,
                 k,
             )
@@ -145,7 +140,7 @@ pub fn seeded_llama(config: LlamaConfig, ff: usize, seed: u64, dtype: Dtype) -> 
     }
     let embed_scale = 1.7 / (c.hidden as f32).sqrt();
     let embed = t(
-        widen(
+        f32_of(
             &seeded_matrix(seed, 1, c.vocab_size * c.hidden, embed_scale, dtype),
             dtype,
         ),
@@ -182,14 +177,6 @@ struct DeviceWeights {
     lm_head: Option<GpuBuf>,
     norm: GpuBuf,
     layers: Vec<DeviceLayer>,
-}
-
-fn f32_matrix(w: &QMatMul) -> Result<Tensor> {
-    Ok(match w {
-        QMatMul::QTensor(q) => q.dequantize(&Device::Cpu)?,
-        QMatMul::Tensor(t) => t.to_dtype(DType::F32)?,
-        QMatMul::TensorF16(t) => t.to_dtype(DType::F32)?,
-    })
 }
 
 /// An engine error that is the caller's to fix.
@@ -290,7 +277,7 @@ impl DeviceEngine {
     ) -> Result<DeviceEngine> {
         llama.check_plan(artifact.plan())?;
         let ff = match llama.layers.first() {
-            Some(l) => f32_matrix(&l.gate)?.dim(0)?,
+            Some(l) => dense_matrix(&l.gate)?.dim(0)?,
             None => return Err(usage("the model has no layers")),
         };
         let dtype = artifact.dtype();
@@ -316,17 +303,21 @@ impl DeviceEngine {
         let mut layers = Vec::with_capacity(llama.layers.len());
         for l in &llama.layers {
             let qkv = Tensor::cat(
-                &[f32_matrix(&l.wq)?, f32_matrix(&l.wk)?, f32_matrix(&l.wv)?],
+                &[
+                    dense_matrix(&l.wq)?,
+                    dense_matrix(&l.wk)?,
+                    dense_matrix(&l.wv)?,
+                ],
                 0,
             )?;
-            let gu = Tensor::cat(&[f32_matrix(&l.gate)?, f32_matrix(&l.up)?], 0)?;
+            let gu = Tensor::cat(&[dense_matrix(&l.gate)?, dense_matrix(&l.up)?], 0)?;
             layers.push(DeviceLayer {
                 attn_norm: upload_f32(&l.attn_norm)?,
                 wqkv: upload_bits(&qkv)?,
-                wo: upload_bits(&f32_matrix(&l.wo)?)?,
+                wo: upload_bits(&dense_matrix(&l.wo)?)?,
                 ffn_norm: upload_f32(&l.ffn_norm)?,
                 w_gu: upload_bits(&gu)?,
-                w_down: upload_bits(&f32_matrix(&l.down)?)?,
+                w_down: upload_bits(&dense_matrix(&l.down)?)?,
             });
         }
 
@@ -335,7 +326,7 @@ impl DeviceEngine {
             lm_head: if tied {
                 None
             } else {
-                Some(upload_bits(&f32_matrix(&llama.lm_head)?)?)
+                Some(upload_bits(&dense_matrix(&llama.lm_head)?)?)
             },
             norm: upload_f32(&llama.norm)?,
             layers,

@@ -344,6 +344,15 @@ impl Llama {
     }
 }
 
+/// A weight matrix in f32, whatever way it is held (quantized blocks dequantized).
+pub(crate) fn dense_matrix(w: &QMatMul) -> Result<Tensor> {
+    Ok(match w {
+        QMatMul::QTensor(q) => q.dequantize(&Device::Cpu)?,
+        QMatMul::Tensor(t) => t.to_dtype(DType::F32)?,
+        QMatMul::TensorF16(t) => t.to_dtype(DType::F32)?,
+    })
+}
+
 /// A StreamingLLM-style plan: every head of every layer gets S = alpha + beta * N.
 pub fn uniform_plan(
     name: &Path,

@@ -20,7 +20,7 @@ pub mod attention;
 
 use crate::backend::cuda::CudaDevice;
 use crate::backend::emu::{EmuModule, EmuOptions};
-use crate::backend::Backend;
+use crate::backend::{from_bits, Backend};
 use crate::error::{Error, Result};
 use cudarc::driver::{CudaFunction, CudaModule, CudaSlice, DevicePtr, DevicePtrMut};
 use moac::abi::ArgPack;
@@ -209,8 +209,6 @@ enum Kind {
 /// The machine the engine runs on.
 pub struct Gpu {
     kind: Kind,
-    /// Serializes emu launches' use of process-wide emulator state with GEMMs.
-    lock: Mutex<()>,
     /// Modules loaded by [`Gpu::module_cached`], by unit name.
     modules: Mutex<HashMap<String, Arc<GpuModule>>>,
 }
@@ -218,14 +216,6 @@ pub struct Gpu {
 impl std::fmt::Debug for Gpu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Gpu({})", self.describe())
-    }
-}
-
-/// The f32 value of an element's bits.
-fn widen(bits: u16, dtype: Dtype) -> f32 {
-    match dtype {
-        Dtype::Bf16 => f32::from_bits((bits as u32) << 16),
-        Dtype::F16 => half::f16::from_bits(bits).to_f32(),
     }
 }
 
@@ -257,7 +247,6 @@ impl Gpu {
         };
         Ok(Arc::new(Gpu {
             kind,
-            lock: Mutex::new(()),
             modules: Mutex::new(HashMap::new()),
         }))
     }
@@ -267,7 +256,6 @@ impl Gpu {
         crate::cuda_available()?;
         Ok(Arc::new(Gpu {
             kind: Gpu::cuda_kind(CudaDevice::on_stream(stream)?)?,
-            lock: Mutex::new(()),
             modules: Mutex::new(HashMap::new()),
         }))
     }
@@ -584,39 +572,14 @@ impl Gpu {
             return Ok(());
         }
         match (module, &self.kind) {
-            (GpuModule::Emu(m), Kind::Emu(_)) => {
-                let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-                m.launch(entry, grid, block, args)
-            }
+            (GpuModule::Emu(m), Kind::Emu(_)) => m.launch(entry, grid, block, args),
             (GpuModule::Cuda { functions, .. }, Kind::Cuda { dev, .. }) => {
                 let func = functions
                     .iter()
                     .find(|(n, _)| n == entry)
                     .map(|(_, f)| f)
                     .ok_or_else(|| Error::Usage(format!("no entry {entry} in the module")))?;
-                let n = args.slots().len();
-                let params = args.as_params();
-                // SAFETY: `params` points at `n` slot addresses owned by `args`, alive and
-                // not resized for this call.
-                let params = unsafe { std::slice::from_raw_parts_mut(params, n) };
-                dev.context()
-                    .bind_to_thread()
-                    .map_err(Error::driver("bind context"))?;
-                // SAFETY: `func` belongs to a loaded module; the arguments were packed
-                // against the kernel's parameter table (count, order, types); the caller
-                // guarantees the buffers behind the addresses; the driver copies the
-                // parameter values before returning.
-                unsafe {
-                    cudarc::driver::result::launch_kernel(
-                        func.cu_function(),
-                        grid,
-                        block,
-                        0,
-                        dev.stream().cu_stream(),
-                        params,
-                    )
-                }
-                .map_err(Error::driver(format_args!("launching {entry}")))
+                dev.launch(func, grid, block, args, entry)
             }
             _ => Err(Error::Usage("a module of another machine".into())),
         }
@@ -650,7 +613,7 @@ impl Gpu {
                 let ws = w.host().ok_or_else(|| Error::Usage("emu buffer".into()))?;
                 let bits = |b: &[u8], at: usize| u16::from_le_bytes([b[2 * at], b[2 * at + 1]]);
                 let xf: Vec<f32> = (0..m * k)
-                    .map(|i| widen(bits(xs, x_off + i), dtype))
+                    .map(|i| from_bits(bits(xs, x_off + i), dtype))
                     .collect();
                 let ys = y
                     .host_mut()
@@ -667,7 +630,7 @@ impl Gpu {
                         .into_par_iter()
                         .map(|j| {
                             let wrow: Vec<f32> = (0..k)
-                                .map(|t| widen(bits(ws, w_off + j * k + t), dtype))
+                                .map(|t| from_bits(bits(ws, w_off + j * k + t), dtype))
                                 .collect();
                             let col = (0..m)
                                 .map(|i| {

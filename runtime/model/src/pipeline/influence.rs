@@ -13,9 +13,8 @@
 //! masks moac's kernels apply: the prompt's rows under prefill's `moa-block64` rule, the
 //! answer's rows under decode's token rule (the answer is decoded at run time).
 
-use crate::llama::{Layer, Llama};
+use crate::llama::{dense_matrix, Layer, Llama};
 use crate::{Error, Result};
-use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Tensor, D};
 use rayon::prelude::*;
 
@@ -110,24 +109,16 @@ struct Dense {
     down: Tensor,
 }
 
-fn dense(w: &QMatMul) -> Result<Tensor> {
-    Ok(match w {
-        QMatMul::QTensor(q) => q.dequantize(&Device::Cpu)?,
-        QMatMul::Tensor(t) => t.to_dtype(DType::F32)?,
-        QMatMul::TensorF16(t) => t.to_dtype(DType::F32)?,
-    })
-}
-
 impl Dense {
     fn of(l: &Layer) -> Result<Dense> {
         Ok(Dense {
-            wq: dense(&l.wq)?,
-            wk: dense(&l.wk)?,
-            wv: dense(&l.wv)?,
-            wo: dense(&l.wo)?,
-            gate: dense(&l.gate)?,
-            up: dense(&l.up)?,
-            down: dense(&l.down)?,
+            wq: dense_matrix(&l.wq)?,
+            wk: dense_matrix(&l.wk)?,
+            wv: dense_matrix(&l.wv)?,
+            wo: dense_matrix(&l.wo)?,
+            gate: dense_matrix(&l.gate)?,
+            up: dense_matrix(&l.up)?,
+            down: dense_matrix(&l.down)?,
         })
     }
 }
@@ -295,7 +286,7 @@ impl Llama {
         let answer = t - prompt_len;
         let rows = x.narrow(0, prompt_len - 1, answer)?;
         let n = self.rms_norm(&rows, &self.norm)?;
-        let lm = dense(&self.lm_head)?;
+        let lm = dense_matrix(&self.lm_head)?;
         let logits = linear(&n, &lm)?.to_vec2::<f32>()?;
         let mut loss = 0.0f64;
         let mut grad = Vec::with_capacity(answer * self.config.vocab_size);

@@ -8,8 +8,10 @@ use super::module::{self, BinarySource, Image};
 use crate::artifact::UnitBinaries;
 use crate::error::{Error, Result};
 use cudarc::driver::{
-    sys, CudaContext, CudaModule, CudaSlice, CudaStream, DevicePtrMut, DeviceRepr, ValidAsZeroBits,
+    sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtrMut, DeviceRepr,
+    ValidAsZeroBits,
 };
+use moac::abi::ArgPack;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -149,6 +151,45 @@ impl CudaDevice {
             }
         }
         Ok(times)
+    }
+
+    /// Queues `func` over `grid` x `block` on this device's stream with packed
+    /// arguments (`what` names it in errors). Callers guarantee every pointer argument
+    /// is a live device buffer of this context, sized for the kernel's reads and writes.
+    pub fn launch(
+        &self,
+        func: &CudaFunction,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        args: &mut ArgPack,
+        what: &str,
+    ) -> Result<()> {
+        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+            return Ok(());
+        }
+        let n = args.slots().len();
+        let params = args.as_params();
+        // SAFETY: `params` points at `n` slot addresses owned by `args`, which lives (and
+        // is not resized) for this call.
+        let params = unsafe { std::slice::from_raw_parts_mut(params, n) };
+        self.ctx
+            .bind_to_thread()
+            .map_err(Error::driver("bind context"))?;
+        // SAFETY: `func` belongs to a module `func` keeps loaded; the parameters match the
+        // kernel's signature (count, order and types checked by `ArgPack` against its
+        // table); the caller guarantees the buffers; the driver copies the parameter
+        // values before returning.
+        unsafe {
+            cudarc::driver::result::launch_kernel(
+                func.cu_function(),
+                grid,
+                block,
+                0,
+                self.stream.cu_stream(),
+                params,
+            )
+        }
+        .map_err(Error::driver(format_args!("launching {what}")))
     }
 
     /// Waits for all queued work and reports any error it raised.

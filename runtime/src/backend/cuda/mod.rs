@@ -127,33 +127,8 @@ impl CudaLayer {
         let (k, func) = kernel_of(&self.kernels, kind)?;
         let mut pack = launch::pack(k, args)?;
         let grid = abi::grid(kind, &k.launch, &self.shape.grid_dims(batch, p));
-        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
-            return Ok(());
-        }
-        let n = pack.slots().len();
-        let params = pack.as_params();
-        // SAFETY: `params` points at `n` slot addresses owned by `pack`, which lives (and
-        // is not resized) until the end of this function.
-        let params = unsafe { std::slice::from_raw_parts_mut(params, n) };
         self.dev
-            .context()
-            .bind_to_thread()
-            .map_err(Error::driver("bind context"))?;
-        // SAFETY: `func` belongs to a module `func` keeps loaded; the parameters match the
-        // kernel's signature (count, order and types checked by `ArgPack` against the
-        // ABI); every pointer is a live device allocation of this context, sized for this
-        // grid by the caller; the driver copies the parameter values before returning.
-        unsafe {
-            cudarc::driver::result::launch_kernel(
-                func.cu_function(),
-                grid,
-                abi::block(&k.launch),
-                0,
-                self.dev.stream().cu_stream(),
-                params,
-            )
-        }
-        .map_err(Error::driver(format_args!("launching {}", k.name)))
+            .launch(func, grid, abi::block(&k.launch), &mut pack, &k.name)
     }
 
     /// Splits of the decode kernel (`ceil(max C_kv / chunk)`).
