@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The one command that runs every test: installs what the tests need (NVRTC into a
-# project-local venv, the SmolLM2-135M GGUF into models/), then format, lint and the whole Rust test suite (which compiles
+# project-local venv, the SmolLM2-135M GGUF into models/, the calibration text into
+# models/text/), then format, lint and the whole Rust test suite (which compiles
 # every kernel with NVRTC, runs them on emu, and runs the emulation header's own tests).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup-nvrtc.sh
 bash scripts/setup-model.sh
+bash scripts/setup-calib-text.sh
 # Tests that need NVRTC or the model must not skip silently here.
 export MOAC_REQUIRE_NVRTC=1
 export MOAC_REQUIRE_MODEL=1

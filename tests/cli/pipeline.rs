@@ -177,6 +177,50 @@ fn pipeline_commands_reject_bad_input() {
         &["16384", "8192"],
     );
     assert!(!tmp.path().join("c.jsonl").exists());
+    // A calibration text that is not UTF-8, or too short for the length.
+    std::fs::write(p("bytes.txt"), [b'a', 0xff, 0xfe, b'\n']).unwrap();
+    fails(
+        &moac!(&[
+            "calibrate",
+            "--model",
+            m,
+            "--source",
+            &p("bytes.txt"),
+            "--lengths",
+            "1024",
+            "-o",
+            &p("c.jsonl")
+        ]),
+        &["bytes.txt", "not UTF-8"],
+    );
+    std::fs::write(p("short.txt"), "One paragraph.\n\nAnother one.\n").unwrap();
+    fails(
+        &moac!(&[
+            "calibrate",
+            "--model",
+            m,
+            "--source",
+            &p("short.txt"),
+            "--lengths",
+            "1024",
+            "-o",
+            &p("c.jsonl")
+        ]),
+        &["short.txt", "too short"],
+    );
+    fails(
+        &moac!(&[
+            "calibrate",
+            "--model",
+            m,
+            "--families",
+            "kv,lines",
+            "-o",
+            &p("c.jsonl")
+        ]),
+        &["lines"],
+    );
+    assert!(!tmp.path().join("c.jsonl").exists());
     // A density outside (0, 1].
     fails(
         &moac!(&[

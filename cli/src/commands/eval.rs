@@ -62,9 +62,14 @@ pub struct RetrievalArgs {
     /// Input lengths in tokens, comma-separated.
     #[arg(long, value_parser = retrieval::parse_length, value_delimiter = ',', default_value = "1024,2048,4096")]
     pub lengths: Vec<usize>,
-    /// Samples per length (their hidden items spread over the input's depth).
+    /// Samples per length (their hidden items spread over the input's depth), or per
+    /// depth with --depths.
     #[arg(long, default_value_t = 8)]
     pub samples: usize,
+    /// Depths (0..1) of the hidden item, comma-separated: `--samples` prompts at each
+    /// (each its own draw of values and keys).
+    #[arg(long, value_delimiter = ',')]
+    pub depths: Vec<f64>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// The start of the answer, put in the assistant's turn (default: the task's own,
@@ -149,6 +154,11 @@ struct Series {
 
 fn run_retrieval(a: RetrievalArgs) -> Result<()> {
     retrieval::check_samples(a.samples)?;
+    if let Some(d) = a.depths.iter().find(|d| !(0.0..=1.0).contains(*d)) {
+        return Err(CliError::Usage(format!(
+            "--depths: {d} is not a depth in [0, 1]"
+        )));
+    }
     let model = a.model.load()?;
     let mut plans: Vec<ValidPlan> = Vec::new();
     plans.push(model.llama.dense_plan(Path::new("dense"))?);
@@ -165,7 +175,15 @@ fn run_retrieval(a: RetrievalArgs) -> Result<()> {
     let mut samples = Vec::new();
     for &len in &a.lengths {
         let mut row = Vec::new();
-        for depth in retrieval::depths(a.samples) {
+        let depths: Vec<f64> = if a.depths.is_empty() {
+            retrieval::depths(a.samples)
+        } else {
+            a.depths
+                .iter()
+                .flat_map(|&d| std::iter::repeat_n(d, a.samples))
+                .collect()
+        };
+        for depth in depths {
             let s = retrieval::make_sample(a.task, &model.tokenizer, len, depth, &mut rng)?;
             let ids = model.chat_prompt(&s.user, &prefix)?;
             if ids.len() + a.max_new_tokens > limit {
@@ -180,7 +198,8 @@ fn run_retrieval(a: RetrievalArgs) -> Result<()> {
         samples.push(row);
     }
     let bar = progress_bar(!a.json, &format!("retrieval {}", a.task.name()));
-    bar.set_length((plans.len() * a.lengths.len() * a.samples) as u64);
+    let per_length = samples.first().map_or(0, |r| r.len());
+    bar.set_length((plans.len() * a.lengths.len() * per_length) as u64);
     let mut series = Vec::new();
     for plan in &plans {
         let rt = a.model.runtime(plan)?;
@@ -212,7 +231,7 @@ fn run_retrieval(a: RetrievalArgs) -> Result<()> {
                 bar.inc(1);
             }
             s.correct.push(ok);
-            s.accuracy.push(ok as f64 / a.samples as f64);
+            s.accuracy.push(ok as f64 / row.len().max(1) as f64);
             s.kv_bytes.push(kv);
             s.dense_kv_bytes.push(dense);
         }

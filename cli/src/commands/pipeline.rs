@@ -9,6 +9,7 @@ use moac_model::attention::Engine;
 use moac_model::pipeline::calib::{self, CalibOptions, CalibSample, CalibSet};
 use moac_model::pipeline::optimize::{optimize, MadePlan, OptimizeOptions, Optimized};
 use moac_model::pipeline::profile::{self, Profile};
+use moac_model::pipeline::tasks::{Family, DEFAULT_MIX};
 use moac_model::pipeline::validate::response_losses;
 use moac_model::weights::WeightMode;
 use moac_model::Model;
@@ -19,15 +20,27 @@ fn lengths_arg(s: &str) -> std::result::Result<usize, String> {
     moac_model::retrieval::parse_length(s)
 }
 
+fn families_arg(s: &str) -> std::result::Result<Family, String> {
+    Family::parse(s)
+}
+
+const DEFAULT_FAMILIES: &str = "kv,needle,facts,multi,summary,town";
+
 #[derive(Args, Clone)]
 pub struct CalibrateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Text files to summarize, besides the generated long-dependency tasks.
+    /// Real text (UTF-8) for the haystacks, fact questions and summaries (default: the
+    /// World Factbook text of scripts/setup-calib-text.sh, in models/text/ beside the
+    /// model, when it is there).
     #[arg(long)]
     pub source: Vec<PathBuf>,
+    /// Task families, taken in turn: kv, needle, multi (true answers), facts, summary,
+    /// town (the model's own answers).
+    #[arg(long, value_parser = families_arg, value_delimiter = ',', default_value = DEFAULT_FAMILIES)]
+    pub families: Vec<Family>,
     /// Length levels N (prompt = N - max answer), comma-separated; 1k style accepted.
-    #[arg(long, value_parser = lengths_arg, value_delimiter = ',', default_value = "1024,2048")]
+    #[arg(long, value_parser = lengths_arg, value_delimiter = ',', default_value = "1024,2048,4096")]
     pub lengths: Vec<usize>,
     /// Samples per length.
     #[arg(long, default_value_t = 4)]
@@ -56,6 +69,12 @@ pub struct ProfileArgs {
     /// Length levels to profile (default: every length in the calibration file).
     #[arg(long, value_parser = lengths_arg, value_delimiter = ',')]
     pub lengths: Vec<usize>,
+    /// Profile only the samples of these task families (ablations; default: all).
+    #[arg(long, value_parser = families_arg, value_delimiter = ',')]
+    pub families: Vec<Family>,
+    /// Profile at most this many samples per length (the first ones; ablations).
+    #[arg(long)]
+    pub max_samples: Option<usize>,
     /// Attention-sink tokens of the plans to come (a multiple of 64).
     #[arg(long, default_value_t = Settings::default().sink)]
     pub sink: u64,
@@ -112,6 +131,9 @@ pub struct ValidateArgs {
     /// Use these samples instead of making them (a calibration file).
     #[arg(long)]
     pub calib: Option<PathBuf>,
+    /// Real text for the held-out samples (default: as `moac calibrate`).
+    #[arg(long)]
+    pub source: Vec<PathBuf>,
     #[arg(long, default_value_t = 128)]
     pub max_answer: usize,
     /// Score only the plans, not dense and uniform beside them.
@@ -129,23 +151,36 @@ pub struct MakeArgs {
     /// KV bytes at most this fraction of dense's at every constraint length.
     #[arg(long)]
     pub density: f64,
-    /// Profiled lengths (default: 1/8 and 1/4 of the model's context, at least 512).
+    /// Profiled lengths (default: 1/8, 1/4 and 1/2 of the model's context, at least
+    /// 512, 1024 and 2048).
     #[arg(long, value_parser = lengths_arg, value_delimiter = ',')]
     pub lengths: Vec<usize>,
-    /// Calibration samples per profiled length.
-    #[arg(long, default_value_t = 4)]
-    pub samples: usize,
-    /// Validation length (default: 1.5 times the longest profiled, as MoA's 12k after
-    /// 8k; at most the model's context).
+    /// Calibration samples per profiled length (the families in turn): one count for
+    /// every length, or one per length (default: 28,24,12 at the three default lengths,
+    /// 64 in all; 22 at each of other lengths).
+    #[arg(long, value_delimiter = ',')]
+    pub samples: Vec<usize>,
+    /// Task families of calibration and validation (see `moac calibrate --help`).
+    #[arg(long, value_parser = families_arg, value_delimiter = ',', default_value = DEFAULT_FAMILIES)]
+    pub families: Vec<Family>,
+    /// Validation length (default: 1.25 times the longest profiled, at most the model's
+    /// context; MoA validates at 1.5 times, 12k after 8k, which costs half again as much
+    /// CPU time per held-out sample here).
     #[arg(long, value_parser = lengths_arg)]
     pub validate_length: Option<usize>,
-    /// Held-out samples at the validation length.
-    #[arg(long, default_value_t = 2)]
+    /// Held-out samples at the validation length (the families in turn, another seed).
+    #[arg(long, default_value_t = 6)]
     pub validate_samples: usize,
-    /// Also score dense and the uniform plan at validation (a report; slower).
+    /// Score only the made plans at validation, not dense and uniform beside them.
     #[arg(long)]
-    pub validate_baselines: bool,
-    /// Text files to summarize, besides the generated long-dependency tasks.
+    pub no_validate_baselines: bool,
+    /// Validate the K plans of least predicted loss (summed over the profiled lengths,
+    /// each normalized); the best of them by validation loss is the plan (0: no
+    /// validation, the plan of least predicted loss).
+    #[arg(long, default_value_t = 3)]
+    pub validate_plans: usize,
+    /// Real text (UTF-8) for calibration (default: models/text/factbook.txt beside the
+    /// model, from scripts/setup-calib-text.sh, when it is there).
     #[arg(long)]
     pub source: Vec<PathBuf>,
     #[arg(long, default_value_t = 0)]
@@ -169,18 +204,25 @@ pub struct MakeArgs {
     pub output: PathBuf,
 }
 
-fn read_sources(paths: &[PathBuf]) -> Result<Vec<(String, String)>> {
-    paths
-        .iter()
-        .map(|p| {
-            let text = std::fs::read_to_string(p)
-                .map_err(|e| CliError::Usage(format!("{}: {e}", p.display())))?;
-            if text.split("\n\n").all(|s| s.trim().is_empty()) {
-                return Err(CliError::Usage(format!("{}: no text", p.display())));
-            }
-            Ok((p.display().to_string(), text))
-        })
-        .collect()
+/// The calibration text files: those given, else the default beside the model (none
+/// when it is not there: the mix then uses generated prose, with a note).
+fn read_sources(paths: &[PathBuf], model: &Path) -> Result<Vec<(String, String)>> {
+    let given = !paths.is_empty();
+    let paths: Vec<PathBuf> = if given {
+        paths.to_vec()
+    } else {
+        let d = calib::default_source(model);
+        if d.is_file() {
+            vec![d]
+        } else {
+            eprintln!(
+                "note: no calibration text ({} not found; run scripts/setup-calib-text.sh): retrieval haystacks are generated records, no fact or summary questions on real text",
+                d.display()
+            );
+            Vec::new()
+        }
+    };
+    paths.iter().map(|p| Ok(calib::read_source(p)?)).collect()
 }
 
 fn model_name(path: &Path) -> String {
@@ -199,7 +241,7 @@ fn make_calib(
     let dense = model.llama.dense_plan(Path::new("dense"))?;
     let rt = args.runtime(&dense)?;
     let bar = progress_bar(true, what);
-    bar.set_length((opts.lengths.len() * opts.samples) as u64);
+    bar.set_length(opts.total() as u64);
     let set = calib::make(model, args.engine(&rt), opts, &mut |d, _| {
         bar.set_position(d as u64)
     })?;
@@ -213,9 +255,11 @@ pub fn calibrate(a: CalibrateArgs) -> Result<()> {
     let opts = CalibOptions {
         lengths: a.lengths.clone(),
         samples: a.samples,
+        samples_at: Vec::new(),
         seed: a.seed,
         max_answer: a.max_answer,
-        sources: read_sources(&a.source)?,
+        sources: read_sources(&a.source, a.model.path()?)?,
+        families: a.families.clone(),
         batch: a.batch,
     };
     let set = make_calib(&model, &a.model, &opts, "calibrate")?;
@@ -268,8 +312,26 @@ fn run_profile(
 pub fn profile(a: ProfileArgs) -> Result<()> {
     let t = Instant::now();
     let model = Model::load(&a.model, WeightMode::F32)?;
-    let set = CalibSet::read(&a.calib)?;
+    let mut set = CalibSet::read(&a.calib)?;
     set.check_model(&a.calib, &model)?;
+    if !a.families.is_empty() {
+        set.samples
+            .retain(|s| Family::of_task(&s.task).is_some_and(|f| a.families.contains(&f)));
+    }
+    if let Some(k) = a.max_samples {
+        let mut seen = std::collections::HashMap::new();
+        set.samples.retain(|s| {
+            let c = seen.entry(s.length).or_insert(0usize);
+            *c += 1;
+            *c <= k
+        });
+    }
+    if set.samples.is_empty() {
+        return Err(CliError::Usage(format!(
+            "{}: no samples of the families and counts asked for",
+            a.calib.display()
+        )));
+    }
     let p = run_profile(&model, &set, &a.lengths, a.sink, &a.output)?;
     eprintln!(
         "wrote {} (lengths {:?}, {} samples, {:.0} s)",
@@ -421,20 +483,39 @@ fn plan_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(v)
 }
 
+/// One plan's validation: its mean response loss over the held-out samples, and per
+/// task family (the synthetic retrieval families apart from the model-answered ones).
+pub struct Validated {
+    pub name: String,
+    pub loss: f64,
+    /// (family, mean loss) in the order families first appear.
+    pub by_family: Vec<(String, f64)>,
+}
+
+/// The family of a sample's task label (`kv-json` -> `kv`, `source` -> `summary`).
+fn family_of(task: &str) -> String {
+    Family::of_task(task).map_or_else(|| task.to_string(), |f| f.name().to_string())
+}
+
 /// Validates every plan of `dir` (and dense and uniform for reference) on `samples`;
-/// writes the best plan to `output`. Returns (name, mean loss) rows.
+/// writes the best plan (least mean loss) to `output`.
+#[allow(clippy::too_many_arguments)]
 fn run_validate(
     model: &Model,
     args: &ModelArgs,
     dir: &Path,
+    only: Option<&[String]>,
     samples: &[&CalibSample],
     max_answer: usize,
     baselines: bool,
     output: &Path,
-) -> Result<Vec<(String, f64)>> {
+) -> Result<(Vec<Validated>, PathBuf)> {
     let mut rows = Vec::new();
     let mut best: Option<(f64, PathBuf)> = None;
     let mut files = plan_files(dir)?;
+    if let Some(names) = only {
+        files.retain(|f| names.iter().any(|n| f.ends_with(format!("{n}.json"))));
+    }
     let uniform = dir.join("uniform.json");
     let mut runs: Vec<(String, Option<PathBuf>)> = Vec::new();
     if baselines {
@@ -449,6 +530,13 @@ fn run_validate(
             Some(p),
         )
     }));
+    let mut families: Vec<String> = Vec::new();
+    for s in samples {
+        let f = family_of(&s.task);
+        if !families.contains(&f) {
+            families.push(f);
+        }
+    }
     let bar = progress_bar(true, "validate");
     bar.set_length((runs.len() * samples.len()) as u64);
     for (i, (name, file)) in runs.iter().enumerate() {
@@ -462,12 +550,28 @@ fn run_validate(
             bar.set_position((i * samples.len() + d) as u64)
         })?;
         let mean = losses.iter().sum::<f64>() / losses.len() as f64;
+        let by_family = families
+            .iter()
+            .map(|f| {
+                let v: Vec<f64> = samples
+                    .iter()
+                    .zip(&losses)
+                    .filter(|(s, _)| family_of(&s.task) == *f)
+                    .map(|(_, l)| *l)
+                    .collect();
+                (f.clone(), v.iter().sum::<f64>() / v.len().max(1) as f64)
+            })
+            .collect();
         if let (Some(f), true) = (file, name.starts_with("plan-")) {
             if best.as_ref().is_none_or(|(b, _)| mean < *b) {
                 best = Some((mean, f.clone()));
             }
         }
-        rows.push((name.clone(), mean));
+        rows.push(Validated {
+            name: name.clone(),
+            loss: mean,
+            by_family,
+        });
     }
     bar.finish_and_clear();
     let (_, chosen) = best.ok_or_else(|| CliError::Usage("no plan to choose from".into()))?;
@@ -478,18 +582,42 @@ fn run_validate(
             .map_err(|e| CliError::Usage(format!("{}: {e}", dir.display())))?;
     }
     moac::fsutil::write_atomic(output, &bytes)?;
-    for (name, loss) in &rows {
-        let mark = if chosen.ends_with(format!("{name}.json")) {
+    let counts: Vec<String> = families
+        .iter()
+        .map(|f| {
+            let n = samples.iter().filter(|s| family_of(&s.task) == *f).count();
+            format!("{f} {n}")
+        })
+        .collect();
+    eprintln!(
+        "validation: response loss on {} held-out samples at N = {} ({})",
+        samples.len(),
+        samples.iter().map(|s| s.length).max().unwrap_or(0),
+        counts.join(", ")
+    );
+    let mut head = format!("  {:10} {:>8}", "plan", "all");
+    for f in &families {
+        head.push_str(&format!(" {f:>8}"));
+    }
+    eprintln!("{head}");
+    for r in &rows {
+        let mark = if chosen.ends_with(format!("{}.json", r.name)) {
             "  <- chosen"
         } else {
             ""
         };
-        eprintln!("  {name:10} response loss {loss:.4}{mark}");
+        let mut line = format!("  {:10} {:>8.4}", r.name, r.loss);
+        for (_, l) in &r.by_family {
+            line.push_str(&format!(" {l:>8.4}"));
+        }
+        eprintln!("{line}{mark}");
     }
     eprintln!("wrote {} (from {})", output.display(), chosen.display());
-    Ok(rows)
+    Ok((rows, chosen))
 }
 
+/// Held-out samples: the calibration's families and texts, another seed.
+#[allow(clippy::too_many_arguments)]
 fn held_out(
     model: &Model,
     args: &ModelArgs,
@@ -497,6 +625,8 @@ fn held_out(
     samples: usize,
     seed: u64,
     max_answer: usize,
+    families: &[Family],
+    sources: Vec<(String, String)>,
 ) -> Result<CalibSet> {
     make_calib(
         model,
@@ -504,9 +634,11 @@ fn held_out(
         &CalibOptions {
             lengths: vec![length],
             samples,
+            samples_at: Vec::new(),
             seed,
             max_answer,
-            sources: Vec::new(),
+            sources,
+            families: families.to_vec(),
             batch: 4,
         },
         "held-out samples",
@@ -521,7 +653,16 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
             s.check_model(p, &model)?;
             s
         }
-        None => held_out(&model, &a.model, a.length, a.samples, a.seed, a.max_answer)?,
+        None => held_out(
+            &model,
+            &a.model,
+            a.length,
+            a.samples,
+            a.seed,
+            a.max_answer,
+            &DEFAULT_MIX,
+            read_sources(&a.source, a.model.path()?)?,
+        )?,
     };
     let samples: Vec<&CalibSample> = set
         .samples
@@ -538,12 +679,77 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
         &model,
         &a.model,
         &a.plans,
+        None,
         &samples,
         a.max_answer,
         !a.no_baselines,
         &a.output,
     )?;
     Ok(())
+}
+
+/// The closing report of `plan make`: per constraint length the KV bytes of the chosen
+/// plan, the uniform plan and dense; the validation loss of each; and per layer, the
+/// span each KV head of the chosen plan got at the longest constraint length.
+fn print_made(out: &Optimized, chosen: &Path, validated: &[Validated]) {
+    let name = model_name(chosen).trim_end_matches(".json").to_string();
+    let Some(made) = out.plans.iter().find(|p| p.name == name) else {
+        return;
+    };
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    eprintln!(
+        "plan {name} ({}) against uniform (alpha 0, beta {}) and dense, KV bytes of one sequence:",
+        made.objective, out.density
+    );
+    eprintln!(
+        "  {:>7} {:>12} {:>12} {:>12}",
+        "N", "made MiB", "uniform MiB", "dense MiB"
+    );
+    for (j, &n) in out.constraint_lengths.iter().enumerate() {
+        let dense = made.kv_bytes[j] as f64 / made.density[j].max(1e-12);
+        eprintln!(
+            "  {n:>7} {:>12.2} {:>12.2} {:>12.2}",
+            mib(made.kv_bytes[j]),
+            mib(out.uniform.kv_bytes[j]),
+            dense / (1u64 << 20) as f64
+        );
+    }
+    let loss = |n: &str| {
+        validated
+            .iter()
+            .find(|v| v.name == n)
+            .map(|v| format!("{:.4}", v.loss))
+            .unwrap_or_else(|| "-".into())
+    };
+    eprintln!(
+        "  validation loss: made {}   uniform {}   dense {}",
+        loss(&name),
+        loss("uniform"),
+        loss("dense")
+    );
+    let g = made.rules.first().map_or(1, |l| l.len()) / out.kv_heads.max(1);
+    let n = out.constraint_lengths.iter().copied().max().unwrap_or(0);
+    let settings = Settings::default();
+    eprintln!("  spans per layer at N = {n} (KV heads; * = at least 3/4 of N):");
+    for (l, layer) in made.rules.iter().enumerate() {
+        let cells: Vec<String> = layer
+            .chunks(g.max(1))
+            .map(|kv| {
+                let c = kv
+                    .iter()
+                    .map(|r| moac::geometry::capacity(*r, n as u64, &settings))
+                    .max()
+                    .unwrap_or(0);
+                let f = c as f64 / n.max(1) as f64;
+                format!(
+                    "{:>4.0}%{}",
+                    100.0 * f.min(1.0),
+                    if f >= 0.75 { "*" } else { " " }
+                )
+            })
+            .collect();
+        eprintln!("    layer {l:>2}: {}", cells.join(" "));
+    }
 }
 
 /// `moac plan make`: calibrate, profile, optimize and validate with defaults for the
@@ -559,14 +765,18 @@ pub fn make(a: MakeArgs) -> Result<()> {
     let model = Model::load(a.model.path()?, WeightMode::F32)?;
     let context = model.llama.config.context_len;
     let lengths = if a.lengths.is_empty() {
-        vec![(context / 8).max(512), (context / 4).max(1024)]
+        vec![
+            (context / 8).max(512),
+            (context / 4).max(1024),
+            (context / 2).max(2048),
+        ]
     } else {
         a.lengths.clone()
     };
     let longest = lengths.iter().copied().max().unwrap_or(0);
     let val_len = a
         .validate_length
-        .unwrap_or((longest * 3 / 2).div_ceil(64) * 64)
+        .unwrap_or((longest * 5 / 4).div_ceil(64) * 64)
         .min(context);
     if lengths.iter().any(|&l| l >= val_len) {
         eprintln!("note: the validation length {val_len} is not longer than every profiled length");
@@ -582,20 +792,31 @@ pub fn make(a: MakeArgs) -> Result<()> {
     // 1. Calibration (reused when the file there was made the same way).
     let t = Instant::now();
     let calib_path = work.join("calib.jsonl");
+    let sources = read_sources(&a.source, a.model.path()?)?;
+    let (samples, samples_at) = match a.samples.as_slice() {
+        [] if a.lengths.is_empty() => (0, vec![28, 24, 12]),
+        [] => (22, Vec::new()),
+        [one] => (*one, Vec::new()),
+        many => (0, many.to_vec()),
+    };
     let opts = CalibOptions {
         lengths: lengths.clone(),
-        samples: a.samples,
+        samples,
+        samples_at,
         seed: a.seed,
         max_answer: a.max_answer,
-        sources: read_sources(&a.source)?,
+        sources: sources.clone(),
+        families: a.families.clone(),
         batch: 4,
+    };
+    let made_as = |h: &calib::CalibHeader, seed: u64| {
+        h.seed == seed && h.max_answer == a.max_answer && h.sources == calib::header_sources(&opts)
     };
     let set = match CalibSet::read(&calib_path) {
         Ok(s)
-            if s.header.seed == a.seed
-                && s.header.max_answer == a.max_answer
+            if made_as(&s.header, a.seed)
                 && s.lengths() == lengths
-                && s.samples.len() == lengths.len() * a.samples =>
+                && s.samples.len() == opts.total() =>
         {
             s
         }
@@ -618,7 +839,7 @@ pub fn make(a: MakeArgs) -> Result<()> {
     // 3. Optimize.
     let t = Instant::now();
     let plans_dir = work.join("plans");
-    run_optimize(
+    let optimized = run_optimize(
         &prof,
         &OptimizeArgs {
             profile: profile_path.clone(),
@@ -634,41 +855,75 @@ pub fn make(a: MakeArgs) -> Result<()> {
     )?;
     times.push(("optimize", t.elapsed().as_secs_f64()));
     // 4. Validate on held-out samples at a longer length.
+    // The plans of least predicted loss summed over the lengths (each normalized) are
+    // the ones worth running: Pareto plans differ little, and each costs a full run.
+    let mut ranked: Vec<&MadePlan> = optimized.plans.iter().collect();
+    ranked.sort_by(|x, y| {
+        x.loss
+            .iter()
+            .sum::<f64>()
+            .total_cmp(&y.loss.iter().sum::<f64>())
+    });
     let t = Instant::now();
-    let val_path = work.join("validate.jsonl");
-    let val = match CalibSet::read(&val_path) {
-        Ok(s)
-            if s.header.seed == a.seed + 1_000_003
-                && s.header.max_answer == a.max_answer
-                && s.lengths() == vec![val_len]
-                && s.samples.len() == a.validate_samples =>
-        {
-            s
-        }
-        _ => {
-            let s = held_out(
-                &model,
-                &a.model,
-                val_len,
-                a.validate_samples,
-                a.seed + 1_000_003,
-                a.max_answer,
-            )?;
-            s.write(&val_path)?;
-            s
-        }
+    let (validated, chosen) = if a.validate_plans == 0 {
+        // No validation: the plan of least summed predicted loss.
+        let best = ranked
+            .first()
+            .ok_or_else(|| CliError::Usage("no plan to choose from".into()))?;
+        let file = plans_dir.join(format!("{}.json", best.name));
+        let bytes = std::fs::read(&file)
+            .map_err(|e| CliError::Usage(format!("{}: {e}", file.display())))?;
+        moac::fsutil::write_atomic(&a.output, &bytes)?;
+        eprintln!(
+            "wrote {} (from {}: least predicted loss; not validated, --validate-plans 0)",
+            a.output.display(),
+            file.display()
+        );
+        (Vec::new(), file)
+    } else {
+        let val_path = work.join("validate.jsonl");
+        let val = match CalibSet::read(&val_path) {
+            Ok(s)
+                if made_as(&s.header, a.seed + 1_000_003)
+                    && s.lengths() == vec![val_len]
+                    && s.samples.len() == a.validate_samples =>
+            {
+                s
+            }
+            _ => {
+                let s = held_out(
+                    &model,
+                    &a.model,
+                    val_len,
+                    a.validate_samples,
+                    a.seed + 1_000_003,
+                    a.max_answer,
+                    &a.families,
+                    sources.clone(),
+                )?;
+                s.write(&val_path)?;
+                s
+            }
+        };
+        let samples: Vec<&CalibSample> = val.samples.iter().collect();
+        let top: Vec<String> = ranked
+            .iter()
+            .take(a.validate_plans.max(1))
+            .map(|p| p.name.clone())
+            .collect();
+        run_validate(
+            &model,
+            &a.model,
+            &plans_dir,
+            Some(&top),
+            &samples,
+            a.max_answer,
+            !a.no_validate_baselines,
+            &a.output,
+        )?
     };
-    let samples: Vec<&CalibSample> = val.samples.iter().collect();
-    run_validate(
-        &model,
-        &a.model,
-        &plans_dir,
-        &samples,
-        a.max_answer,
-        a.validate_baselines,
-        &a.output,
-    )?;
     times.push(("validate", t.elapsed().as_secs_f64()));
+    print_made(&optimized, &chosen, &validated);
     let line: Vec<String> = times.iter().map(|(s, t)| format!("{s} {t:.0} s")).collect();
     eprintln!(
         "plan make: {} (total {:.0} s; work files in {})",

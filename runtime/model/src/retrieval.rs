@@ -67,8 +67,24 @@ const NOUNS: [&str; 32] = [
     "saddle", "tunnel", "valley", "wagon", "window", "yarrow", "anchor", "basket", "canyon",
     "dragon", "falcon", "glacier", "hammer", "lantern",
 ];
-const FILLER: &str =
+pub const FILLER: &str =
     "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
+
+/// Strings that mark the evaluation's prompts (its templates and filler): calibration
+/// must never contain any of them (a test holds it), so that retrieval is measured out of
+/// sample.
+pub const EVAL_MARKERS: [&str; 10] = [
+    "pass key",
+    "REGISTER_CONTENT",
+    "The grass is green",
+    "The sky is blue",
+    "The sun is yellow",
+    "Here we go",
+    "There and back again",
+    "irrelevant text",
+    "record of lines",
+    "line index",
+];
 
 /// Tokens the prompt's fixed parts take beyond the filler (instructions, question, chat
 /// template, answer prefix), a margin so the whole prompt stays near the target.

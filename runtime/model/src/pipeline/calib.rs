@@ -10,6 +10,7 @@
 //! pass keys). A sample's prompt takes N - `max_answer` tokens, so that N = prompt +
 //! max_new_tokens as at run time.
 
+use super::tasks::{self, Corpus, Family, Spec};
 use crate::attention::Engine;
 use crate::chat::Message;
 use crate::generate::{generate, GenerateOptions, Rng, Sampling};
@@ -48,6 +49,10 @@ pub struct CalibSample {
     pub tokens: Vec<u32>,
     /// The answer as text (for people reading the file).
     pub answer: String,
+    /// The answer is the task's true answer (synthetic retrieval), not the dense
+    /// model's own.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truth: bool,
 }
 
 /// A calibration file.
@@ -171,6 +176,52 @@ impl CalibSet {
     }
 }
 
+/// Where `scripts/setup-calib-text.sh` puts the default calibration text, for a model at
+/// `model` (a file in, or a folder under, the project's `models/`): `models/text/factbook.txt`.
+pub fn default_source(model: &Path) -> std::path::PathBuf {
+    let dir = model.parent().unwrap_or(Path::new("."));
+    dir.join("text").join("factbook.txt")
+}
+
+/// Reads a calibration text: UTF-8 with paragraphs (blank-line separated). Its name in
+/// the calibration header is the path, with the first line of `<path>.provenance` when
+/// there is one (where it came from, its license).
+pub fn read_source(path: &Path) -> Result<(String, String)> {
+    let bytes = std::fs::read(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let text = String::from_utf8(bytes).map_err(|e| Error::Format {
+        path: path.to_path_buf(),
+        message: format!(
+            "calibration text is not UTF-8 (invalid byte at offset {})",
+            e.utf8_error().valid_up_to()
+        ),
+    })?;
+    if text.split("\n\n").all(|s| s.trim().is_empty()) {
+        return Err(Error::Format {
+            path: path.to_path_buf(),
+            message: "calibration text has no paragraphs".into(),
+        });
+    }
+    let mut prov = path.as_os_str().to_owned();
+    prov.push(".provenance");
+    let name = match std::fs::read_to_string(&prov) {
+        Ok(p) => format!(
+            "{} ({})",
+            path.display(),
+            p.split("\n\n")
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        ),
+        Err(_) => path.display().to_string(),
+    };
+    Ok((name, text))
+}
+
 fn json_err(e: serde_json::Error) -> Error {
     Error::Usage(format!("JSON: {e}"))
 }
@@ -193,17 +244,19 @@ pub struct CalibOptions {
     pub lengths: Vec<usize>,
     /// Samples per length.
     pub samples: usize,
+    /// Samples at each length, in the order of `lengths` (empty: `samples` at each).
+    pub samples_at: Vec<usize>,
     pub seed: u64,
     /// Longest answer (MoA: 128).
     pub max_answer: usize,
-    /// Text documents (name, text) summarized in addition to the generated tasks.
+    /// Real text documents (name, text): the haystack of the retrieval families, the
+    /// sections the fact questions ask about, the text summarized.
     pub sources: Vec<(String, String)>,
+    /// The task families, taken in turn within each length ([`tasks::DEFAULT_MIX`]).
+    pub families: Vec<Family>,
     /// Rows answered together.
     pub batch: usize,
 }
-
-/// The document families, taken in turn.
-const TASKS: [&str; 3] = ["town", "river", "summary"];
 
 /// A document's question, given the indices of the pieces kept whole.
 type Question = Box<dyn Fn(&[usize]) -> String>;
@@ -338,8 +391,14 @@ fn document(task: &str, count: usize, rng: &mut Rng, sources: &[(String, String)
             let pieces = (0..count.max(1))
                 .map(|i| paras[(start + i) % paras.len().max(1)].clone())
                 .collect();
+            // The file's name (the header has the whole provenance).
+            let short = src.split(" (").next().unwrap_or(src);
+            let short = Path::new(short)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| short.to_string());
             Doc {
-                task: format!("summary:{src}"),
+                task: format!("summary:{short}"),
                 pieces,
                 question: Box::new(|_| {
                     "Now, write a one-page summary of all the text above.\n\nSummary:".into()
@@ -454,18 +513,124 @@ fn fit_prompt(model: &Model, doc: &Doc, prompt_len: usize) -> Result<Option<Vec<
     Ok(Some(ids))
 }
 
-/// Makes the calibration set: for each length, `samples` documents (the families in
-/// turn), fitted, answered by `engine` (which must be dense) greedily.
-/// `progress(done, total)` after each batch.
-pub fn make(
-    model: &Model,
-    engine: Engine<'_>,
-    opts: &CalibOptions,
-    progress: &mut dyn FnMut(usize, usize),
-) -> Result<CalibSet> {
-    if opts.samples == 0 || opts.lengths.is_empty() {
+/// The prompt of a [`Spec`], at most `prompt_len` tokens (exactly, unless the haystack
+/// keeps whole pieces): the chat template's head, the introduction, the haystack cut to
+/// fit with each fact placed at its depth (on a piece boundary), the question and the
+/// template's tail. None when the haystack is too short.
+fn fit_spec(model: &Model, spec: &Spec, prompt_len: usize) -> Result<Option<Vec<u32>>> {
+    let tok = &model.tokenizer;
+    let marker = "\u{1}MOAC-DOCUMENT\u{1}";
+    let text = model.chat.render(
+        &[Message::user(&format!(
+            "{}\n\n{marker}\n\n{}",
+            spec.intro, spec.question
+        ))],
+        true,
+    )?;
+    let (head, tail) = text
+        .split_once(marker)
+        .ok_or_else(|| Error::Template("the chat template dropped the user's message".into()))?;
+    let (head, tail) = (tok.encode_prompt(head)?, tok.encode(tail)?);
+    let inserts: Vec<(f64, Vec<u32>)> = spec
+        .inserts
+        .iter()
+        .map(|(d, t)| Ok((*d, tok.encode(t)?)))
+        .collect::<Result<_>>()?;
+    let fixed = head.len() + tail.len() + inserts.iter().map(|(_, t)| t.len()).sum::<usize>();
+    if fixed + 64 > prompt_len {
+        return Err(Error::TooLong {
+            what: format!("calibration prompt ({}) without its haystack", spec.label),
+            len: fixed + 64,
+            max: prompt_len,
+        });
+    }
+    let room = prompt_len - fixed;
+    let mut hay: Vec<u32> = Vec::with_capacity(room + 256);
+    let mut bounds = vec![0usize];
+    for p in &spec.pieces {
+        let ids = tok.encode(p)?;
+        if spec.whole_pieces && hay.len() + ids.len() > room {
+            break;
+        }
+        hay.extend_from_slice(&ids);
+        bounds.push(hay.len().min(room));
+        if hay.len() >= room {
+            break;
+        }
+    }
+    if hay.len() < room && !(spec.whole_pieces && hay.len() + 64 >= room) {
+        return Ok(None);
+    }
+    hay.truncate(room);
+    bounds.retain(|&b| b <= hay.len());
+    let mut ids = head;
+    let mut at = 0;
+    for (d, t) in &inserts {
+        let want = (d * hay.len() as f64).round() as usize;
+        let cut = bounds
+            .iter()
+            .copied()
+            .filter(|&b| b >= at)
+            .min_by_key(|&b| b.abs_diff(want))
+            .unwrap_or(at);
+        ids.extend_from_slice(&hay[at..cut]);
+        ids.extend_from_slice(t);
+        at = cut;
+    }
+    ids.extend_from_slice(&hay[at..]);
+    ids.extend_from_slice(&tail);
+    Ok(Some(ids))
+}
+
+/// One sample before answering: id, task label, prompt ids, true answer ids (None: the
+/// dense model answers).
+pub struct Pending {
+    pub id: String,
+    pub task: String,
+    pub prompt: Vec<u32>,
+    pub truth: Option<Vec<u32>>,
+}
+
+/// Generated records as filler prose (when no real text is given).
+fn town_filler(rng: &mut Rng, chars: usize) -> Vec<String> {
+    let rivers: Vec<String> = (0..6).map(|_| name(rng, 2)).collect();
+    let count = chars / 150 + 4;
+    let ts = towns(rng, count, &rivers);
+    ts.iter()
+        .enumerate()
+        .map(|(i, t)| town_record(i, t, rng))
+        .collect()
+}
+
+impl CalibOptions {
+    /// Samples at the `i`-th length.
+    pub fn count(&self, i: usize) -> usize {
+        self.samples_at.get(i).copied().unwrap_or(self.samples)
+    }
+
+    /// Samples in all.
+    pub fn total(&self) -> usize {
+        (0..self.lengths.len()).map(|i| self.count(i)).sum()
+    }
+}
+
+/// Checks the options against the model (lengths, families, sample count).
+pub fn check_options(model: &Model, opts: &CalibOptions) -> Result<()> {
+    if !opts.samples_at.is_empty() && opts.samples_at.len() != opts.lengths.len() {
+        return Err(Error::Usage(format!(
+            "{} sample counts for {} lengths (give one count, or one per length)",
+            opts.samples_at.len(),
+            opts.lengths.len()
+        )));
+    }
+    if opts.lengths.is_empty() || (0..opts.lengths.len()).any(|i| opts.count(i) == 0) {
         return Err(Error::Usage(
             "a calibration set needs at least one length and one sample".into(),
+        ));
+    }
+    if opts.families.is_empty() {
+        return Err(Error::Usage(
+            "a calibration set needs at least one task family".into(),
         ));
     }
     let min = opts.max_answer + 256;
@@ -486,37 +651,187 @@ pub fn make(
             max: model.llama.config.context_len,
         });
     }
-    let mut tasks: Vec<&str> = TASKS.to_vec();
-    if !opts.sources.is_empty() {
-        tasks.push("source");
+    Ok(())
+}
+
+/// The header's `sources`: where the text came from and which families were made.
+pub fn header_sources(opts: &CalibOptions) -> Vec<String> {
+    let mut sources = vec![GENERATED_SOURCE.to_string()];
+    sources.extend(opts.sources.iter().map(|(n, _)| n.clone()));
+    sources.push(format!(
+        "families: {}",
+        opts.families
+            .iter()
+            .map(|f| f.name())
+            .collect::<Vec<_>>()
+            .join(",")
+    ));
+    sources
+}
+
+/// The samples' prompts (and true answers where the family has one), deterministic for
+/// the seed: for each length, `samples` tasks of the families in turn, each family's
+/// facts at depths spread over the input.
+pub fn prompts(model: &Model, opts: &CalibOptions) -> Result<Vec<(usize, Pending)>> {
+    check_options(model, opts)?;
+    let corpora: Vec<Corpus> = opts
+        .sources
+        .iter()
+        .map(|(n, t)| Corpus::new(n, t))
+        .filter(|c| !c.paragraphs.is_empty())
+        .collect();
+    // A text repeated to fill a prompt would teach copying, not retrieval: each source
+    // must hold the longest prompt (about 4 characters a token, with room to spare).
+    let longest = opts.lengths.iter().max().copied().unwrap_or(0) - opts.max_answer;
+    for (c, (n, t)) in corpora.iter().zip(&opts.sources) {
+        let have: usize = c.paragraphs.iter().map(|p| p.len()).sum();
+        if have < 6 * longest {
+            return Err(Error::Usage(format!(
+                "calibration text {n}: {have} characters of paragraphs ({} in all), too short for a {longest}-token prompt (needs about {})",
+                t.len(),
+                6 * longest
+            )));
+        }
     }
     let mut rng = Rng::new(opts.seed);
-    let total = opts.lengths.len() * opts.samples;
-    let mut samples = Vec::with_capacity(total);
-    for &length in &opts.lengths {
+    let mut out = Vec::new();
+    let stop = model.tokenizer.stop.first().copied();
+    for (li, &length) in opts.lengths.iter().enumerate() {
         let prompt_len = length - opts.max_answer;
-        let mut pending: Vec<(String, String, Vec<u32>)> = Vec::new();
-        for s in 0..opts.samples {
-            let task = tasks[s % tasks.len()];
-            // Records take about 50 tokens; grow the document until it fills the room.
-            let mut count = prompt_len / 40 + 4;
-            let (doc, ids) = loop {
-                let doc = document(task, count, &mut rng, &opts.sources);
-                if let Some(ids) = fit_prompt(model, &doc, prompt_len)? {
-                    break (doc, ids);
+        let nf = opts.families.len();
+        let count = opts.count(li);
+        for s in 0..count {
+            let family = opts.families[s % nf];
+            // The k-th of `per` samples of this family at this length: its depth is drawn
+            // in the k-th of `per` equal slices of (0.02, 0.98).
+            let (k, per) = (s / nf, count.div_ceil(nf).max(1));
+            let depth = 0.02 + 0.96 * (k as f64 + rng.next_f64()) / per as f64;
+            let corpus =
+                (!corpora.is_empty()).then(|| &corpora[rng.below(corpora.len() as u64) as usize]);
+            let mut chars = prompt_len * 6 + 2048;
+            let mut made = None;
+            for _ in 0..6 {
+                let Some(spec) = tasks::spec(family, corpus, &mut rng, chars, depth, &town_filler)
+                else {
+                    break;
+                };
+                if let Some(ids) = fit_spec(model, &spec, prompt_len)? {
+                    let truth = match &spec.truth {
+                        Some(t) => {
+                            let mut a = model.tokenizer.encode(t)?;
+                            a.extend(stop);
+                            if a.len() > opts.max_answer {
+                                return Err(Error::Usage(format!(
+                                    "a {} answer takes {} tokens, more than --max-answer {}",
+                                    spec.label,
+                                    a.len(),
+                                    opts.max_answer
+                                )));
+                            }
+                            Some(a)
+                        }
+                        None => None,
+                    };
+                    made = Some((spec.label.clone(), ids, truth));
+                    break;
                 }
-                count *= 2;
-                if count > 1 << 20 {
-                    return Err(Error::Usage(format!(
-                        "could not fill a {prompt_len}-token prompt for task {task}"
-                    )));
+                chars *= 2;
+            }
+            let (task, ids, truth) = match made {
+                Some(m) => m,
+                None => {
+                    // Documents fitted by cutting their middle: a summary (of real text
+                    // when there is some) or a question about a town's record.
+                    let task = match family {
+                        Family::Summary if corpus.is_some() => "source",
+                        Family::Summary => "summary",
+                        _ if k % 2 == 0 => "town",
+                        _ => "river",
+                    };
+                    let sources: Vec<(String, String)> = match corpus {
+                        Some(c) if task == "source" => opts
+                            .sources
+                            .iter()
+                            .filter(|(n, _)| *n == c.name)
+                            .cloned()
+                            .collect(),
+                        _ => Vec::new(),
+                    };
+                    // Records take about 50 tokens; grow the document until it fills.
+                    let mut count = prompt_len / 40 + 4;
+                    let (doc, ids) = loop {
+                        let doc = document(task, count, &mut rng, &sources);
+                        if let Some(ids) = fit_prompt(model, &doc, prompt_len)? {
+                            break (doc, ids);
+                        }
+                        count *= 2;
+                        if count > 1 << 20 {
+                            return Err(Error::Usage(format!(
+                                "could not fill a {prompt_len}-token prompt for task {task} (is the source text long enough?)"
+                            )));
+                        }
+                    };
+                    (doc.task, ids, None)
                 }
             };
-            pending.push((format!("n{length}-{s:03}-{}", doc.task), doc.task, ids));
+            out.push((
+                length,
+                Pending {
+                    id: format!("n{length}-{s:03}-{task}"),
+                    task,
+                    prompt: ids,
+                    truth,
+                },
+            ));
         }
-        for chunk in pending.chunks(opts.batch.max(1)) {
-            let prompts: Vec<&[u32]> = chunk.iter().map(|(_, _, p)| p.as_slice()).collect();
-            let mut attn = engine.open(prompts.len(), prompt_len, opts.max_answer)?;
+    }
+    Ok(out)
+}
+
+/// Makes the calibration set: [`prompts`], then the families without a true answer
+/// answered by `engine` (which must be dense) greedily, `batch` rows at a time.
+/// `progress(done, total)` after each batch.
+pub fn make(
+    model: &Model,
+    engine: Engine<'_>,
+    opts: &CalibOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<CalibSet> {
+    let pending = prompts(model, opts)?;
+    let total = pending.len();
+    let mut samples: Vec<Option<CalibSample>> = vec![None; total];
+    let mut done = 0;
+    for (i, (length, p)) in pending.iter().enumerate() {
+        if let Some(a) = &p.truth {
+            let mut tokens = p.prompt.clone();
+            tokens.extend_from_slice(a);
+            samples[i] = Some(CalibSample {
+                id: p.id.clone(),
+                length: *length,
+                task: p.task.clone(),
+                prompt_len: p.prompt.len(),
+                answer: model.tokenizer.decode(a, false)?,
+                tokens,
+                truth: true,
+            });
+            done += 1;
+        }
+    }
+    progress(done, total);
+    let open: Vec<usize> = (0..total).filter(|&i| samples[i].is_none()).collect();
+    for &length in &opts.lengths {
+        let mine: Vec<usize> = open
+            .iter()
+            .copied()
+            .filter(|&i| pending[i].0 == length)
+            .collect();
+        for chunk in mine.chunks(opts.batch.max(1)) {
+            let prompts: Vec<&[u32]> = chunk
+                .iter()
+                .map(|&i| pending[i].1.prompt.as_slice())
+                .collect();
+            let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+            let mut attn = engine.open(prompts.len(), longest, opts.max_answer)?;
             let out = generate(
                 &model.llama,
                 attn.as_mut(),
@@ -529,27 +844,26 @@ pub fn make(
                 },
                 &mut |_, _| {},
             )?;
-            for ((id, task, prompt), row) in chunk.iter().zip(out.rows) {
-                let mut tokens = prompt.clone();
+            for (&i, row) in chunk.iter().zip(out.rows) {
+                let p = &pending[i].1;
+                let mut tokens = p.prompt.clone();
                 tokens.extend_from_slice(&row.tokens);
-                samples.push(CalibSample {
-                    id: id.clone(),
+                samples[i] = Some(CalibSample {
+                    id: p.id.clone(),
                     length,
-                    task: task.clone(),
-                    prompt_len: prompt.len(),
+                    task: p.task.clone(),
+                    prompt_len: p.prompt.len(),
                     answer: model.tokenizer.decode(&row.tokens, false)?,
                     tokens,
+                    truth: false,
                 });
+                done += 1;
             }
-            progress(samples.len(), total);
+            progress(done, total);
         }
     }
-    let mut sources = vec![GENERATED_SOURCE.to_string()];
-    sources.extend(
-        opts.sources
-            .iter()
-            .map(|(n, _)| format!("{n} (given with --source)")),
-    );
+    let samples: Vec<CalibSample> = samples.into_iter().flatten().collect();
+    let sources = header_sources(opts);
     Ok(CalibSet {
         header: CalibHeader {
             format: FORMAT.into(),

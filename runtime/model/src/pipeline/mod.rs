@@ -7,4 +7,5 @@ pub mod calib;
 pub mod influence;
 pub mod optimize;
 pub mod profile;
+pub mod tasks;
 pub mod validate;

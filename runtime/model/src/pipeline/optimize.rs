@@ -43,6 +43,9 @@ pub struct MadePlan {
     pub kv_bytes: Vec<u64>,
     /// The solver's relative optimality gap (0 = proven optimal; none for baselines).
     pub gap: Option<f64>,
+    /// What the plan minimizes: "front" (a Pareto point of the per-length losses),
+    /// "sum" (the sum of the normalized losses over lengths) or "baseline".
+    pub objective: String,
 }
 
 impl MadePlan {
@@ -68,6 +71,8 @@ pub struct Optimized {
     pub profile_lengths: Vec<usize>,
     pub constraint_lengths: Vec<usize>,
     pub density: f64,
+    /// KV heads per layer (the plans' rules are per query head).
+    pub kv_heads: usize,
     pub candidates: usize,
     /// The Pareto plans, by loss at the first profiled length.
     pub plans: Vec<MadePlan>,
@@ -87,7 +92,41 @@ fn slot_bytes(head_dim: usize) -> u64 {
     2 * 2 * head_dim as u64
 }
 
-/// Scores a plan (rule per layer and query head) with the profile and the cache rule.
+/// The loss of a level when every head keeps only its sink: the influence of everything
+/// a plan could drop. Each level's losses are divided by it, so that every length counts
+/// as a fraction of what it has to lose, not by how many tokens (and entries) it holds.
+pub fn level_norm(profile: &Profile, level: usize) -> f64 {
+    let lv = &profile.levels[level];
+    let n: f64 = lv
+        .heads
+        .iter()
+        .flatten()
+        .map(|h| (h.total - h.sink).max(0.0))
+        .sum();
+    if n > 0.0 {
+        n
+    } else {
+        1.0
+    }
+}
+
+/// Slots of the uniform plan (every head `alpha 0, beta density`) at N: the budget of
+/// every made plan at N (never more KV bytes than the uniform plan of the same density).
+pub fn uniform_slots(profile: &Profile, density: f64, n: usize, settings: &Settings) -> u64 {
+    let s = profile.shape;
+    let c = capacity(
+        HeadRule {
+            alpha: 0.0,
+            beta: density,
+        },
+        n as u64,
+        settings,
+    );
+    c * (s.num_layers * s.num_kv_heads) as u64
+}
+
+/// Scores a plan (rule per layer and query head) with the profile and the cache rule;
+/// losses normalized per length ([`level_norm`]).
 fn score(
     profile: &Profile,
     rules: &[Vec<HeadRule>],
@@ -99,7 +138,9 @@ fn score(
     let loss = profile
         .levels
         .iter()
-        .map(|lv| {
+        .enumerate()
+        .map(|(i, lv)| {
+            let norm = level_norm(profile, i);
             let mut s = 0.0;
             for (l, heads) in lv.heads.iter().enumerate() {
                 for (h, sums) in heads.iter().enumerate() {
@@ -107,7 +148,7 @@ fn score(
                     s += sums.loss(c, profile.sink);
                 }
             }
-            s
+            s / norm
         })
         .collect();
     let mut density = Vec::new();
@@ -166,6 +207,7 @@ pub fn optimize(profile: &Profile, opts: &OptimizeOptions) -> Result<Optimized> 
     // Loss of unit k = (layer, kv head) with candidate c at each level.
     let mut loss = vec![vec![0.0; units * nc]; lengths.len()];
     for (i, lv) in profile.levels.iter().enumerate() {
+        let norm = level_norm(profile, i);
         for k in 0..units {
             let (l, kv) = (k / shape.num_kv_heads, k % shape.num_kv_heads);
             for (c, cand) in grid.iter().enumerate() {
@@ -173,7 +215,8 @@ pub fn optimize(profile: &Profile, opts: &OptimizeOptions) -> Result<Optimized> 
                 loss[i][k * nc + c] = lv.heads[l][kv * g..(kv + 1) * g]
                     .iter()
                     .map(|s| s.loss(cap, profile.sink))
-                    .sum();
+                    .sum::<f64>()
+                    / norm;
             }
         }
     }
@@ -185,7 +228,8 @@ pub fn optimize(profile: &Profile, opts: &OptimizeOptions) -> Result<Optimized> 
                 cost[j][k * nc + c] = capacity(rule(cand), n as u64, settings);
             }
         }
-        let b = (d * (units as u64 * dense_slots(n)) as f64).floor() as u64;
+        // The uniform plan's slots: a made plan never holds more KV bytes than it.
+        let b = uniform_slots(profile, d, n, settings);
         let cheapest: u64 = (0..nc).map(|c| cost[j][c]).min().unwrap_or(0) * units as u64;
         if cheapest > b {
             return Err(Error::Usage(format!(
@@ -212,7 +256,25 @@ pub fn optimize(profile: &Profile, opts: &OptimizeOptions) -> Result<Optimized> 
         max_rules_per_group: opts.max_rules_per_layer.map(|r| (shape.num_kv_heads, r)),
     };
     problem.check()?;
-    let front: Vec<Solution> = solver::pareto(&problem, opts.intervals.max(1))?;
+    let mut front: Vec<(Solution, &str)> = solver::pareto(&problem, opts.intervals.max(1))?
+        .into_iter()
+        .map(|s| (s, "front"))
+        .collect();
+    // The plan of the least summed (normalized) loss over the lengths, unless the front
+    // has it already.
+    if problem.objectives() > 1 {
+        let summed = Problem {
+            loss: vec![(0..units * nc)
+                .map(|x| problem.loss.iter().map(|l| l[x]).sum())
+                .collect()],
+            ..problem.clone()
+        };
+        if let Some(best) = solver::solve(&summed, 0, &[None])? {
+            if front.iter().all(|(s, _)| s.choice != best.choice) {
+                front.push((best, "sum"));
+            }
+        }
+    }
     if front.is_empty() {
         return Err(Error::Usage(format!(
             "no plan meets density {d} at every length {constraint:?} with the given limits"
@@ -230,7 +292,7 @@ pub fn optimize(profile: &Profile, opts: &OptimizeOptions) -> Result<Optimized> 
     let plans = front
         .iter()
         .enumerate()
-        .map(|(i, s)| {
+        .map(|(i, (s, objective))| {
             let rules = to_rules(&s.choice);
             let (loss, density, kv_bytes) = score(profile, &rules, &constraint, settings);
             MadePlan {
@@ -240,6 +302,7 @@ pub fn optimize(profile: &Profile, opts: &OptimizeOptions) -> Result<Optimized> 
                 density,
                 kv_bytes,
                 gap: Some(s.gap),
+                objective: objective.to_string(),
             }
         })
         .collect();
@@ -259,6 +322,7 @@ pub fn optimize(profile: &Profile, opts: &OptimizeOptions) -> Result<Optimized> 
         profile_lengths: lengths,
         constraint_lengths: constraint,
         density: d,
+        kv_heads: shape.num_kv_heads,
         candidates: nc,
         plans,
         uniform: MadePlan {
@@ -268,6 +332,7 @@ pub fn optimize(profile: &Profile, opts: &OptimizeOptions) -> Result<Optimized> 
             density,
             kv_bytes,
             gap: None,
+            objective: "baseline".into(),
         },
         seconds: start.elapsed().as_secs_f64(),
     })
