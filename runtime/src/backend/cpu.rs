@@ -89,17 +89,21 @@ fn round_to(out: &mut [f32], dtype: Dtype) {
 }
 
 /// e^x for the softmax's arguments (x <= 0; -inf gives 0), in a form the compiler
-/// vectorizes: x = n ln2 + r with |r| <= ln2/2 (ln2 split in two so that r is exact to
-/// f32), e^r by its Taylor series to r^7 (truncation below 1e-8 relative, under f32's
-/// 6e-8 half ulp), times 2^n built in the exponent bits. Below -87 (e^-87 = 1.6e-38, the
-/// bottom of f32's normal range) the result is 0: such a weight is below f32's
+/// vectorizes (no calls, no float-to-int conversions): x = n ln2 + r with n an integer
+/// and |r| <= ln2/2 (ln2 split in two so that r is exact to f32), e^r by its Taylor
+/// series to r^7 (truncation below 1e-8 relative, under f32's 6e-8 half ulp), times 2^n
+/// built in the exponent bits. Rounding x/ln2 to the integer n is done by adding
+/// 1.5 * 2^23, whose sum holds n in its low mantissa bits. Below -87 (e^-87 = 1.6e-38,
+/// the bottom of f32's normal range) the result is 0: such a weight is below f32's
 /// resolution of any softmax sum, which holds a weight of 1.
 #[inline(always)]
 fn exp_le0(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4; // 355/512, exact in f32
     const LN2_LO: f32 = -2.121_944_4e-4; // ln 2 - LN2_HI
+    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23
     let xc = x.clamp(-87.0, 88.0);
-    let n = madd(xc, std::f32::consts::LOG2_E, 0.5).floor();
+    let t = madd(xc, std::f32::consts::LOG2_E, ROUND);
+    let n = t - ROUND;
     let r = madd(n, -LN2_LO, madd(n, -LN2_HI, xc));
     let mut p = 1.0 / 5040.0;
     p = madd(p, r, 1.0 / 720.0);
@@ -109,8 +113,10 @@ fn exp_le0(x: f32) -> f32 {
     p = madd(p, r, 0.5);
     p = madd(p, r, 1.0);
     p = madd(p, r, 1.0);
-    // n lies in -126..=127 here: a normal power of two.
-    let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // t's bits are those of ROUND plus n (n in -126..=127 here); 2^n has the biased
+    // exponent n + 127.
+    let biased = t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127);
+    let two_n = f32::from_bits(biased << 23);
     if x < -87.0 {
         0.0
     } else {
@@ -145,17 +151,30 @@ struct RowState<'a> {
 #[inline(always)]
 fn softmax_block(s: &mut [f32; BLOCK], v: &[f32], nk: usize, row: RowState) {
     let d = row.o.len();
-    let bmax = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    // Max and sum in eight independent lanes (a float reduction in one chain would not
+    // be vectorized, its order being fixed).
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    for chunk in s.chunks_exact(8) {
+        for (m, &x) in lanes.iter_mut().zip(chunk) {
+            *m = if x > *m { x } else { *m };
+        }
+    }
+    let bmax = lanes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
     if bmax == f32::NEG_INFINITY {
         return; // no key of this block is seen by this row
     }
     let m_new = row.m.max(bmax);
     let corr = exp_le0(*row.m - m_new); // 0 at the first block (m = -inf)
-    let mut sum = 0f32;
     for x in s.iter_mut() {
         *x = exp_le0(*x - m_new);
-        sum += *x;
     }
+    let mut lanes = [0f32; 8];
+    for chunk in s.chunks_exact(8) {
+        for (l, &x) in lanes.iter_mut().zip(chunk) {
+            *l += x;
+        }
+    }
+    let sum: f32 = lanes.iter().sum();
     *row.m = m_new;
     *row.l = madd(*row.l, corr, sum);
     // O = O * corr + P V, in BLOCK-wide pieces of the row kept in registers where D
