@@ -356,3 +356,21 @@ fn smollm_shape_long_prompt_f16() {
         steps: 12,
     });
 }
+
+/// One row and one KV head with a window of 1100+ positions: decode cuts the positions
+/// into parts (whatever the thread count) and merges their softmaxes; head_dim 128, f16.
+#[test]
+fn one_kv_head_long_window_split_decode_d128_f16() {
+    run(&Case {
+        name: "cpu_split_decode_d128_f16",
+        hq: 4,
+        hkv: 1,
+        d: 128,
+        dtype: Dtype::F16,
+        settings: Settings::default(),
+        rules: vec![(8192.0, 0.0), (0.0, 0.25), (1024.0, 0.0), (-1024.0, 0.0)],
+        prompt_lens: vec![1100],
+        max_new: 40,
+        steps: 10,
+    });
+}

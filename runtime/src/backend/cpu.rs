@@ -240,6 +240,27 @@ impl Accum {
         }
     }
 
+    /// Row `i`'s attention output from the states of several parts of its keys: each
+    /// part's sums rescaled to the largest maximum (zeros where no part saw a key).
+    fn merge(parts: &[Accum], i: usize, out: &mut [f32]) {
+        let d = out.len();
+        let m = parts.iter().fold(f32::NEG_INFINITY, |a, p| a.max(p.m[i]));
+        out.fill(0.0);
+        if m == f32::NEG_INFINITY {
+            return;
+        }
+        let mut l = 0f32;
+        for p in parts {
+            let c = exp_le0(p.m[i] - m);
+            l = madd(p.l[i], c, l);
+            for (o, &a) in out.iter_mut().zip(&p.o[i * d..(i + 1) * d]) {
+                *o = madd(a, c, *o);
+            }
+        }
+        let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
+        out.iter_mut().for_each(|o| *o *= inv);
+    }
+
     /// Row `i`'s attention output (zeros where it saw no key).
     fn finish(&self, i: usize, out: &mut [f32]) {
         let d = self.d;
@@ -415,22 +436,34 @@ impl CpuLayer {
         o
     }
 
-    /// Decode attention of the query heads of KV head `j` in row `b` (written to `o`,
-    /// [G][D]) over the compacted cache: the sink slots, then the ring in at most two runs
-    /// of contiguous slots (it may wrap), a block of at most BLOCK slots at a time widened
-    /// to f32 once for all heads of the group; each head masks to its own window.
-    fn decode_group(
+    /// The positions KV head `j`'s widest query head sees with `t` tokens held: the sink
+    /// `0..sink_end`, then `lo..t`; and their count.
+    fn decode_span(&self, t: usize, j: usize) -> (usize, usize, usize) {
+        let s = &self.shape;
+        let g = s.group_size();
+        let widest = (0..g).map(|x| s.query_local(j * g + x)).max().unwrap_or(0);
+        let sink_end = s.sink.min(t);
+        let lo = t.saturating_sub(widest).max(sink_end);
+        (sink_end, lo, sink_end + (t - lo))
+    }
+
+    /// Decode attention of the query heads of KV head `j` in row `b` over part of the
+    /// compacted cache: the entries `range` of the positions the group sees (the sink
+    /// slots, then the ring, which may wrap: at most three runs of contiguous slots), a
+    /// block of at most BLOCK slots at a time widened to f32 once for all heads of the
+    /// group; each head masks to its own window. Returns the heads' softmax states.
+    fn decode_part(
         &self,
         q: &[u16],
-        seq_lens: &[i32],
+        t: i32,
         scale: f32,
         (b, j): (usize, usize),
-        o: &mut [f32],
-    ) {
+        range: std::ops::Range<usize>,
+    ) -> Accum {
         let s = &self.shape;
         let (hq, d, g, sink) = (s.num_query_heads, s.head_dim, s.group_size(), s.sink);
         let (dtype, cache) = (self.dtype, &self.cache);
-        let t = seq_lens[b].max(0) as usize;
+        let t = t.max(0) as usize;
         let cap = s.kv_capacity[j];
         let base = b * s.total_slots + s.kv_offset[j];
         let mut qt = vec![0f32; g * d];
@@ -440,9 +473,7 @@ impl CpuLayer {
             qx.iter_mut().for_each(|v| *v *= scale);
         }
         let locals: Vec<usize> = (0..g).map(|x| s.query_local(j * g + x)).collect();
-        let widest = locals.iter().copied().max().unwrap_or(0);
-        let sink_end = sink.min(t);
-        let lo = t.saturating_sub(widest).max(sink_end);
+        let (sink_end, lo, _) = self.decode_span(t, j);
         let mut krow = vec![0f32; BLOCK * d];
         let mut kt = vec![0f32; BLOCK * d];
         let mut vb = vec![0f32; BLOCK * d];
@@ -469,19 +500,21 @@ impl CpuLayer {
                 softmax_block(&mut sc, &vb, nk, acc.row(x));
             }
         };
-        for p0 in (0..sink_end).step_by(BLOCK) {
-            block(p0, (sink_end - p0).min(BLOCK), p0);
+        // Entry i: position i in the sink, else position lo + i - sink_end in the ring.
+        let mut i = range.start;
+        while i < range.end {
+            let (pos, slot, run) = if i < sink_end {
+                (i, i, sink_end - i)
+            } else {
+                let pos = lo + i - sink_end;
+                let slot = slot_of(pos, sink, cap);
+                (pos, slot, cap - slot)
+            };
+            let nk = run.min(range.end - i).min(BLOCK);
+            block(pos, nk, slot);
+            i += nk;
         }
-        let mut p0 = lo;
-        while p0 < t {
-            let slot = slot_of(p0, sink, cap);
-            let nk = (t - p0).min(BLOCK).min(cap - slot);
-            block(p0, nk, slot);
-            p0 += nk;
-        }
-        for (x, ox) in o.chunks_exact_mut(d).enumerate() {
-            acc.finish(x, ox);
-        }
+        acc
     }
 
     fn check_cache(&self, batch: usize) -> Result<()> {
@@ -616,12 +649,45 @@ impl LayerBackend for CpuLayer {
         );
         expect_len("q", "[B,Hq,D]", b_ * hq * d, q.len())?;
         check_steps(s, seq_lens)?;
+        // Tasks: (row, KV head, part of the positions it shows). With fewer (row, KV
+        // head) pairs than twice the threads, each pair's positions are cut into parts of
+        // whole blocks (at least four blocks each) so that every thread has work; the
+        // parts' softmaxes are merged afterwards.
+        let pairs = b_ * hkv;
+        let threads = rayon::current_num_threads();
+        let want = if pairs >= 2 * threads {
+            1
+        } else {
+            (2 * threads).div_ceil(pairs.max(1))
+        };
+        let mut tasks = Vec::new();
+        let mut first = Vec::with_capacity(pairs + 1);
+        for pair in 0..pairs {
+            let (b, j) = (pair / hkv, pair % hkv);
+            let (_, _, n) = self.decode_span(seq_lens[b].max(0) as usize, j);
+            let blocks = n.div_ceil(BLOCK);
+            let per = blocks.div_ceil(want).max(4) * BLOCK;
+            first.push(tasks.len());
+            let mut a = 0;
+            while a < n {
+                tasks.push((b, j, a..(a + per).min(n)));
+                a += per;
+            }
+        }
+        first.push(tasks.len());
+        let parts: Vec<Accum> = tasks
+            .par_iter()
+            .map(|(b, j, range)| self.decode_part(q, seq_lens[*b], scale, (*b, *j), range.clone()))
+            .collect();
         let mut out = vec![0f32; q.len()];
-        // One task per (row, KV head): its query heads are contiguous in q and out.
+        // A pair's query heads are contiguous in out.
         out.par_chunks_mut((g * d).max(1))
             .enumerate()
-            .for_each(|(task, o)| {
-                self.decode_group(q, seq_lens, scale, (task / hkv, task % hkv), o)
+            .for_each(|(pair, o)| {
+                let mine = &parts[first[pair]..first[pair + 1]];
+                for (x, ox) in o.chunks_exact_mut(d).enumerate() {
+                    Accum::merge(mine, x, ox);
+                }
             });
         round_to(&mut out, self.dtype);
         Ok(out)
