@@ -358,7 +358,7 @@ fn smollm_shape_long_prompt_f16() {
 }
 
 /// One row and one KV head with a window of 1100+ positions: decode cuts the positions
-/// into parts (whatever the thread count) and merges their softmaxes; head_dim 128, f16.
+/// into parts and merges their softmaxes; head_dim 128, f16.
 #[test]
 fn one_kv_head_long_window_split_decode_d128_f16() {
     run(&Case {
@@ -373,4 +373,94 @@ fn one_kv_head_long_window_split_decode_d128_f16() {
         max_new: 40,
         steps: 10,
     });
+}
+
+/// A row's outputs are bit for bit the same alone and batched with other rows (prefill in
+/// both modes, and decode steps over a window long enough to be cut into parts).
+#[test]
+fn a_row_gives_the_same_bits_alone_and_batched() {
+    let mut rng = Rng::fresh("cpu_batch_invariance");
+    let (hq, hkv, d, dtype) = (6, 2, 64, Dtype::F16);
+    let rules = [
+        (8192.0, 0.0),
+        (0.0, 0.25),
+        (0.0, 0.5),
+        (0.0, 1.0),
+        (-1024.0, 0.0),
+        (0.0, 0.125),
+    ];
+    let model = ModelShape {
+        num_layers: 1,
+        num_query_heads: hq,
+        num_kv_heads: hkv,
+        head_dim: d,
+    };
+    let alphas = vec![rules.iter().map(|r| r.0).collect::<Vec<_>>()];
+    let betas = vec![rules.iter().map(|r| r.1).collect::<Vec<_>>()];
+    let plan = moac::plan::validate(
+        "invariance".as_ref(),
+        model,
+        Settings::default(),
+        &alphas,
+        &betas,
+    )
+    .unwrap();
+    let (p_, new) = (1200usize, 8usize);
+    let geo = CacheGeometry::new(&plan, p_ as u64, new as u64).unwrap();
+    let shape = LayerShape::new(&geo, 0);
+    let scale = 1.0 / (d as f32).sqrt();
+    let lens = [p_ as i32, 700, 3];
+    let q: Vec<u16> = rng.bits(lens.len() * p_ * hq * d, dtype);
+    let k: Vec<u16> = rng.bits(lens.len() * p_ * hkv * d, dtype);
+    let v: Vec<u16> = rng.bits(lens.len() * p_ * hkv * d, dtype);
+    let row0 = |x: &[u16], h: usize| x[..p_ * h * d].to_vec();
+    let mut batched = CpuLayer::new(shape.clone(), dtype).unwrap();
+    batched.new_cache(lens.len()).unwrap();
+    let mut alone = CpuLayer::new(shape, dtype).unwrap();
+    alone.new_cache(1).unwrap();
+    let pb = Prompt {
+        k: &k,
+        v: &v,
+        lens: &lens,
+        p: p_,
+    };
+    let (k0, v0) = (row0(&k, hkv), row0(&v, hkv));
+    let pa = Prompt {
+        k: &k0,
+        v: &v0,
+        lens: &lens[..1],
+        p: p_,
+    };
+    for mode in [PrefillMode::Block64, PrefillMode::Token] {
+        let ob = batched.prefill(&q, &pb, mode, scale).unwrap();
+        let oa = alone.prefill(&row0(&q, hq), &pa, mode, scale).unwrap();
+        assert!(
+            ob[..oa.len()]
+                .iter()
+                .zip(&oa)
+                .all(|(x, y)| x.to_bits() == y.to_bits()),
+            "prefill {mode:?}: row 0 differs alone and batched"
+        );
+    }
+    batched.fill(&pb).unwrap();
+    alone.fill(&pa).unwrap();
+    for s in 0..new as i32 {
+        let t: Vec<i32> = lens.iter().map(|&l| l + s + 1).collect();
+        let qd = rng.bits(lens.len() * hq * d, dtype);
+        let kd = rng.bits(lens.len() * hkv * d, dtype);
+        let vd = rng.bits(lens.len() * hkv * d, dtype);
+        batched.append(&kd, &vd, &t).unwrap();
+        alone
+            .append(&kd[..hkv * d], &vd[..hkv * d], &t[..1])
+            .unwrap();
+        let ob = batched.decode(&qd, &t, scale).unwrap();
+        let oa = alone.decode(&qd[..hq * d], &t[..1], scale).unwrap();
+        assert!(
+            ob[..oa.len()]
+                .iter()
+                .zip(&oa)
+                .all(|(x, y)| x.to_bits() == y.to_bits()),
+            "decode step {s}: row 0 differs alone and batched"
+        );
+    }
 }

@@ -9,8 +9,9 @@
 //! blocks partly seen are masked element by element with the rules of
 //! [`crate::reference::semantics`]. Work runs on rayon's pool (RAYON_NUM_THREADS, by
 //! default one thread per core) by (row, KV head, block of 64 queries) in prefill and by
-//! (row, KV head) in decode. The obviously-right oracle is [`crate::reference`]
-//! (candle-core, and the tests' float64 brute force).
+//! (row, KV head, part of 512 positions of the window) in decode, the parts merged
+//! afterwards. The obviously-right oracle is
+//! [`crate::reference`] (candle-core, and the tests' float64 brute force).
 
 use super::{check_prompt, check_steps, HostCache};
 use super::{LayerBackend, LayerShape, Prompt};
@@ -49,6 +50,9 @@ const MAX_G: usize = moac::ir::MAX_GROUP;
 
 /// Keys per block, and query positions per prefill tile.
 const BLOCK: usize = 64;
+
+/// Blocks per part of a decode window (each part one task, merged afterwards).
+const PART_BLOCKS: usize = 8;
 
 /// `a * b + c`: fused where the CPU has FMA (the vectorizer turns it into vfmadd), a
 /// plain multiply and add where it has not (a software fma would be slow).
@@ -649,29 +653,22 @@ impl LayerBackend for CpuLayer {
         );
         expect_len("q", "[B,Hq,D]", b_ * hq * d, q.len())?;
         check_steps(s, seq_lens)?;
-        // Tasks: (row, KV head, part of the positions it shows). With fewer (row, KV
-        // head) pairs than twice the threads, each pair's positions are cut into parts of
-        // whole blocks (at least four blocks each) so that every thread has work; the
-        // parts' softmaxes are merged afterwards.
+        // Tasks: (row, KV head, part of the positions it shows), parts of PART_BLOCKS
+        // blocks so that a few pairs with long windows still keep every thread busy; the
+        // parts' softmaxes are merged afterwards. The cut depends on nothing but the
+        // window (not the batch, not the thread count): a row's output is the same
+        // whatever rows it is batched with, on any machine.
         let pairs = b_ * hkv;
-        let threads = rayon::current_num_threads();
-        let want = if pairs >= 2 * threads {
-            1
-        } else {
-            (2 * threads).div_ceil(pairs.max(1))
-        };
         let mut tasks = Vec::new();
         let mut first = Vec::with_capacity(pairs + 1);
         for pair in 0..pairs {
             let (b, j) = (pair / hkv, pair % hkv);
             let (_, _, n) = self.decode_span(seq_lens[b].max(0) as usize, j);
-            let blocks = n.div_ceil(BLOCK);
-            let per = blocks.div_ceil(want).max(4) * BLOCK;
             first.push(tasks.len());
             let mut a = 0;
             while a < n {
-                tasks.push((b, j, a..(a + per).min(n)));
-                a += per;
+                tasks.push((b, j, a..(a + PART_BLOCKS * BLOCK).min(n)));
+                a += PART_BLOCKS * BLOCK;
             }
         }
         first.push(tasks.len());
