@@ -199,8 +199,9 @@ fn main() {
         "prompt", "50% plan ms", "dense ms", "50% plan tok/s", "dense tok/s", "time ratio"
     );
     for prompt in [1024, 4096] {
-        let th = time_prefill(&half, prompt, new, 3);
-        let td = time_prefill(&dense, prompt, new, 3);
+        let reps = if prompt <= 1024 { 9 } else { 3 };
+        let th = time_prefill(&half, prompt, new, reps);
+        let td = time_prefill(&dense, prompt, new, reps);
         println!(
             "{:>7} {:>13.1} {:>13.1} {:>15.0} {:>15.0} {:>10.3}",
             prompt,
