@@ -43,8 +43,8 @@ pub fn bits_of(t: &Tensor, dtype: Dtype) -> Result<Vec<u16>> {
     Ok(f.iter().map(|&x| super::to_bits(x, dtype)).collect())
 }
 
-/// Largest head_dim and group size the backend accepts (the limits of the other
-/// backends' kernels, kept so that every backend refuses the same shapes).
+/// Largest head_dim and group size the backend accepts (the limits it has always had;
+/// the tiles themselves size their buffers from the shape).
 const MAX_D: usize = 256;
 const MAX_G: usize = moac::ir::MAX_GROUP;
 
