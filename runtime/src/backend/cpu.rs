@@ -1,10 +1,16 @@
 //! The `cpu` backend: MoA attention computed directly on the compacted cache, fast
 //! enough to run real models on the CPU. The cache is K and V `[B, total_slots, D]` as
-//! element bits (the layout of every backend), appended in place; attention reads each
-//! query head's window straight from it, the query heads of one KV head sharing every
-//! key row they load (GQA), with an online softmax in f32 (no score buffer); work is
-//! spread over threads by (row, KV head) in decode and by (row, query position) in
-//! prefill, and a step allocates nothing but its output. The obviously-right oracle is
+//! element bits (the layout of every backend), appended in place. Attention is tiled:
+//! keys and values are widened to f32 a block of 64 positions at a time (prefill: the
+//! whole prompt once per call; decode: each block of the window straight from the
+//! cache's slot runs), every block serves all query heads of its KV head (GQA), scores
+//! are 64-wide multiply-adds the compiler vectorizes, and each query row keeps an online
+//! softmax in f32 rescaled once per block. Blocks no head of a group sees are skipped,
+//! blocks partly seen are masked element by element with the rules of
+//! [`crate::reference::semantics`]. Work runs on rayon's pool (RAYON_NUM_THREADS, by
+//! default one thread per core) by (row, KV head, block of 64 queries) in prefill and by
+//! (row, KV head, part of 512 positions of the window) in decode, the parts merged
+//! afterwards. The obviously-right oracle is
 //! [`crate::reference`] (candle-core, and the tests' float64 brute force).
 
 use super::{check_prompt, check_steps, HostCache};
@@ -12,8 +18,10 @@ use super::{LayerBackend, LayerShape, Prompt};
 use crate::error::{expect_len, Error, Result};
 use crate::reference::semantics::{block64_sees, decode_sees, slot_of, token_sees};
 use candle_core::{DType, Tensor};
+use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 use moac::geometry::Dtype;
 use moac::ir::PrefillMode;
+use rayon::prelude::*;
 
 /// The candle dtype of an element type.
 pub fn candle_dtype(d: Dtype) -> DType {
@@ -35,21 +43,42 @@ pub fn bits_of(t: &Tensor, dtype: Dtype) -> Result<Vec<u16>> {
     Ok(f.iter().map(|&x| super::to_bits(x, dtype)).collect())
 }
 
-/// Largest head_dim and group size the stack buffers hold.
+/// Largest head_dim and group size the backend accepts (the limits it has always had;
+/// the tiles themselves size their buffers from the shape).
 const MAX_D: usize = 256;
 const MAX_G: usize = moac::ir::MAX_GROUP;
 
-/// Element bits to f32, the dtype's conversion chosen once per row.
-fn load(row: &[u16], dtype: Dtype, out: &mut [f32]) {
+/// Keys per block, and query positions per prefill tile.
+const BLOCK: usize = 64;
+
+/// Blocks per part of a decode window (each part one task, merged afterwards).
+const PART_BLOCKS: usize = 8;
+
+/// `a * b + c`: fused where the CPU has FMA (the vectorizer turns it into vfmadd), a
+/// plain multiply and add where it has not (a software fma would be slow).
+#[inline(always)]
+fn madd(a: f32, b: f32, c: f32) -> f32 {
+    #[cfg(target_feature = "fma")]
+    {
+        a.mul_add(b, c)
+    }
+    #[cfg(not(target_feature = "fma"))]
+    {
+        a * b + c
+    }
+}
+
+/// Element bits to f32 (exact), `src` and `dst` of one length.
+fn widen(src: &[u16], dtype: Dtype, dst: &mut [f32]) {
     match dtype {
-        Dtype::F16 => {
-            for (o, &b) in out.iter_mut().zip(row) {
-                *o = half::f16::from_bits(b).to_f32();
-            }
-        }
+        // half converts slices eight at a time with F16C where it is compiled in.
+        Dtype::F16 => src
+            .reinterpret_cast::<half::f16>()
+            .convert_to_f32_slice(dst),
+        // bf16 is the high half of an f32.
         Dtype::Bf16 => {
-            for (o, &b) in out.iter_mut().zip(row) {
-                *o = half::bf16::from_bits(b).to_f32();
+            for (o, &b) in dst.iter_mut().zip(src) {
+                *o = f32::from_bits(u32::from(b) << 16);
             }
         }
     }
@@ -63,89 +92,259 @@ fn round_to(out: &mut [f32], dtype: Dtype) {
     }
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+/// e^x for the softmax's arguments (x <= 0; -inf gives 0), in a form the compiler
+/// vectorizes (no calls, no float-to-int conversions): x = n ln2 + r with n an integer
+/// and |r| <= ln2/2 (ln2 split in two so that r is exact to f32), e^r by its Taylor
+/// series to r^7 (truncation below 1e-8 relative, under f32's 6e-8 half ulp), times 2^n
+/// built in the exponent bits. Rounding x/ln2 to the integer n is done by adding
+/// 1.5 * 2^23, whose sum holds n in its low mantissa bits. Below -87 (e^-87 = 1.6e-38,
+/// the bottom of f32's normal range) the result is 0: such a weight is below f32's
+/// resolution of any softmax sum, which holds a weight of 1.
+#[inline(always)]
+fn exp_le0(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_359_4; // 355/512, exact in f32
+    const LN2_LO: f32 = -2.121_944_4e-4; // ln 2 - LN2_HI
+    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23
+    let xc = x.clamp(-87.0, 88.0);
+    let t = madd(xc, std::f32::consts::LOG2_E, ROUND);
+    let n = t - ROUND;
+    let r = madd(n, -LN2_LO, madd(n, -LN2_HI, xc));
+    let mut p = 1.0 / 5040.0;
+    p = madd(p, r, 1.0 / 720.0);
+    p = madd(p, r, 1.0 / 120.0);
+    p = madd(p, r, 1.0 / 24.0);
+    p = madd(p, r, 1.0 / 6.0);
+    p = madd(p, r, 0.5);
+    p = madd(p, r, 1.0);
+    p = madd(p, r, 1.0);
+    // t's bits are those of ROUND plus n (n in -126..=127 here); 2^n has the biased
+    // exponent n + 127.
+    let biased = t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127);
+    let two_n = f32::from_bits(biased << 23);
+    if x < -87.0 {
+        0.0
+    } else {
+        p * two_n
+    }
 }
 
-/// The online softmaxes of the query heads of one KV head (at most `MAX_G`), each over
-/// the keys its own window shows: running max and sum per head, weighted values summed
-/// in f32. No score buffer: one pass over the keys.
-struct GroupSoftmax {
-    state: [(f32, f32); MAX_G],
-    acc: [f32; MAX_G * MAX_D],
-}
-
-impl GroupSoftmax {
-    fn new() -> GroupSoftmax {
-        GroupSoftmax {
-            state: [(f32::NEG_INFINITY, 0.0); MAX_G],
-            acc: [0.0; MAX_G * MAX_D],
+/// Scores of one query row against a key block held transposed (`kt` is [D][BLOCK]):
+/// `s[c] = q . k_c`, as BLOCK-wide multiply-adds per dimension (no horizontal sums).
+#[inline(always)]
+fn block_scores(q: &[f32], kt: &[f32], s: &mut [f32; BLOCK]) {
+    let mut acc = [0f32; BLOCK];
+    for (&a, col) in q.iter().zip(kt.chunks_exact(BLOCK)) {
+        for (x, &k) in acc.iter_mut().zip(col) {
+            *x = madd(a, k, *x);
         }
     }
+    *s = acc;
+}
 
-    /// Back to no keys for the first `g` heads of `d` values.
-    fn reset(&mut self, g: usize, d: usize) {
-        self.state[..g].fill((f32::NEG_INFINITY, 0.0));
-        self.acc[..g * d].fill(0.0);
+/// One query row's online softmax: running max `m`, running sum `l`, and the weighted
+/// sum of values `o` ([D]), all f32.
+struct RowState<'a> {
+    m: &'a mut f32,
+    l: &'a mut f32,
+    o: &'a mut [f32],
+}
+
+/// Takes one key block into a row's softmax: `s` holds the scores (masked keys and
+/// columns past the block's `nk` keys at -inf), `v` the block's values ([BLOCK][D],
+/// rows past `nk` unused). One rescale of the running sums per block.
+#[inline(always)]
+fn softmax_block(s: &mut [f32; BLOCK], v: &[f32], nk: usize, row: RowState) {
+    let d = row.o.len();
+    // Max and sum in eight independent lanes (a float reduction in one chain would not
+    // be vectorized, its order being fixed).
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    for chunk in s.chunks_exact(8) {
+        for (m, &x) in lanes.iter_mut().zip(chunk) {
+            *m = if x > *m { x } else { *m };
+        }
     }
-
-    /// Head `x` sees a key with `score` and value `v`.
-    fn add(&mut self, x: usize, score: f32, v: &[f32]) {
-        let d = v.len();
-        let acc = &mut self.acc[x * d..(x + 1) * d];
-        let (max, sum) = &mut self.state[x];
-        if score > *max {
-            let c = (*max - score).exp();
-            *sum *= c;
-            for a in acc.iter_mut() {
-                *a *= c;
+    let bmax = lanes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    if bmax == f32::NEG_INFINITY {
+        return; // no key of this block is seen by this row
+    }
+    let m_new = row.m.max(bmax);
+    let corr = exp_le0(*row.m - m_new); // 0 at the first block (m = -inf)
+    for x in s.iter_mut() {
+        *x = exp_le0(*x - m_new);
+    }
+    let mut lanes = [0f32; 8];
+    for chunk in s.chunks_exact(8) {
+        for (l, &x) in lanes.iter_mut().zip(chunk) {
+            *l += x;
+        }
+    }
+    let sum: f32 = lanes.iter().sum();
+    *row.m = m_new;
+    *row.l = madd(*row.l, corr, sum);
+    // O = O * corr + P V, in BLOCK-wide pieces of the row kept in registers where D
+    // allows, else element by element. Zero weights (masked keys, or weights below
+    // f32's range) are skipped, so a masked key's value is never read.
+    if d.is_multiple_of(BLOCK) {
+        for (piece, o) in row.o.chunks_exact_mut(BLOCK).enumerate() {
+            let mut acc = [0f32; BLOCK];
+            for (a, &x) in acc.iter_mut().zip(o.iter()) {
+                *a = x * corr;
             }
-            *max = score;
+            for (c, &w) in s[..nk].iter().enumerate() {
+                if w == 0.0 {
+                    continue;
+                }
+                let vr = &v[c * d + piece * BLOCK..c * d + (piece + 1) * BLOCK];
+                for (a, &y) in acc.iter_mut().zip(vr) {
+                    *a = madd(w, y, *a);
+                }
+            }
+            o.copy_from_slice(&acc);
         }
-        let w = (score - *max).exp();
-        *sum += w;
-        for (a, &y) in acc.iter_mut().zip(v) {
-            *a += w * y;
+    } else {
+        for x in row.o.iter_mut() {
+            *x *= corr;
+        }
+        for (c, &w) in s[..nk].iter().enumerate() {
+            if w == 0.0 {
+                continue;
+            }
+            for (a, &y) in row.o.iter_mut().zip(&v[c * d..(c + 1) * d]) {
+                *a = madd(w, y, *a);
+            }
+        }
+    }
+}
+
+/// The online softmaxes of the query rows of a tile (rows of all query heads of one KV
+/// head): max, sum and weighted values per row.
+struct Accum {
+    m: Vec<f32>,
+    l: Vec<f32>,
+    o: Vec<f32>,
+    d: usize,
+}
+
+impl Accum {
+    fn new(rows: usize, d: usize) -> Accum {
+        Accum {
+            m: vec![f32::NEG_INFINITY; rows],
+            l: vec![0.0; rows],
+            o: vec![0.0; rows * d],
+            d,
         }
     }
 
-    /// Head `x`'s attention output (zeros where it saw no key).
-    fn finish(&self, x: usize, out: &mut [f32]) {
+    fn row(&mut self, i: usize) -> RowState<'_> {
+        let d = self.d;
+        RowState {
+            m: &mut self.m[i],
+            l: &mut self.l[i],
+            o: &mut self.o[i * d..(i + 1) * d],
+        }
+    }
+
+    /// Row `i`'s attention output from the states of several parts of its keys: each
+    /// part's sums rescaled to the largest maximum (zeros where no part saw a key).
+    fn merge(parts: &[Accum], i: usize, out: &mut [f32]) {
         let d = out.len();
-        let sum = self.state[x].1;
-        let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
-        for (o, &a) in out.iter_mut().zip(&self.acc[x * d..(x + 1) * d]) {
+        let m = parts.iter().fold(f32::NEG_INFINITY, |a, p| a.max(p.m[i]));
+        out.fill(0.0);
+        if m == f32::NEG_INFINITY {
+            return;
+        }
+        let mut l = 0f32;
+        for p in parts {
+            let c = exp_le0(p.m[i] - m);
+            l = madd(p.l[i], c, l);
+            for (o, &a) in out.iter_mut().zip(&p.o[i * d..(i + 1) * d]) {
+                *o = madd(a, c, *o);
+            }
+        }
+        let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
+        out.iter_mut().for_each(|o| *o *= inv);
+    }
+
+    /// Row `i`'s attention output (zeros where it saw no key).
+    fn finish(&self, i: usize, out: &mut [f32]) {
+        let d = self.d;
+        let inv = if self.l[i] > 0.0 {
+            1.0 / self.l[i]
+        } else {
+            0.0
+        };
+        for (o, &a) in out.iter_mut().zip(&self.o[i * d..(i + 1) * d]) {
             *o = a * inv;
         }
     }
 }
 
-/// Runs `f(i, chunk)` over `out` cut into chunks of `chunk` values, on the CPU's cores.
-fn parallel_chunks(out: &mut [f32], chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-    let n = out.len() / chunk.max(1);
-    let threads = std::thread::available_parallelism()
-        .map(|t| t.get())
-        .unwrap_or(1)
-        .min(n.max(1));
-    if threads <= 1 {
-        for (i, c) in out.chunks_mut(chunk).enumerate() {
-            f(i, c);
+/// Masks a block's scores: keys past `nk` always, and where `seen(r, c)` is false.
+fn mask_scores(s: &mut [f32; BLOCK], nk: usize, partial: bool, seen: impl Fn(usize) -> bool) {
+    for (c, x) in s.iter_mut().enumerate() {
+        if c >= nk || (partial && !seen(c)) {
+            *x = f32::NEG_INFINITY;
         }
-        return;
     }
-    let per = n.div_ceil(threads);
-    std::thread::scope(|s| {
-        for (t, part) in out.chunks_mut(per * chunk).enumerate() {
-            let f = &f;
-            s.spawn(move || {
-                for (i, c) in part.chunks_mut(chunk).enumerate() {
-                    f(t * per + i, c);
-                }
-            });
-        }
-    });
 }
 
+/// One (row, KV head) of a prompt in f32, blocked for the tiles: K transposed per block
+/// (`kt`: [blocks][D][BLOCK]) and V by rows (`v`: [blocks * BLOCK][D]), positions past
+/// the prompt's length zero.
+struct PromptKv {
+    kt: Vec<f32>,
+    v: Vec<f32>,
+}
+
+impl PromptKv {
+    fn new(pr: &Prompt, dtype: Dtype, hkv: usize, d: usize, b: usize, j: usize) -> PromptKv {
+        let len = pr.lens[b].max(0) as usize;
+        let blocks = len.div_ceil(BLOCK);
+        let mut kt = vec![0f32; blocks * BLOCK * d];
+        let mut v = vec![0f32; blocks * BLOCK * d];
+        let mut krow = vec![0f32; d];
+        for pos in 0..len {
+            let src = ((b * pr.p + pos) * hkv + j) * d;
+            widen(&pr.k[src..src + d], dtype, &mut krow);
+            let (blk, c) = (pos / BLOCK, pos % BLOCK);
+            let dst = &mut kt[blk * BLOCK * d..(blk + 1) * BLOCK * d];
+            for (i, &x) in krow.iter().enumerate() {
+                dst[i * BLOCK + c] = x;
+            }
+            widen(&pr.v[src..src + d], dtype, &mut v[pos * d..(pos + 1) * d]);
+        }
+        PromptKv { kt, v }
+    }
+}
+
+/// Which keys of block `kb` (positions `k0..k0+nk`) the query rows `q0..q1` of one head
+/// see: `None` none, `Some(false)` all of them, `Some(true)` some (mask per element).
+/// "All" is decided from the rule's shape (causal, then a sink block or inside the band
+/// for the block's extreme rows); otherwise `sees` (the rule itself) decides.
+fn prefill_block_kind(
+    mode: PrefillMode,
+    (q0, q1): (usize, usize),
+    (k0, nk): (usize, usize),
+    sink: usize,
+    local: usize,
+    sees: impl Fn(usize, usize) -> bool,
+) -> Option<bool> {
+    let causal = k0 + nk - 1 <= q0;
+    let inside = match mode {
+        PrefillMode::Token => k0 + nk <= sink || k0 + local >= q1,
+        PrefillMode::Block64 => {
+            let (kb, qb) = (k0 / BLOCK, q0 / BLOCK);
+            kb < sink / BLOCK || kb + local / BLOCK > qb
+        }
+    };
+    if causal && inside {
+        return Some(false);
+    }
+    // Under both rules the queries seeing key k form an interval starting at k, so k is
+    // seen by some row of q0..q1 exactly when it is seen by the first row at or after it.
+    let any = (k0..k0 + nk).any(|k| k < q1 && sees(q0.max(k), k));
+    any.then_some(true)
+}
 /// One layer on the CPU, with its cache.
 pub struct CpuLayer {
     shape: LayerShape,
@@ -172,6 +371,154 @@ impl CpuLayer {
                 v: Vec::new(),
             },
         })
+    }
+
+    /// Prefill attention of one tile: the query positions `qb*BLOCK..` (up to the row's
+    /// length) of every query head of KV head `j` in row `b`, over the key blocks any head
+    /// of the group sees (the sink blocks and the band ending at the tile), each block's
+    /// scores computed for all heads from one f32 copy of the block. Returns the outputs
+    /// as [G][rows][D].
+    fn prefill_tile(
+        &self,
+        q: &[u16],
+        pr: &Prompt,
+        kv: &PromptKv,
+        mode: PrefillMode,
+        scale: f32,
+        (b, j, qb): (usize, usize, usize),
+    ) -> Vec<f32> {
+        let s = &self.shape;
+        let (hq, d, g, sink) = (s.num_query_heads, s.head_dim, s.group_size(), s.sink);
+        let len = pr.lens[b].max(0) as usize;
+        let (q0, q1) = (qb * BLOCK, ((qb + 1) * BLOCK).min(len));
+        let nq = q1 - q0;
+        // The tile's queries in f32, times the scale: [G][rows][D].
+        let mut qt = vec![0f32; g * nq * d];
+        for x in 0..g {
+            for r in 0..nq {
+                let src = ((b * pr.p + q0 + r) * hq + j * g + x) * d;
+                let dst = &mut qt[(x * nq + r) * d..(x * nq + r + 1) * d];
+                widen(&q[src..src + d], self.dtype, dst);
+                dst.iter_mut().for_each(|v| *v *= scale);
+            }
+        }
+        let locals: Vec<usize> = (0..g).map(|x| s.query_local(j * g + x)).collect();
+        let widest = locals.iter().copied().max().unwrap_or(0);
+        // The first key the widest head sees from the tile's first query (the band).
+        let band_lo = match mode {
+            PrefillMode::Token => (q0 + 1).saturating_sub(widest),
+            PrefillMode::Block64 => (qb + 1).saturating_sub(widest / BLOCK) * BLOCK,
+        };
+        let (sink_blocks, band_first) = (sink.min(q1).div_ceil(BLOCK), band_lo / BLOCK);
+        let mut acc = Accum::new(g * nq, d);
+        let mut sc = [0f32; BLOCK];
+        for kb in (0..sink_blocks.min(band_first)).chain(band_first..=qb) {
+            let (k0, span) = (kb * BLOCK, kb * BLOCK * d..(kb + 1) * BLOCK * d);
+            let nk = (len - k0).min(BLOCK);
+            let (kt, vb) = (&kv.kt[span.clone()], &kv.v[span]);
+            for (x, &local) in locals.iter().enumerate() {
+                let sees = |qp: usize, k: usize| match mode {
+                    PrefillMode::Token => token_sees(qp, k, sink, local),
+                    PrefillMode::Block64 => block64_sees(qp, k, sink, local),
+                };
+                let Some(partial) = prefill_block_kind(mode, (q0, q1), (k0, nk), sink, local, sees)
+                else {
+                    continue;
+                };
+                for r in 0..nq {
+                    let i = x * nq + r;
+                    block_scores(&qt[i * d..(i + 1) * d], kt, &mut sc);
+                    mask_scores(&mut sc, nk, partial, |c| sees(q0 + r, k0 + c));
+                    softmax_block(&mut sc, vb, nk, acc.row(i));
+                }
+            }
+        }
+        let mut o = vec![0f32; g * nq * d];
+        for (i, oi) in o.chunks_exact_mut(d).enumerate() {
+            acc.finish(i, oi);
+        }
+        o
+    }
+
+    /// The positions KV head `j`'s widest query head sees with `t` tokens held: the sink
+    /// `0..sink_end`, then `lo..t`; and their count.
+    fn decode_span(&self, t: usize, j: usize) -> (usize, usize, usize) {
+        let s = &self.shape;
+        let g = s.group_size();
+        let widest = (0..g).map(|x| s.query_local(j * g + x)).max().unwrap_or(0);
+        let sink_end = s.sink.min(t);
+        let lo = t.saturating_sub(widest).max(sink_end);
+        (sink_end, lo, sink_end + (t - lo))
+    }
+
+    /// Decode attention of the query heads of KV head `j` in row `b` over part of the
+    /// compacted cache: the entries `range` of the positions the group sees (the sink
+    /// slots, then the ring, which may wrap: at most three runs of contiguous slots), a
+    /// block of at most BLOCK slots at a time widened to f32 once for all heads of the
+    /// group; each head masks to its own window. Returns the heads' softmax states.
+    fn decode_part(
+        &self,
+        q: &[u16],
+        t: i32,
+        scale: f32,
+        (b, j): (usize, usize),
+        range: std::ops::Range<usize>,
+    ) -> Accum {
+        let s = &self.shape;
+        let (hq, d, g, sink) = (s.num_query_heads, s.head_dim, s.group_size(), s.sink);
+        let (dtype, cache) = (self.dtype, &self.cache);
+        let t = t.max(0) as usize;
+        let cap = s.kv_capacity[j];
+        let base = b * s.total_slots + s.kv_offset[j];
+        let mut qt = vec![0f32; g * d];
+        for (x, qx) in qt.chunks_exact_mut(d).enumerate() {
+            let src = (b * hq + j * g + x) * d;
+            widen(&q[src..src + d], dtype, qx);
+            qx.iter_mut().for_each(|v| *v *= scale);
+        }
+        let locals: Vec<usize> = (0..g).map(|x| s.query_local(j * g + x)).collect();
+        let (sink_end, lo, _) = self.decode_span(t, j);
+        let mut krow = vec![0f32; BLOCK * d];
+        let mut kt = vec![0f32; BLOCK * d];
+        let mut vb = vec![0f32; BLOCK * d];
+        let mut acc = Accum::new(g, d);
+        let mut sc = [0f32; BLOCK];
+        // Positions p0..p0+nk, held in slots slot0..slot0+nk.
+        let mut block = |p0: usize, nk: usize, slot0: usize| {
+            let rows = (base + slot0) * d..(base + slot0 + nk) * d;
+            widen(&cache.k[rows.clone()], dtype, &mut krow[..nk * d]);
+            for (c, kr) in krow[..nk * d].chunks_exact(d).enumerate() {
+                for (i, &x) in kr.iter().enumerate() {
+                    kt[i * BLOCK + c] = x;
+                }
+            }
+            widen(&cache.v[rows], dtype, &mut vb[..nk * d]);
+            for (x, &local) in locals.iter().enumerate() {
+                let sees = |pos: usize| decode_sees(t, sink, local, pos);
+                let full = p0 + nk <= sink_end || p0 >= sink.max(t.saturating_sub(local));
+                if !full && !(p0..p0 + nk).any(sees) {
+                    continue;
+                }
+                block_scores(&qt[x * d..(x + 1) * d], &kt, &mut sc);
+                mask_scores(&mut sc, nk, !full, |c| sees(p0 + c));
+                softmax_block(&mut sc, &vb, nk, acc.row(x));
+            }
+        };
+        // Entry i: position i in the sink, else position lo + i - sink_end in the ring.
+        let mut i = range.start;
+        while i < range.end {
+            let (pos, slot, run) = if i < sink_end {
+                (i, i, sink_end - i)
+            } else {
+                let pos = lo + i - sink_end;
+                let slot = slot_of(pos, sink, cap);
+                (pos, slot, cap - slot)
+            };
+            let nk = run.min(range.end - i).min(BLOCK);
+            block(pos, nk, slot);
+            i += nk;
+        }
+        acc
     }
 
     fn check_cache(&self, batch: usize) -> Result<()> {
@@ -212,62 +559,39 @@ impl LayerBackend for CpuLayer {
             s.group_size(),
             pr.p,
         );
-        let mut out = vec![0f32; q.len()];
         let dtype = self.dtype;
-        // One task per (row, query position): all query heads of that token.
-        parallel_chunks(&mut out, hq * d, |task, o| {
-            let (b, i) = (task / p.max(1), task % p.max(1));
-            if i >= pr.lens[b].max(0) as usize {
-                return; // padding rows stay zero
-            }
-            let mut qf = [0f32; MAX_G * MAX_D];
-            let mut kf = [0f32; MAX_D];
-            let mut vf = [0f32; MAX_D];
-            let mut sm = GroupSoftmax::new();
-            for j in 0..hkv {
-                sm.reset(g, d);
-                for x in 0..g {
-                    let qrow = ((b * p + i) * hq + j * g + x) * d;
-                    load(&q[qrow..qrow + d], dtype, &mut qf[x * d..(x + 1) * d]);
-                }
-                // The keys the widest head of the group sees (the sink, then a band
-                // ending at i); each head keeps those its own rule shows it.
-                let widest = (0..g).map(|x| s.query_local(j * g + x)).max().unwrap_or(0);
-                let lo = match mode {
-                    PrefillMode::Token => (i + 1).saturating_sub(widest),
-                    PrefillMode::Block64 => ((i / 64 + 1).saturating_sub(widest / 64)) * 64,
-                }
-                .max(s.sink.min(i + 1));
-                let keys = (0..s.sink.min(i + 1)).chain(lo..=i);
-                for kpos in keys {
-                    let row = ((b * p + kpos) * hkv + j) * d;
-                    load(&pr.k[row..row + d], dtype, &mut kf[..d]);
-                    let mut v_loaded = false;
-                    for x in 0..g {
-                        let h = j * g + x;
-                        let local = s.query_local(h);
-                        let seen = match mode {
-                            PrefillMode::Token => token_sees(i, kpos, s.sink, local),
-                            PrefillMode::Block64 => block64_sees(i, kpos, s.sink, local),
-                        };
-                        if !seen {
-                            continue;
-                        }
-                        if !v_loaded {
-                            load(&pr.v[row..row + d], dtype, &mut vf[..d]);
-                            v_loaded = true;
-                        }
-                        let score = dot(&qf[x * d..(x + 1) * d], &kf[..d]) * scale;
-                        sm.add(x, score, &vf[..d]);
-                    }
-                }
-                for x in 0..g {
-                    let h = j * g + x;
-                    sm.finish(x, &mut o[h * d..(h + 1) * d]);
+        // K and V of every (row, KV head) in f32, once per call, blocked for the tiles.
+        let kv: Vec<PromptKv> = (0..pr.lens.len() * hkv)
+            .into_par_iter()
+            .map(|t| PromptKv::new(pr, dtype, hkv, d, t / hkv, t % hkv))
+            .collect();
+        // One task per (row, KV head, block of query positions) within the row's length.
+        let tiles: Vec<(usize, usize, usize)> = pr
+            .lens
+            .iter()
+            .enumerate()
+            .flat_map(|(b, &len)| {
+                let blocks = (len.max(0) as usize).div_ceil(BLOCK);
+                (0..blocks).flat_map(move |qb| (0..hkv).map(move |j| (b, j, qb)))
+            })
+            .collect();
+        let done: Vec<Vec<f32>> = tiles
+            .par_iter()
+            .map(|&(b, j, qb)| self.prefill_tile(q, pr, &kv[b * hkv + j], mode, scale, (b, j, qb)))
+            .collect();
+        // Padding rows stay zero.
+        let mut out = vec![0f32; q.len()];
+        for (&(b, j, qb), o) in tiles.iter().zip(&done) {
+            let nq = o.len() / (g * d);
+            for x in 0..g {
+                for r in 0..nq {
+                    let dst = ((b * p + qb * BLOCK + r) * hq + j * g + x) * d;
+                    let src = (x * nq + r) * d;
+                    out[dst..dst + d].copy_from_slice(&o[src..src + d]);
                 }
             }
-        });
-        round_to(&mut out, self.dtype);
+        }
+        round_to(&mut out, dtype);
         Ok(out)
     }
 
@@ -329,40 +653,39 @@ impl LayerBackend for CpuLayer {
         );
         expect_len("q", "[B,Hq,D]", b_ * hq * d, q.len())?;
         check_steps(s, seq_lens)?;
+        // Tasks: (row, KV head, part of the positions it shows), parts of PART_BLOCKS
+        // blocks so that a few pairs with long windows still keep every thread busy; the
+        // parts' softmaxes are merged afterwards. The cut depends on nothing but the
+        // window (not the batch, not the thread count): a row's output is the same
+        // whatever rows it is batched with, on any machine.
+        let pairs = b_ * hkv;
+        let mut tasks = Vec::new();
+        let mut first = Vec::with_capacity(pairs + 1);
+        for pair in 0..pairs {
+            let (b, j) = (pair / hkv, pair % hkv);
+            let (_, _, n) = self.decode_span(seq_lens[b].max(0) as usize, j);
+            first.push(tasks.len());
+            let mut a = 0;
+            while a < n {
+                tasks.push((b, j, a..(a + PART_BLOCKS * BLOCK).min(n)));
+                a += PART_BLOCKS * BLOCK;
+            }
+        }
+        first.push(tasks.len());
+        let parts: Vec<Accum> = tasks
+            .par_iter()
+            .map(|(b, j, range)| self.decode_part(q, seq_lens[*b], scale, (*b, *j), range.clone()))
+            .collect();
         let mut out = vec![0f32; q.len()];
-        let (dtype, cache) = (self.dtype, &self.cache);
-        // One task per (row, KV head): its query heads are contiguous in q and out.
-        parallel_chunks(&mut out, g * d, |task, o| {
-            let (b, j) = (task / hkv, task % hkv);
-            let t = seq_lens[b] as usize;
-            let cap = s.kv_capacity[j];
-            let mut qf = [0f32; MAX_G * MAX_D];
-            let mut kf = [0f32; MAX_D];
-            let mut vf = [0f32; MAX_D];
-            let mut sm = GroupSoftmax::new();
-            for x in 0..g {
-                let row = (b * hq + j * g + x) * d;
-                load(&q[row..row + d], dtype, &mut qf[x * d..(x + 1) * d]);
-            }
-            let widest = (0..g).map(|x| s.query_local(j * g + x)).max().unwrap_or(0);
-            let sink_end = s.sink.min(t);
-            let lo = t.saturating_sub(widest).max(sink_end);
-            for pos in (0..sink_end).chain(lo..t) {
-                let row = (b * s.total_slots + s.kv_offset[j] + slot_of(pos, s.sink, cap)) * d;
-                load(&cache.k[row..row + d], dtype, &mut kf[..d]);
-                load(&cache.v[row..row + d], dtype, &mut vf[..d]);
-                for x in 0..g {
-                    if !decode_sees(t, s.sink, s.query_local(j * g + x), pos) {
-                        continue;
-                    }
-                    let score = dot(&qf[x * d..(x + 1) * d], &kf[..d]) * scale;
-                    sm.add(x, score, &vf[..d]);
+        // A pair's query heads are contiguous in out.
+        out.par_chunks_mut((g * d).max(1))
+            .enumerate()
+            .for_each(|(pair, o)| {
+                let mine = &parts[first[pair]..first[pair + 1]];
+                for (x, ox) in o.chunks_exact_mut(d).enumerate() {
+                    Accum::merge(mine, x, ox);
                 }
-            }
-            for x in 0..g {
-                sm.finish(x, &mut o[x * d..(x + 1) * d]);
-            }
-        });
+            });
         round_to(&mut out, self.dtype);
         Ok(out)
     }
