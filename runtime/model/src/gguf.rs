@@ -476,13 +476,13 @@ fn parse<R: Read>(path: &Path, r: R, len: u64) -> Result<Content> {
     let room = p.left();
     if kv_count > room / kv_min {
         return Err(p.format(format!(
-            "absurd metadata count {kv_count}: the {room} bytes left of the file hold at most {}",
+            "metadata count {kv_count} is absurd or the file truncated: the {room} bytes left hold at most {}",
             room / kv_min
         )));
     }
     if tensor_count > room / tensor_min {
         return Err(p.format(format!(
-            "absurd tensor count {tensor_count}: the {room} bytes left of the file hold at most {}",
+            "tensor count {tensor_count} is absurd or the file truncated: the {room} bytes left hold at most {}",
             room / tensor_min
         )));
     }
