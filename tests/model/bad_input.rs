@@ -525,3 +525,24 @@ fn a_chat_template_the_renderer_cannot_handle() {
     g.set("tokenizer.chat_template", Meta::U32(1));
     gguf_fails(&g, "template.gguf", &["tokenizer.chat_template", "string"]);
 }
+
+#[test]
+fn random_weights_for_an_absurd_header_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ok = tiny().write(tmp.path(), "tiny.gguf");
+    let (c, ff) = moac_model::weights::model_shape(&ok).unwrap();
+    assert_eq!((c.hidden, ff), (8, 16));
+    let mut g = tiny();
+    g.set("llama.embedding_length", Meta::U32(1 << 20));
+    g.set("llama.attention.head_count", Meta::U32(1 << 10));
+    g.set("llama.feed_forward_length", Meta::U32(u32::MAX));
+    let path = g.write(tmp.path(), "huge.gguf");
+    let e = moac_model::weights::model_shape(&path)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("huge.gguf") && e.contains("more than 68719476736 weights"),
+        "{e}"
+    );
+}

@@ -1,6 +1,7 @@
-//! Where a model's weights come from: a GGUF file (candle's reader; quantized matrices
-//! of any type candle's quantized matmul takes: Q4_0, Q4_1, Q8_0, K-quants, F16, F32)
-//! or a Hugging Face folder (`config.json` and `*.safetensors`, f32/f16/bf16, held as
+//! Where a model's weights come from: a GGUF file (moac's checked header reader,
+//! [`crate::gguf`], then candle reads the tensor data; quantized matrices of any type
+//! candle's quantized matmul takes: Q4_0, Q4_1, Q8_0, K-quants, F16, F32) or a Hugging
+//! Face folder (`config.json` and `*.safetensors`, f32/f16/bf16, held as
 //! f32). Both give the same [`Weights`]; the GGUF names and the Hugging Face names map
 //! onto one layer structure.
 
@@ -134,6 +135,7 @@ pub fn model_shape(path: &Path) -> Result<(LlamaConfig, usize)> {
                 key: "intermediate_size".into(),
                 message: "missing or not a positive integer".into(),
             })?;
+        check_weight_count(&file, &config, ff)?;
         return Ok((config, ff as usize));
     }
     let meta = GgufMetadata::read(path)?;
@@ -147,7 +149,41 @@ pub fn model_shape(path: &Path) -> Result<(LlamaConfig, usize)> {
             key: "llama.feed_forward_length".into(),
             message: "missing or not a positive integer".into(),
         })?;
+    check_weight_count(path, &config, ff)?;
     Ok((config, ff as usize))
+}
+
+/// The most weights a configuration read for random weights (`--shape`) may ask for:
+/// 2^36 (256 GiB in f32), far beyond what fits; a bound so a corrupt header cannot ask
+/// for an allocation whose size overflows.
+pub const MAX_RANDOM_WEIGHTS: u64 = 1 << 36;
+
+fn check_weight_count(path: &Path, c: &LlamaConfig, ff: u64) -> Result<()> {
+    let (h, q, kv) = (
+        c.hidden as u64,
+        (c.num_heads * c.head_dim) as u64,
+        (c.num_kv_heads * c.head_dim) as u64,
+    );
+    let count = (|| {
+        let per_layer = h
+            .checked_mul(q.checked_mul(2)?.checked_add(kv.checked_mul(2)?)?)?
+            .checked_add(ff.checked_mul(3)?.checked_mul(h)?)?
+            .checked_add(h.checked_mul(2)?)?;
+        per_layer
+            .checked_mul(c.num_layers as u64)?
+            .checked_add((c.vocab_size as u64).checked_mul(h)?)?
+            .checked_add(h)
+    })();
+    match count {
+        Some(n) if n <= MAX_RANDOM_WEIGHTS => Ok(()),
+        _ => Err(Error::Unsupported {
+            path: path.to_path_buf(),
+            message: format!(
+                "{} layers, hidden {}, MLP width {ff}, vocabulary {}: more than {MAX_RANDOM_WEIGHTS} weights",
+                c.num_layers, c.hidden, c.vocab_size
+            ),
+        }),
+    }
 }
 
 /// Reads a JSON file of a model folder.
@@ -456,7 +492,7 @@ impl GgufReader<'_> {
                 ),
             });
         }
-        // candle's reader gives the dimensions outermost first, like a tensor's shape.
+        // The header reader gives the dimensions outermost first, like a tensor's shape.
         let got = info.shape.dims();
         if got != shape {
             return Err(format_err(
