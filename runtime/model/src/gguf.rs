@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 /// few hundred thousand (vocabulary, merges, token types); this bounds the memory a
 /// file of tiny values can make the reader allocate.
 pub const MAX_METADATA_VALUES: u64 = 1 << 24;
+/// The longest string (a key, a token, a chat template) the reader takes.
+pub const MAX_STRING_BYTES: u64 = 1 << 26;
 /// How deeply arrays may nest (real files nest none).
 const MAX_ARRAY_DEPTH: usize = 4;
 /// GGML tensors have at most 4 dimensions.
@@ -338,6 +340,12 @@ impl<R: Read> Parser<'_, R> {
 
     fn string(&mut self, what: &dyn Fn() -> String) -> Result<String> {
         let n = self.count(&|| format!("the length of {}", what()))?;
+        if n > MAX_STRING_BYTES && n <= self.left() {
+            return Err(self.format(format!(
+                "{}: a string of {n} bytes (moac reads strings up to {MAX_STRING_BYTES})",
+                what()
+            )));
+        }
         let mut bytes = self.bytes(n, what)?;
         // Writers sometimes end strings with NULs; GGUF strings have none.
         while bytes.last() == Some(&0) {
