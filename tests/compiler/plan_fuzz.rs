@@ -1,5 +1,8 @@
 //! Property tests: the parser and the geometry never panic, whatever they are given, and
-//! valid plans always produce a layout with the documented properties.
+//! valid plans always produce a layout with the documented properties. Plans read for a
+//! model (`load_for_model`, what `moac generate --plan` does) from files of mutated
+//! bytes (either plan form; bytes flipped, inserted, removed, the file cut, invalid
+//! UTF-8) give an error naming the plan, or a plan of exactly the model's shape.
 #![allow(clippy::unwrap_used)]
 
 use moac::geometry::{capacity, CacheGeometry};
@@ -8,6 +11,31 @@ use proptest::prelude::*;
 use std::path::Path;
 
 const VALID: &str = r#"{"format": "moac-plan", "version": 1, "model": {"num_layers": 2, "num_query_heads": 4, "num_kv_heads": 2, "head_dim": 64}, "alphas": [[0, 0, 1024, -1024], [0, 0, 0, 0]], "betas": [[0.5, 0.5, 0.25, 0.25], [0.5, 0.5, 0.5, 0.5]]}"#;
+
+const VALID_MOA: &str = r#"{"alphas": [[0, 0, 1024, -1024], [0, 0, 0, 0]], "betas": [[0.5, 0.5, 0.25, 0.25], [0.5, 0.5, 0.5, 0.5]], "note": "x"}"#;
+
+/// Byte-level edits of a file: (position, byte, kind) where kind 0 flips the byte to
+/// `byte`, 1 inserts it, 2 removes the byte, 3 cuts the file there.
+fn mutate_bytes(text: &str, edits: &[(usize, u8, u8)]) -> Vec<u8> {
+    let mut bytes = text.as_bytes().to_vec();
+    for &(pos, b, kind) in edits {
+        let i = if bytes.is_empty() {
+            0
+        } else {
+            pos % bytes.len()
+        };
+        match kind % 4 {
+            0 if !bytes.is_empty() => bytes[i] = b,
+            1 => bytes.insert(i, b),
+            2 if !bytes.is_empty() => {
+                bytes.remove(i);
+            }
+            3 => bytes.truncate(i),
+            _ => {}
+        }
+    }
+    bytes
+}
 
 fn mutate(text: &str, edits: &[(usize, u8)]) -> String {
     let mut bytes = text.as_bytes().to_vec();
@@ -29,6 +57,30 @@ fn mutate(text: &str, edits: &[(usize, u8)]) -> String {
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn mutated_plan_files_for_a_model_fail_cleanly(
+        moa in any::<bool>(),
+        shape in 0usize..3,
+        edits in prop::collection::vec((0usize..400, any::<u8>(), any::<u8>()), 1..5),
+    ) {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("fuzz_alpha_beta.json");
+        std::fs::write(&path, mutate_bytes(if moa { VALID_MOA } else { VALID }, &edits)).unwrap();
+        // The plans' own shape, one with another layer count, one with other heads.
+        let model = [(2, 4, 2), (3, 4, 2), (2, 8, 2)][shape];
+        let model = ModelShape { num_layers: model.0, num_query_heads: model.1, num_kv_heads: model.2, head_dim: 64 };
+        match plan::load_for_model(&path, model, Path::new("model.gguf")) {
+            Err(e) => {
+                let e = e.to_string();
+                prop_assert!(e.contains("fuzz_alpha_beta.json"), "{}", e);
+            }
+            Ok(p) => {
+                prop_assert_eq!(*p.model(), model);
+                let _ = CacheGeometry::new(&p, 1000, 24);
+            }
+        }
+    }
 
     #[test]
     fn arbitrary_text_never_panics(text in ".{0,200}") {

@@ -186,7 +186,7 @@ fn run_retrieval(a: RetrievalArgs) -> Result<()> {
         for depth in depths {
             let s = retrieval::make_sample(a.task, &model.tokenizer, len, depth, &mut rng)?;
             let ids = model.chat_prompt(&s.user, &prefix)?;
-            if ids.len() + a.max_new_tokens > limit {
+            if ids.len().saturating_add(a.max_new_tokens) > limit {
                 return Err(CliError::Usage(format!(
                     "length {len}: the prompt takes {} tokens, with --max-new-tokens {} more than the {limit} the model takes",
                     ids.len(),

@@ -191,7 +191,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let prompts = prompts(&a, &source)?;
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let limit = source.config().context_len;
-    if longest + a.max_new_tokens > limit {
+    if longest.saturating_add(a.max_new_tokens) > limit {
         return Err(CliError::Usage(format!(
             "the prompt ({longest} tokens) plus --max-new-tokens {} is more than the {limit} tokens {} takes",
             a.max_new_tokens,

@@ -9,6 +9,9 @@ use serde::Serialize;
 /// ChatML, for models without a template of their own.
 pub const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
+/// The instructions a template may run in one render.
+pub const TEMPLATE_FUEL: u64 = 1 << 24;
+
 /// One turn of a conversation.
 #[derive(Debug, Clone, Serialize)]
 pub struct Message {
@@ -51,6 +54,9 @@ impl ChatTemplate {
         let mut env = minijinja::Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
+        // A template that loops without end (or nearly) runs out of fuel and fails
+        // instead of hanging; real templates use a few thousand units per message.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function(
             "raise_exception",

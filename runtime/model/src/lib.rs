@@ -31,8 +31,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// The file is not a GGUF file candle can read.
-    #[error("{path}: not a readable GGUF file: {message}")]
+    /// The file (a GGUF file, a safetensors file, a JSON file of a model folder) is
+    /// malformed, or lacks what the model needs; the message says what.
+    #[error("{path}: {message}")]
     Format { path: PathBuf, message: String },
     /// A metadata key is missing or has the wrong type.
     #[error("{path}: metadata {key}: {message}")]

@@ -70,9 +70,10 @@ pub struct Llama {
     pub(crate) layers: Vec<Layer>,
     pub(crate) norm: Tensor,
     pub(crate) lm_head: QMatMul,
-    /// cos / sin of every position up to the context length, [context, D/2].
-    cos: Tensor,
-    sin: Tensor,
+    /// RoPE's inverse frequencies, theta^(-2i/D) for i < D/2 (the cos / sin tables
+    /// are made for the positions a call needs: a context length from a file is
+    /// never allocated up front).
+    inv_freq: Vec<f64>,
 }
 
 impl Llama {
@@ -127,27 +128,16 @@ impl Llama {
     pub(crate) fn from_weights(config: LlamaConfig, w: Weights) -> Result<Llama> {
         let half = config.head_dim / 2;
         let theta = config.rope_theta as f64;
-        let positions = config.context_len.max(1);
-        let mut cos = Vec::with_capacity(positions * half);
-        let mut sin = Vec::with_capacity(positions * half);
-        let inv: Vec<f64> = (0..half)
+        let inv_freq: Vec<f64> = (0..half)
             .map(|i| theta.powf(-2.0 * i as f64 / config.head_dim as f64))
             .collect();
-        for p in 0..positions {
-            for f in &inv {
-                let a = p as f64 * f;
-                cos.push(a.cos() as f32);
-                sin.push(a.sin() as f32);
-            }
-        }
         Ok(Llama {
             config,
             embed: w.embed,
             layers: w.layers,
             norm: w.norm,
             lm_head: w.lm_head,
-            cos: Tensor::from_vec(cos, (positions, half), &Device::Cpu)?,
-            sin: Tensor::from_vec(sin, (positions, half), &Device::Cpu)?,
+            inv_freq,
         })
     }
 
@@ -201,18 +191,19 @@ impl Llama {
                 max: limit,
             });
         }
-        let idx: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
-        let idx = Tensor::new(idx.as_slice(), &Device::Cpu)?;
         let t = positions.len() / rows.max(1);
         let half = self.config.head_dim / 2;
-        let cos = self
-            .cos
-            .index_select(&idx, 0)?
-            .reshape((rows, t, 1, half))?;
-        let sin = self
-            .sin
-            .index_select(&idx, 0)?
-            .reshape((rows, t, 1, half))?;
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            for f in &self.inv_freq {
+                let a = p as f64 * f;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        let cos = Tensor::from_vec(cos, (rows, t, 1, half), &Device::Cpu)?;
+        let sin = Tensor::from_vec(sin, (rows, t, 1, half), &Device::Cpu)?;
         Ok((cos, sin))
     }
 
@@ -291,6 +282,14 @@ impl Llama {
         }
         if let Some(row) = prompts.iter().position(|p| p.is_empty()) {
             return Err(Error::Usage(format!("prompt {row} is empty")));
+        }
+        let limit = self.config.context_len;
+        if let Some(row) = prompts.iter().position(|p| p.len() > limit) {
+            return Err(Error::TooLong {
+                what: format!("prompt {row}"),
+                len: prompts[row].len(),
+                max: limit,
+            });
         }
         let b = prompts.len();
         let p = prompts.iter().map(|r| r.len()).max().unwrap_or(0);

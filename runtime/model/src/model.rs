@@ -32,12 +32,13 @@ impl Model {
             (Tokenizer::from_hf_dir(path)?, hf_template(path)?)
         } else {
             let meta = GgufMetadata::read(path)?;
-            let t = meta.string("tokenizer.chat_template").ok().map(|s| {
-                (
-                    s.to_string(),
-                    "GGUF metadata tokenizer.chat_template".to_string(),
-                )
-            });
+            let t = match meta.get("tokenizer.chat_template") {
+                None => None,
+                Some(_) => Some((
+                    meta.string("tokenizer.chat_template")?.to_string(),
+                    format!("{} metadata tokenizer.chat_template", path.display()),
+                )),
+            };
             (Tokenizer::from_gguf(&meta)?, t)
         };
         let name = |id: Option<u32>| id.and_then(|i| tokenizer.token(i)).unwrap_or_default();

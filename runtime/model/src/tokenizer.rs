@@ -106,7 +106,10 @@ impl Tokenizer {
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
             .build()
-            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+            .map_err(|e| Error::Format {
+                path: meta.path().to_path_buf(),
+                message: format!("the tokenizer in the metadata: {e}"),
+            })?;
         let mut inner = tokenizers::Tokenizer::new(bpe);
         inner.with_pre_tokenizer(Some(pre));
         inner.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevelDecoder::default())));
@@ -117,10 +120,9 @@ impl Tokenizer {
             .map(|(s, &t)| AddedToken::from(s.to_string(), t == CONTROL))
             .collect();
         inner.add_special_tokens(&special);
-        let id = |key: &str| meta.u32(key).ok();
         let mut stop = Vec::new();
         for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"] {
-            if let Some(i) = id(key) {
+            if let Some(i) = meta.opt_u32(key)? {
                 if !stop.contains(&i) {
                     stop.push(i);
                 }
@@ -132,7 +134,7 @@ impl Tokenizer {
         );
         Ok(Tokenizer {
             inner,
-            bos: id("tokenizer.ggml.bos_token_id"),
+            bos: meta.opt_u32("tokenizer.ggml.bos_token_id")?,
             stop,
             add_bos,
         })
@@ -152,7 +154,7 @@ impl Tokenizer {
         }
         let inner = tokenizers::Tokenizer::from_file(&file).map_err(|e| Error::Format {
             path: file.clone(),
-            message: e.to_string(),
+            message: format!("not a readable tokenizer: {e}"),
         })?;
         let mut bos = None;
         let mut stop = Vec::new();

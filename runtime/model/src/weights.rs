@@ -1,6 +1,7 @@
-//! Where a model's weights come from: a GGUF file (candle's reader; quantized matrices
-//! of any type candle's quantized matmul takes: Q4_0, Q4_1, Q8_0, K-quants, F16, F32)
-//! or a Hugging Face folder (`config.json` and `*.safetensors`, f32/f16/bf16, held as
+//! Where a model's weights come from: a GGUF file (moac's checked header reader,
+//! [`crate::gguf`], then candle reads the tensor data; quantized matrices of any type
+//! candle's quantized matmul takes: Q4_0, Q4_1, Q8_0, K-quants, F16, F32) or a Hugging
+//! Face folder (`config.json` and `*.safetensors`, f32/f16/bf16, held as
 //! f32). Both give the same [`Weights`]; the GGUF names and the Hugging Face names map
 //! onto one layer structure.
 
@@ -134,6 +135,7 @@ pub fn model_shape(path: &Path) -> Result<(LlamaConfig, usize)> {
                 key: "intermediate_size".into(),
                 message: "missing or not a positive integer".into(),
             })?;
+        check_weight_count(&file, &config, ff)?;
         return Ok((config, ff as usize));
     }
     let meta = GgufMetadata::read(path)?;
@@ -147,7 +149,41 @@ pub fn model_shape(path: &Path) -> Result<(LlamaConfig, usize)> {
             key: "llama.feed_forward_length".into(),
             message: "missing or not a positive integer".into(),
         })?;
+    check_weight_count(path, &config, ff)?;
     Ok((config, ff as usize))
+}
+
+/// The most weights a configuration read for random weights (`--shape`) may ask for:
+/// 2^36 (256 GiB in f32), far beyond what fits; a bound so a corrupt header cannot ask
+/// for an allocation whose size overflows.
+pub const MAX_RANDOM_WEIGHTS: u64 = 1 << 36;
+
+fn check_weight_count(path: &Path, c: &LlamaConfig, ff: u64) -> Result<()> {
+    let (h, q, kv) = (
+        c.hidden as u64,
+        (c.num_heads * c.head_dim) as u64,
+        (c.num_kv_heads * c.head_dim) as u64,
+    );
+    let count = (|| {
+        let per_layer = h
+            .checked_mul(q.checked_mul(2)?.checked_add(kv.checked_mul(2)?)?)?
+            .checked_add(ff.checked_mul(3)?.checked_mul(h)?)?
+            .checked_add(h.checked_mul(2)?)?;
+        per_layer
+            .checked_mul(c.num_layers as u64)?
+            .checked_add((c.vocab_size as u64).checked_mul(h)?)?
+            .checked_add(h)
+    })();
+    match count {
+        Some(n) if n <= MAX_RANDOM_WEIGHTS => Ok(()),
+        _ => Err(Error::Unsupported {
+            path: path.to_path_buf(),
+            message: format!(
+                "{} layers, hidden {}, MLP width {ff}, vocabulary {}: more than {MAX_RANDOM_WEIGHTS} weights",
+                c.num_layers, c.hidden, c.vocab_size
+            ),
+        }),
+    }
 }
 
 /// Reads a JSON file of a model folder.
@@ -233,16 +269,6 @@ fn gguf_config(meta: &GgufMetadata) -> Result<LlamaConfig> {
         });
     }
     let key = |k: &str| format!("llama.{k}");
-    let f32_of = |k: &str, default: f32| -> Result<f32> {
-        match meta.get(&key(k)) {
-            Some(v) => v.to_f32().map_err(|e| Error::Metadata {
-                path: path.to_path_buf(),
-                key: key(k),
-                message: e.to_string(),
-            }),
-            None => Ok(default),
-        }
-    };
     let num_heads = meta.u32(&key("attention.head_count"))? as usize;
     let hidden = meta.u32(&key("embedding_length"))? as usize;
     if num_heads == 0 || !hidden.is_multiple_of(num_heads) {
@@ -252,26 +278,26 @@ fn gguf_config(meta: &GgufMetadata) -> Result<LlamaConfig> {
             message: format!("{num_heads} heads do not divide the hidden size {hidden}"),
         });
     }
-    let vocab_size = match meta.strings("tokenizer.ggml.tokens") {
-        Ok(t) => t.len(),
-        Err(_) => meta.u32(&key("vocab_size"))? as usize,
+    let vocab_size = match meta.get("tokenizer.ggml.tokens") {
+        Some(_) => meta.strings("tokenizer.ggml.tokens")?.len(),
+        None => meta.u32(&key("vocab_size"))? as usize,
     };
     let config = LlamaConfig {
         num_layers: meta.u32(&key("block_count"))? as usize,
         hidden,
         num_heads,
         num_kv_heads: meta
-            .u32(&key("attention.head_count_kv"))
-            .map(|v| v as usize)
-            .unwrap_or(num_heads),
+            .opt_u32(&key("attention.head_count_kv"))?
+            .map_or(num_heads, |v| v as usize),
         head_dim: hidden / num_heads,
         vocab_size,
-        rope_theta: f32_of("rope.freq_base", 10000.0)?,
-        rms_eps: f32_of("attention.layer_norm_rms_epsilon", 1e-5)?,
+        rope_theta: meta.opt_f32(&key("rope.freq_base"))?.unwrap_or(10000.0),
+        rms_eps: meta
+            .opt_f32(&key("attention.layer_norm_rms_epsilon"))?
+            .unwrap_or(1e-5),
         context_len: meta
-            .u32(&key("context_length"))
-            .map(|v| v as usize)
-            .unwrap_or(4096),
+            .opt_u32(&key("context_length"))?
+            .map_or(4096, |v| v as usize),
         rope: RopeStyle::Interleaved,
     };
     check_config(path, &config)?;
@@ -287,17 +313,41 @@ fn hf_config(path: &Path, c: &serde_json::Value) -> Result<LlamaConfig> {
         });
     }
     let num = |key: &str| -> Result<usize> {
-        c.get(key)
-            .and_then(|v| v.as_u64())
-            .map(|v| v as usize)
+        let v = c.get(key).filter(|v| !v.is_null());
+        v.and_then(|v| v.as_u64())
+            .and_then(|v| usize::try_from(v).ok())
             .ok_or_else(|| Error::Metadata {
                 path: path.to_path_buf(),
                 key: key.into(),
-                message: "missing or not a non-negative integer".into(),
+                message: match v {
+                    None => "missing".into(),
+                    Some(v) => format!("expected a non-negative integer, found {v}"),
+                },
             })
     };
-    let float = |key: &str, default: f64| -> f32 {
-        c.get(key).and_then(|v| v.as_f64()).unwrap_or(default) as f32
+    // An optional key: absent (or null) takes the default, a present value must be of
+    // the right type.
+    let present = |key: &str| c.get(key).filter(|v| !v.is_null()).is_some();
+    let opt_num = |key: &str, default: usize| -> Result<usize> {
+        if present(key) {
+            num(key)
+        } else {
+            Ok(default)
+        }
+    };
+    let float = |key: &str, default: f64| -> Result<f32> {
+        match c.get(key).filter(|v| !v.is_null()) {
+            None => Ok(default as f32),
+            Some(v) => v
+                .as_f64()
+                .filter(|x| x.is_finite())
+                .map(|x| x as f32)
+                .ok_or_else(|| Error::Metadata {
+                    path: path.to_path_buf(),
+                    key: key.into(),
+                    message: format!("expected a number, found {v}"),
+                }),
+        }
     };
     if let Some(s) = c.get("rope_scaling").filter(|v| !v.is_null()) {
         return Err(Error::Unsupported {
@@ -318,17 +368,24 @@ fn hf_config(path: &Path, c: &serde_json::Value) -> Result<LlamaConfig> {
         num_layers: num("num_hidden_layers")?,
         hidden,
         num_heads,
-        num_kv_heads: num("num_key_value_heads").unwrap_or(num_heads),
-        head_dim: num("head_dim").unwrap_or(hidden / num_heads),
+        num_kv_heads: opt_num("num_key_value_heads", num_heads)?,
+        head_dim: opt_num("head_dim", hidden / num_heads)?,
         vocab_size: num("vocab_size")?,
-        rope_theta: float("rope_theta", 10000.0),
-        rms_eps: float("rms_norm_eps", 1e-5),
-        context_len: num("max_position_embeddings").unwrap_or(4096),
+        rope_theta: float("rope_theta", 10000.0)?,
+        rms_eps: float("rms_norm_eps", 1e-5)?,
+        context_len: opt_num("max_position_embeddings", 4096)?,
         rope: RopeStyle::HalfSplit,
     };
     check_config(path, &config)?;
     Ok(config)
 }
+
+/// The largest figures a configuration may give (far beyond any real model).
+const MAX_LAYERS: usize = 4096;
+const MAX_HEADS: usize = 1 << 16;
+const MAX_HEAD_DIM: usize = 1 << 16;
+const MAX_HIDDEN: usize = 1 << 20;
+const MAX_VOCAB: usize = 1 << 24;
 
 fn check_config(path: &Path, c: &LlamaConfig) -> Result<()> {
     let bad = |message: String| Error::Unsupported {
@@ -345,6 +402,33 @@ fn check_config(path: &Path, c: &LlamaConfig) -> Result<()> {
         return Err(bad(format!(
             "head_dim {} / {} layers (RoPE needs an even head_dim, and a model a layer)",
             c.head_dim, c.num_layers
+        )));
+    }
+    // Figures no model comes near: a corrupt file, caught before anything is sized by
+    // them.
+    for (what, value, max) in [
+        ("layers", c.num_layers, MAX_LAYERS),
+        ("query heads", c.num_heads, MAX_HEADS),
+        ("head_dim", c.head_dim, MAX_HEAD_DIM),
+        ("hidden size", c.hidden, MAX_HIDDEN),
+        ("vocabulary size", c.vocab_size, MAX_VOCAB),
+    ] {
+        if value > max {
+            return Err(bad(format!(
+                "{value} {what}: more than the {max} moac takes"
+            )));
+        }
+    }
+    if c.vocab_size == 0 || c.context_len == 0 || c.hidden == 0 {
+        return Err(bad(format!(
+            "vocabulary size {}, context length {}, hidden size {}: none may be 0",
+            c.vocab_size, c.context_len, c.hidden
+        )));
+    }
+    if !(c.rms_eps >= 0.0 && c.rope_theta > 0.0) {
+        return Err(bad(format!(
+            "rms_eps {} / rope_theta {}: RMSNorm needs eps >= 0, RoPE theta > 0",
+            c.rms_eps, c.rope_theta
         )));
     }
     Ok(())
@@ -408,7 +492,7 @@ impl GgufReader<'_> {
                 ),
             });
         }
-        // candle's reader gives the dimensions outermost first, like a tensor's shape.
+        // The header reader gives the dimensions outermost first, like a tensor's shape.
         let got = info.shape.dims();
         if got != shape {
             return Err(format_err(
@@ -502,9 +586,14 @@ fn read_gguf(
 /// The MLP width of a GGUF llama (`feed_forward_length`, or the first gate's shape).
 fn ffn_size(content: &candle_core::quantized::gguf_file::Content, path: &Path) -> Result<usize> {
     if let Some(v) = content.metadata.get("llama.feed_forward_length") {
-        if let Ok(n) = v.to_u32() {
-            return Ok(n as usize);
-        }
+        return match v.to_u64() {
+            Ok(n) if n > 0 && n <= MAX_HIDDEN as u64 * 64 => Ok(n as usize),
+            _ => Err(Error::Metadata {
+                path: path.to_path_buf(),
+                key: "llama.feed_forward_length".into(),
+                message: format!("expected a positive integer, found {v:?}"),
+            }),
+        };
     }
     let info = content
         .tensor_infos
