@@ -208,18 +208,18 @@ fn pipeline_commands_reject_bad_input() {
         ]),
         &["short.txt", "too short"],
     );
-    fails(
-        &moac!(&[
-            "calibrate",
-            "--model",
-            m,
-            "--families",
-            "kv,lines",
-            "-o",
-            &p("c.jsonl")
-        ]),
-        &["lines"],
-    );
+    // An unknown family is a usage error of the command line (clap's exit status 2).
+    let out = moac!(&[
+        "calibrate",
+        "--model",
+        m,
+        "--families",
+        "kv,lines",
+        "-o",
+        &p("c.jsonl")
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("unknown calibration family \"lines\""));
     assert!(!tmp.path().join("c.jsonl").exists());
     // A density outside (0, 1].
     fails(
