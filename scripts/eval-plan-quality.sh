@@ -20,7 +20,7 @@ for d in ${EVAL_DENSITIES:-0.5 0.25}; do
   made="$out/made-$d.json"
   if [ ! -f "$made" ]; then
     # shellcheck disable=SC2086
-    { time "$moac" plan make --model "$model" --density "$d" --work-dir "$work" ${MAKE_ARGS:-} -o "$made"; } \
+    { time "$moac" plan make --model "$model" --density "$d" --work-dir "$work" --keep-parts ${MAKE_ARGS:-} -o "$made"; } \
       2>&1 | tee "$out/plan-make-$d.log"
     cp -r "$work/plans" "$out/plans-$d"
   fi

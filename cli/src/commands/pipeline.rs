@@ -75,6 +75,10 @@ pub struct ProfileArgs {
     /// Profile at most this many samples per length (the first ones; ablations).
     #[arg(long)]
     pub max_samples: Option<usize>,
+    /// Keep each sample's profile in <output>.parts/ (a profile of any subset of the
+    /// samples then costs nothing: ablations).
+    #[arg(long)]
+    pub keep_parts: bool,
     /// Attention-sink tokens of the plans to come (a multiple of 64).
     #[arg(long, default_value_t = Settings::default().sink)]
     pub sink: u64,
@@ -174,6 +178,10 @@ pub struct MakeArgs {
     /// Score only the made plans at validation, not dense and uniform beside them.
     #[arg(long)]
     pub no_validate_baselines: bool,
+    /// Keep each calibration sample's profile in the work folder (for ablations with
+    /// `moac profile --families/--max-samples`).
+    #[arg(long)]
+    pub keep_parts: bool,
     /// Validate the K plans of least predicted loss (summed over the profiled lengths,
     /// each normalized); the best of them by validation loss is the plan (0: no
     /// validation, the plan of least predicted loss).
@@ -280,6 +288,7 @@ fn run_profile(
     lengths: &[usize],
     sink: u64,
     output: &Path,
+    keep_parts: bool,
 ) -> Result<Profile> {
     let bar = progress_bar(true, "profile");
     let mut resumed = 0;
@@ -304,8 +313,12 @@ fn run_profile(
         );
     }
     p.write(output)?;
-    // The parts are only a resume point: the profile holds everything.
-    let _ = std::fs::remove_dir_all(profile::parts_dir(output));
+    // The parts are a resume point (the profile holds everything), and with
+    // --keep-parts the material of ablations: a profile of a subset of the samples
+    // (`moac profile --families/--max-samples` on the same calibration file) reuses them.
+    if !keep_parts {
+        let _ = std::fs::remove_dir_all(profile::parts_dir(output));
+    }
     Ok(p)
 }
 
@@ -332,7 +345,7 @@ pub fn profile(a: ProfileArgs) -> Result<()> {
             a.calib.display()
         )));
     }
-    let p = run_profile(&model, &set, &a.lengths, a.sink, &a.output)?;
+    let p = run_profile(&model, &set, &a.lengths, a.sink, &a.output, a.keep_parts)?;
     eprintln!(
         "wrote {} (lengths {:?}, {} samples, {:.0} s)",
         a.output.display(),
@@ -833,7 +846,7 @@ pub fn make(a: MakeArgs) -> Result<()> {
     let sink = Settings::default().sink;
     let prof = match Profile::read(&profile_path) {
         Ok(p) if p.lengths() == lengths && p.shape == model.llama.config.shape() => p,
-        _ => run_profile(&model, &set, &lengths, sink, &profile_path)?,
+        _ => run_profile(&model, &set, &lengths, sink, &profile_path, a.keep_parts)?,
     };
     times.push(("profile", t.elapsed().as_secs_f64()));
     // 3. Optimize.
