@@ -14,3 +14,10 @@ text="${EVAL_TEXT:-$out/licenses.txt}"
 if [ -z "${EVAL_TEXT:-}" ]; then
   cat /usr/share/common-licenses/{GPL-3,GPL-2,LGPL-2.1,MPL-2.0,Apache-2.0,GFDL-1.3} > "$text"
 fi
+# Perplexity of $text in one window: ppl CONTEXT MODE ATTENTION... (JSON line).
+ppl() { # ppl CONTEXT MODE ATTENTION...
+  local ctx=$1 mode=$2
+  shift 2
+  "$moac" eval perplexity --model "$model" --weights "$weights" --text-file "$text" \
+    --context-len "$ctx" --mode "$mode" --max-windows 1 --json "$@"
+}

@@ -14,12 +14,6 @@ if [ ! -f "$made" ]; then
   { time "$moac" plan make --model "$model" --density 0.5 -o "$made"; } 2>&1 | tee "$out/plan-make.log"
 fi
 "$moac" plan uniform --config "$model" --alpha 0 --beta 0.5 -o "$out/uniform50.moac.json"
-ppl() { # ppl CONTEXT MODE ATTENTION...
-  local ctx=$1 mode=$2
-  shift 2
-  "$moac" eval perplexity --model "$model" --weights "$weights" --text-file "$text" \
-    --context-len "$ctx" --mode "$mode" --max-windows 1 --json "$@"
-}
 {
   for ctx in ${EVAL_CONTEXTS:-2048 4096 8192}; do
     for mode in ${EVAL_MODES:-prefill decode}; do

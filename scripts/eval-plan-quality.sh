@@ -36,12 +36,6 @@ done
 "$moac" eval retrieval --model "$model" --weights "$weights" "${plans[@]}" --task lines \
   --lengths "${EVAL_LINES_LENGTHS:-1024,2048}" --samples "${EVAL_LINES:-20}" --seed 12 \
   --svg "$out/lines.svg" | tee "$out/lines.txt"
-ppl() { # ppl CONTEXT MODE ATTENTION...
-  local ctx=$1 mode=$2
-  shift 2
-  "$moac" eval perplexity --model "$model" --weights "$weights" --text-file "$text" \
-    --context-len "$ctx" --mode "$mode" --max-windows 1 --json "$@"
-}
 {
   for ctx in ${EVAL_CONTEXTS:-2048 4096 8192}; do
     for mode in ${EVAL_MODES:-prefill decode}; do
