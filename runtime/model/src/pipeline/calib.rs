@@ -450,6 +450,21 @@ fn document(task: &str, count: usize, rng: &mut Rng, sources: &[(String, String)
     }
 }
 
+/// The ids of one user turn in the model's chat template (with the generation prompt)
+/// around a document still to be placed: (template head + `before`, `after` + template
+/// tail).
+fn chat_around(model: &Model, before: &str, after: &str) -> Result<(Vec<u32>, Vec<u32>)> {
+    let marker = "\u{1}MOAC-DOCUMENT\u{1}";
+    let text = model
+        .chat
+        .render(&[Message::user(&format!("{before}{marker}{after}"))], true)?;
+    let (head, tail) = text
+        .split_once(marker)
+        .ok_or_else(|| Error::Template("the chat template dropped the user's message".into()))?;
+    let tok = &model.tokenizer;
+    Ok((tok.encode_prompt(head)?, tok.encode(tail)?))
+}
+
 /// The prompt of one sample, exactly `prompt_len` tokens: the chat template's head,
 /// the document with its middle dropped to fit, the question and the template's tail.
 fn fit_prompt(model: &Model, doc: &Doc, prompt_len: usize) -> Result<Option<Vec<u32>>> {
@@ -460,18 +475,9 @@ fn fit_prompt(model: &Model, doc: &Doc, prompt_len: usize) -> Result<Option<Vec<
         .map(|p| tok.encode(p))
         .collect::<Result<_>>()?;
     let total: usize = pieces.iter().map(|p| p.len()).sum();
-    let marker = "\u{1}MOAC-DOCUMENT\u{1}";
     // Which pieces survive the cut decides the question; the question's length decides
     // the cut. Fit with the longest question first, then with the real one.
-    let render = |question: &str| -> Result<(Vec<u32>, Vec<u32>)> {
-        let text = model
-            .chat
-            .render(&[Message::user(&format!("{marker}{question}"))], true)?;
-        let (head, tail) = text.split_once(marker).ok_or_else(|| {
-            Error::Template("the chat template dropped the user's message".into())
-        })?;
-        Ok((tok.encode_prompt(head)?, tok.encode(tail)?))
-    };
+    let render = |question: &str| chat_around(model, "", question);
     let (head, tail) = render(&(doc.question)(&[0]))?;
     let room = prompt_len.saturating_sub(head.len() + tail.len() + 24);
     if total < room {
@@ -519,18 +525,11 @@ fn fit_prompt(model: &Model, doc: &Doc, prompt_len: usize) -> Result<Option<Vec<
 /// template's tail. None when the haystack is too short.
 fn fit_spec(model: &Model, spec: &Spec, prompt_len: usize) -> Result<Option<Vec<u32>>> {
     let tok = &model.tokenizer;
-    let marker = "\u{1}MOAC-DOCUMENT\u{1}";
-    let text = model.chat.render(
-        &[Message::user(&format!(
-            "{}\n\n{marker}\n\n{}",
-            spec.intro, spec.question
-        ))],
-        true,
+    let (head, tail) = chat_around(
+        model,
+        &format!("{}\n\n", spec.intro),
+        &format!("\n\n{}", spec.question),
     )?;
-    let (head, tail) = text
-        .split_once(marker)
-        .ok_or_else(|| Error::Template("the chat template dropped the user's message".into()))?;
-    let (head, tail) = (tok.encode_prompt(head)?, tok.encode(tail)?);
     let inserts: Vec<(f64, Vec<u32>)> = spec
         .inserts
         .iter()
