@@ -17,6 +17,31 @@ pub enum EvalCommand {
     /// Retrieval accuracy (LongEval lines, or a pass key) at several input lengths, for
     /// every plan given and dense.
     Retrieval(RetrievalArgs),
+    /// Retrieval heads: on the calibration's true-answer samples, how often each head's
+    /// strongest attention lands on the answer token in the prompt while the model
+    /// copies it; with plans, the span each plan gives the strongest heads.
+    Heads(HeadsArgs),
+}
+
+#[derive(Args)]
+pub struct HeadsArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// A calibration file of `moac calibrate` (its true-answer samples are scored).
+    #[arg(long)]
+    pub calib: PathBuf,
+    /// Score only the samples of these lengths (default: all).
+    #[arg(long, value_delimiter = ',')]
+    pub lengths: Vec<usize>,
+    /// Plans whose spans for the strongest heads are shown.
+    #[arg(long)]
+    pub plan: Vec<PathBuf>,
+    /// How many of the strongest heads to list.
+    #[arg(long, default_value_t = 20)]
+    pub top: usize,
+    /// Write every head's scores (JSON).
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -82,6 +107,10 @@ pub struct RetrievalArgs {
     /// Write a plot of accuracy against length (SVG).
     #[arg(long)]
     pub svg: Option<PathBuf>,
+    /// Print every answer (plan, length, depth, expected value, the model's text) to
+    /// stderr.
+    #[arg(long)]
+    pub answers: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -90,6 +119,7 @@ pub fn run(c: EvalCommand) -> Result<()> {
     match c {
         EvalCommand::Perplexity(a) => run_perplexity(a),
         EvalCommand::Retrieval(a) => run_retrieval(a),
+        EvalCommand::Heads(a) => run_heads(a),
     }
 }
 
@@ -223,8 +253,20 @@ fn run_retrieval(a: RetrievalArgs) -> Result<()> {
                 };
                 let out = generate(&model.llama, attn.as_mut(), &[ids], &opts, &mut |_, _| {})?;
                 let answer = model.tokenizer.decode(&out.rows[0].tokens, false)?;
-                if last_integer(&answer) == Some(sample.value) {
+                let right = last_integer(&answer) == Some(sample.value);
+                if right {
                     ok += 1;
+                }
+                if a.answers {
+                    eprintln!(
+                        "{} n={} depth={:.2} want {} {}: {:?}",
+                        plan.name(),
+                        ids.len(),
+                        sample.depth,
+                        sample.value,
+                        if right { "ok" } else { "WRONG" },
+                        answer.trim()
+                    );
                 }
                 kv = attn.kv_bytes();
                 dense = attn.dense_kv_bytes();
@@ -282,6 +324,89 @@ fn run_retrieval(a: RetrievalArgs) -> Result<()> {
                 100.0 * kv as f64 / dense.max(1) as f64
             );
         }
+    }
+    Ok(())
+}
+
+fn run_heads(a: HeadsArgs) -> Result<()> {
+    use moac_model::pipeline::calib::CalibSet;
+    use moac_model::pipeline::heads::RetrievalScores;
+    let model = a.model.load()?;
+    let set = CalibSet::read(&a.calib)?;
+    set.check_model(&a.calib, &model)?;
+    let plans: Vec<ValidPlan> = a
+        .plan
+        .iter()
+        .map(|p| plan_for(&model, p))
+        .collect::<Result<_>>()?;
+    let c = &model.llama.config;
+    let mut total = RetrievalScores::zero(c.num_layers, c.num_heads);
+    let samples: Vec<_> = set
+        .samples
+        .iter()
+        .filter(|s| s.truth && (a.lengths.is_empty() || a.lengths.contains(&s.length)))
+        .collect();
+    if samples.is_empty() {
+        return Err(CliError::Usage(format!(
+            "{}: no true-answer samples{} to score",
+            a.calib.display(),
+            if a.lengths.is_empty() { "" } else { " of those lengths" }
+        )));
+    }
+    for (i, s) in samples.iter().enumerate() {
+        let one = model.llama.retrieval_scores(&s.tokens, s.prompt_len)?;
+        eprintln!(
+            "[{}/{}] {}: {} copy steps",
+            i + 1,
+            samples.len(),
+            s.id,
+            one.steps
+        );
+        if one.steps > 0 {
+            total.add_sample(&one);
+        }
+    }
+    let mut order: Vec<(usize, usize)> = (0..c.num_layers)
+        .flat_map(|l| (0..c.num_heads).map(move |h| (l, h)))
+        .collect();
+    order.sort_by(|x, y| total.hit[y.0][y.1].total_cmp(&total.hit[x.0][x.1]));
+    let g = c.num_heads / c.num_kv_heads.max(1);
+    let n = samples.iter().map(|s| s.length).max().unwrap_or(0) as u64;
+    println!(
+        "retrieval heads of {} ({} samples, {} copy steps); spans at N = {n}",
+        model.path.display(),
+        total.samples,
+        total.steps
+    );
+    let mut head = format!("{:>5} {:>4} {:>3} {:>6} {:>6}", "layer", "head", "kv", "hit", "mass");
+    for p in &plans {
+        head.push_str(&format!(" {:>12}", p.name()));
+    }
+    println!("{head}");
+    for &(l, h) in order.iter().take(a.top) {
+        let mut line = format!(
+            "{l:>5} {h:>4} {:>3} {:>6.3} {:>6.3}",
+            h / g,
+            total.hit[l][h],
+            total.mass[l][h]
+        );
+        for p in &plans {
+            let cap = moac::geometry::capacity(p.layer(l)[h], n, p.settings());
+            line.push_str(&format!(" {:>11.0}%", 100.0 * cap as f64 / n.max(1) as f64));
+        }
+        println!("{line}");
+    }
+    if let Some(out) = &a.output {
+        let json = serde_json::json!({
+            "model": model.path.display().to_string(),
+            "calib": a.calib.display().to_string(),
+            "samples": total.samples,
+            "steps": total.steps,
+            "hit": total.hit,
+            "mass": total.mass,
+        });
+        let text = serde_json::to_string_pretty(&json).map_err(|e| CliError::Usage(e.to_string()))?;
+        moac::fsutil::write_atomic(out, text.as_bytes())?;
     }
     Ok(())
 }

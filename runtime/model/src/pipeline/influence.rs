@@ -99,7 +99,7 @@ pub type Observer<'a> = dyn FnMut(usize, usize, &[f32], &[f32]) + 'a;
 
 /// The f32 matrices of one layer ([out, in]), dequantized if the model holds them
 /// quantized.
-struct Dense {
+pub(super) struct Dense {
     wq: Tensor,
     wk: Tensor,
     wv: Tensor,
@@ -110,7 +110,7 @@ struct Dense {
 }
 
 impl Dense {
-    fn of(l: &Layer) -> Result<Dense> {
+    pub(super) fn of(l: &Layer) -> Result<Dense> {
         Ok(Dense {
             wq: dense_matrix(&l.wq)?,
             wk: dense_matrix(&l.wk)?,
@@ -193,7 +193,7 @@ impl Llama {
     }
 
     /// q [T,Hq,D] and k, v [T,Hkv,D] of one layer (RoPE applied), from its input x.
-    fn qkv(
+    pub(super) fn qkv(
         &self,
         l: &Layer,
         w: &Dense,
@@ -241,7 +241,7 @@ impl Llama {
 
     /// Dense forward of one sequence: the inputs of every layer, every layer's attention
     /// output [T, Hq*D], and the last layer's output.
-    fn forward_exact(
+    pub(super) fn forward_exact(
         &self,
         tokens: &[u32],
         perturb: Option<Perturb>,

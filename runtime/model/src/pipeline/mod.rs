@@ -4,6 +4,7 @@
 //! (`moac::plan::optimize`).
 
 pub mod calib;
+pub mod heads;
 pub mod influence;
 pub mod optimize;
 pub mod profile;
