@@ -6,6 +6,9 @@
 //! - every candidate span's loss from the O(N) sums equals a brute-force sum of |E| over
 //!   the entries that span's mask removes (prompt rows under `moa-block64`, answer rows
 //!   under the decode rule), for many capacities;
+//! - the needle sums (the attention of the copy steps on the needle) equal a brute-force
+//!   sum over the attention probabilities for every span, and the retrieval scores'
+//!   needle mass (computed on their own path);
 //! - a bad sample is an error, not a panic.
 #![allow(clippy::unwrap_used)]
 
@@ -222,6 +225,107 @@ fn candidate_losses_from_the_sums_equal_brute_force_over_each_mask() {
         // A window that sees everything loses nothing; a narrower one loses more.
         assert!(sums.loss(128, 64) >= sums.loss(192, 64));
     }
+}
+
+#[test]
+fn needle_sums_are_the_needle_attention_of_the_copy_steps_under_each_mask() {
+    use moac_model::pipeline::heads::{copy_steps, needle_mask};
+    let mut rng = Rng::fresh("influence-needle");
+    let m = tiny(RopeStyle::HalfSplit, rng.next_u64());
+    // A random prompt of 300 tokens, a needle of 6 at position 120 (past the sink), the
+    // answer: the needle copied, then one token that is not in it.
+    let mut toks = tokens(300, &mut rng);
+    let needle: Vec<u32> = toks[120..126].to_vec();
+    let prompt = toks.len();
+    toks.extend_from_slice(&needle);
+    // (Not the token after the needle either, or the answer's last 4-gram would be there.)
+    let outside = (0..61u32)
+        .find(|t| !needle.contains(t) && *t != toks[126])
+        .unwrap();
+    toks.push(outside);
+    let mask = needle_mask(&toks, prompt);
+    let answer = toks[prompt..].to_vec();
+    for (j, &inside) in mask.iter().enumerate() {
+        // Marked: the needle, and any other place that holds a whole 4-gram of the
+        // answer (random tokens rarely do).
+        let covered = (j.saturating_sub(3)..=j).any(|s| {
+            answer
+                .windows(4)
+                .any(|w| toks[..prompt][s..].starts_with(w))
+        });
+        assert_eq!(inside, covered, "position {j}");
+        if (120..126).contains(&j) {
+            assert!(inside, "position {j} of the needle is found");
+        }
+    }
+    let rows = copy_steps(&toks, prompt, &mask);
+    // Rows prompt-1 .. prompt+4 predict the six needle tokens; the row predicting the
+    // last token (not in the needle) is no copy step.
+    assert_eq!(rows, (prompt - 1..prompt + 5).collect::<Vec<_>>());
+    let sink = 64;
+    let mut obs_a = Vec::new();
+    let mut keys = Vec::new();
+    let mut f = |l: usize, h: usize, a: &[f32], _: &[f32]| {
+        keys.push((l, h));
+        obs_a.push(a.to_vec());
+    };
+    let inf = m
+        .influence(&toks, prompt, toks.len(), sink, Some(&mut f))
+        .unwrap();
+    assert_eq!(inf.copy_steps, rows.len());
+    let scores = m.retrieval_scores(&toks, prompt).unwrap();
+    assert_eq!(scores.steps, rows.len());
+    let t = toks.len();
+    // The needle lies in the prompt; answer positions are never in it.
+    let mask = |j: usize| mask.get(j) == Some(&true);
+    for (n, &(l, h)) in keys.iter().enumerate() {
+        let sums = &inf.needle[l][h];
+        let a = |i: usize, j: usize| obs_a[n][i * t + j] as f64;
+        let total: f64 = rows
+            .iter()
+            .map(|&i| (0..=i).filter(|&j| mask(j)).map(|j| a(i, j)).sum::<f64>())
+            .sum::<f64>()
+            / rows.len() as f64;
+        assert!(
+            (sums.total - total).abs() <= 1e-9,
+            "layer {l} head {h}: total"
+        );
+        assert!(
+            (scores.mass[l][h] - total).abs() <= 1e-4,
+            "layer {l} head {h}: the retrieval scores' mass {} against {total}",
+            scores.mass[l][h]
+        );
+        for capacity in (128..=384).step_by(64) {
+            let local = capacity - sink;
+            let mut brute = 0.0;
+            for &i in &rows {
+                for j in (0..=i).filter(|&j| mask(j) && j >= sink) {
+                    let seen = if i < prompt {
+                        block64_sees(i, j, sink, local)
+                    } else {
+                        token_sees(i, j, sink, local)
+                    };
+                    if !seen {
+                        brute += a(i, j);
+                    }
+                }
+            }
+            brute /= rows.len() as f64;
+            let got = sums.loss(capacity as u64, sink as u64);
+            assert!(
+                (got - brute).abs() <= 1e-9,
+                "layer {l} head {h} capacity {capacity}: sums give {got:e}, brute force {brute:e}"
+            );
+        }
+    }
+    // An answer that is nowhere in the prompt has no copy step and zero needle sums.
+    let mut plain = toks[..prompt].to_vec();
+    plain.extend([outside, outside, outside]);
+    let inf = m
+        .influence(&plain, prompt, plain.len(), sink, None)
+        .unwrap();
+    assert_eq!(inf.copy_steps, 0);
+    assert!(inf.needle.iter().flatten().all(|s| s.total == 0.0));
 }
 
 #[test]

@@ -90,6 +90,7 @@ fn options(density: f64, constraint: Vec<usize>) -> OptimizeOptions {
         alpha_step: Some(128),
         intervals: 4,
         min_use: false,
+        retrieval_weight: 0.0,
         settings: Settings::default(),
     }
 }
@@ -104,8 +105,15 @@ fn profile_round_trips_is_deterministic_and_resumes() {
     assert_eq!(resumed, 0);
     assert_eq!(p.lengths(), vec![256, 512]);
     assert!(p.levels.iter().all(|l| l.samples == 2 && l.loss > 0.0));
+    assert!(p.levels.iter().all(|l| l.needle.is_some()));
     p.write(&out).unwrap();
     assert_eq!(Profile::read(&out).unwrap(), p);
+    // A profile without needle sums (version 1) reads back without them.
+    let mut old = p.clone();
+    old.levels.iter_mut().for_each(|l| l.needle = None);
+    let f1 = dir.path().join("v1.safetensors");
+    old.write(&f1).unwrap();
+    assert_eq!(Profile::read(&f1).unwrap(), old);
     // The parts are still there: a second run takes them all and agrees.
     let (again, resumed) = run(&m, &set, &out);
     assert_eq!(resumed, 4);
@@ -346,6 +354,7 @@ fn synthetic_profile(
                 samples: 1,
                 loss: 1.0,
                 heads,
+                needle: None,
             }
         })
         .collect();
@@ -510,4 +519,94 @@ fn heads_planted_as_costly_to_shorten_get_the_long_spans() {
             anchor.objective
         );
     }
+}
+
+#[test]
+fn the_retrieval_weight_gives_the_heads_that_read_the_needle_long_spans() {
+    use moac_model::pipeline::influence::HeadSums;
+    let shape = smollm2_shape();
+    let lengths = [1024, 2048];
+    let constraint = vec![1024, 2048, 4096];
+    let mut rng = Rng::fresh("needle_heads");
+    // The influence says nothing about retrieval: every head's fades within a few
+    // hundred tokens. Six KV heads read the needle at every distance.
+    let mut planted = std::collections::BTreeSet::new();
+    while planted.len() < 6 {
+        planted.insert(rng.below(90) as usize);
+    }
+    let seed = rng.next_u64();
+    let mut p = synthetic_profile(
+        shape,
+        &lengths,
+        |_, _, d, r| (-(d as f64) / 200.0).exp() * (0.5 + r.next_f64()),
+        seed,
+    );
+    for lv in &mut p.levels {
+        let n = lv.length;
+        let needle = (0..shape.num_layers)
+            .map(|l| {
+                (0..shape.num_query_heads)
+                    .map(|h| {
+                        let mut s = HeadSums::new(n);
+                        let unit = l * shape.num_kv_heads + h / shape.group_size();
+                        let per = if planted.contains(&unit) { 1.0 } else { 1e-3 };
+                        for t in s.token.iter_mut() {
+                            *t = per * (0.5 + rng.next_f64()) / n as f64;
+                        }
+                        s.total = s.token.iter().sum();
+                        s
+                    })
+                    .collect()
+            })
+            .collect();
+        lv.needle = Some(needle);
+    }
+    let settings = Settings::default();
+    let long = |plan: &moac_model::pipeline::optimize::MadePlan| {
+        let mut set = std::collections::BTreeSet::new();
+        for (l, layer) in plan.rules.iter().enumerate() {
+            for (j, kv) in layer.chunks(shape.group_size()).enumerate() {
+                if lengths
+                    .iter()
+                    .all(|&n| moac::geometry::capacity(kv[0], n as u64, &settings) >= n as u64)
+                {
+                    set.insert(l * shape.num_kv_heads + j);
+                }
+            }
+        }
+        set
+    };
+    let summed = |o: &OptimizeOptions| {
+        let out = optimize(&p, o).unwrap();
+        out.plans
+            .iter()
+            .find(|x| x.objective == "sum")
+            .or_else(|| {
+                out.plans.iter().min_by(|a, b| {
+                    a.loss
+                        .iter()
+                        .sum::<f64>()
+                        .total_cmp(&b.loss.iter().sum::<f64>())
+                })
+            })
+            .cloned()
+            .unwrap()
+    };
+    let mut o = options(0.5, constraint.clone());
+    o.alpha_step = None;
+    o.intervals = 1;
+    // Influence alone: no reason to keep the planted heads whole.
+    let plain = summed(&o);
+    assert!(
+        !planted.is_subset(&long(&plain)),
+        "without the needle term the planted heads are not singled out"
+    );
+    // With the needle term, every planted head keeps its whole span.
+    o.retrieval_weight = 0.5;
+    let made = summed(&o);
+    let got = long(&made);
+    assert!(
+        planted.is_subset(&got),
+        "planted {planted:?}, full spans {got:?}"
+    );
 }

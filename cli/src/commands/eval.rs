@@ -350,7 +350,11 @@ fn run_heads(a: HeadsArgs) -> Result<()> {
         return Err(CliError::Usage(format!(
             "{}: no true-answer samples{} to score",
             a.calib.display(),
-            if a.lengths.is_empty() { "" } else { " of those lengths" }
+            if a.lengths.is_empty() {
+                ""
+            } else {
+                " of those lengths"
+            }
         )));
     }
     for (i, s) in samples.iter().enumerate() {
@@ -378,7 +382,10 @@ fn run_heads(a: HeadsArgs) -> Result<()> {
         total.samples,
         total.steps
     );
-    let mut head = format!("{:>5} {:>4} {:>3} {:>6} {:>6}", "layer", "head", "kv", "hit", "mass");
+    let mut head = format!(
+        "{:>5} {:>4} {:>3} {:>6} {:>6}",
+        "layer", "head", "kv", "hit", "mass"
+    );
     for p in &plans {
         head.push_str(&format!(" {:>12}", p.name()));
     }
@@ -405,7 +412,8 @@ fn run_heads(a: HeadsArgs) -> Result<()> {
             "hit": total.hit,
             "mass": total.mass,
         });
-        let text = serde_json::to_string_pretty(&json).map_err(|e| CliError::Usage(e.to_string()))?;
+        let text =
+            serde_json::to_string_pretty(&json).map_err(|e| CliError::Usage(e.to_string()))?;
         moac::fsutil::write_atomic(out, text.as_bytes())?;
     }
     Ok(())

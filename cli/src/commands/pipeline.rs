@@ -7,7 +7,9 @@ use clap::Args;
 use moac::plan::Settings;
 use moac_model::attention::Engine;
 use moac_model::pipeline::calib::{self, CalibOptions, CalibSample, CalibSet};
-use moac_model::pipeline::optimize::{optimize, MadePlan, OptimizeOptions, Optimized};
+use moac_model::pipeline::optimize::{
+    optimize, MadePlan, OptimizeOptions, Optimized, RETRIEVAL_WEIGHT,
+};
 use moac_model::pipeline::profile::{self, Profile};
 use moac_model::pipeline::tasks::{Family, DEFAULT_MIX};
 use moac_model::pipeline::validate::response_losses;
@@ -18,6 +20,14 @@ use std::time::Instant;
 
 fn lengths_arg(s: &str) -> std::result::Result<usize, String> {
     moac_model::retrieval::parse_length(s)
+}
+
+fn weight_arg(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(w) if (0.0..=1.0).contains(&w) => Ok(w),
+        Ok(w) => Err(format!("{w} is not a weight in [0, 1]")),
+        Err(e) => Err(format!("{s:?}: {e}")),
+    }
 }
 
 fn families_arg(s: &str) -> std::result::Result<Family, String> {
@@ -111,6 +121,10 @@ pub struct OptimizeArgs {
     /// Grid intervals per objective of the epsilon-constraint method.
     #[arg(long, default_value_t = 4)]
     pub intervals: usize,
+    /// Share of each length's objective given to the needle attention a plan drops at
+    /// the copy steps of the calibration (the rest: MoA's influence); 0 = influence only.
+    #[arg(long, default_value_t = RETRIEVAL_WEIGHT, value_parser = weight_arg)]
+    pub retrieval_weight: f64,
     /// Output folder: plan-NN.json (official MoA format), summary.json, front.svg.
     #[arg(short, long)]
     pub output: PathBuf,
@@ -203,6 +217,10 @@ pub struct MakeArgs {
     /// At most R distinct rules per layer (MoA's kernels' limit; moac has none).
     #[arg(long)]
     pub max_rules_per_layer: Option<usize>,
+    /// Share of each length's objective given to the needle attention a plan drops
+    /// (the rest: MoA's influence); 0 = influence only.
+    #[arg(long, default_value_t = RETRIEVAL_WEIGHT, value_parser = weight_arg)]
+    pub retrieval_weight: f64,
     /// Where the intermediate files go (kept, and reused by a rerun; default:
     /// <output>.work/).
     #[arg(long)]
@@ -454,6 +472,7 @@ fn run_optimize(profile: &Profile, a: &OptimizeArgs, context: usize) -> Result<O
             alpha_step: a.alpha_step,
             intervals: a.intervals,
             min_use: false,
+            retrieval_weight: a.retrieval_weight,
             settings: Settings {
                 sink: profile.sink,
                 ..Settings::default()
@@ -845,7 +864,13 @@ pub fn make(a: MakeArgs) -> Result<()> {
     let profile_path = work.join("profile.safetensors");
     let sink = Settings::default().sink;
     let prof = match Profile::read(&profile_path) {
-        Ok(p) if p.lengths() == lengths && p.shape == model.llama.config.shape() => p,
+        Ok(p)
+            if p.lengths() == lengths
+                && p.shape == model.llama.config.shape()
+                && p.levels.iter().all(|l| l.needle.is_some()) =>
+        {
+            p
+        }
         _ => run_profile(&model, &set, &lengths, sink, &profile_path, a.keep_parts)?,
     };
     times.push(("profile", t.elapsed().as_secs_f64()));
@@ -862,6 +887,7 @@ pub fn make(a: MakeArgs) -> Result<()> {
             max_rules_per_layer: a.max_rules_per_layer,
             alpha_step: None,
             intervals: 4,
+            retrieval_weight: a.retrieval_weight,
             output: plans_dir.clone(),
         },
         context,

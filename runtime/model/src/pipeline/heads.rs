@@ -37,6 +37,20 @@ pub fn needle_mask(tokens: &[u32], prompt_len: usize) -> Vec<bool> {
     mask
 }
 
+/// The rows r (from the prompt's last on) whose next token `tokens[r + 1]` is an answer
+/// token held by a needle position: the copy steps.
+pub fn copy_steps(tokens: &[u32], prompt_len: usize, needle: &[bool]) -> Vec<usize> {
+    (prompt_len.saturating_sub(1)..tokens.len().saturating_sub(1))
+        .filter(|&r| {
+            let y = tokens[r + 1];
+            needle
+                .iter()
+                .zip(tokens)
+                .any(|(&inside, &t)| inside && t == y)
+        })
+        .collect()
+}
+
 /// One sample's (or a mean of samples') retrieval scores, [layer][query head].
 #[derive(Debug, Clone, PartialEq)]
 pub struct RetrievalScores {
@@ -66,7 +80,12 @@ impl RetrievalScores {
     /// weighs the same, whatever its number of copy steps).
     pub fn add_sample(&mut self, other: &RetrievalScores) {
         let k = self.samples as f64;
-        for (a, b) in self.hit.iter_mut().flatten().zip(other.hit.iter().flatten()) {
+        for (a, b) in self
+            .hit
+            .iter_mut()
+            .flatten()
+            .zip(other.hit.iter().flatten())
+        {
             *a = (*a * k + b) / (k + 1.0);
         }
         for (a, b) in self
@@ -89,16 +108,7 @@ impl Llama {
         let c = &self.config;
         let mut out = RetrievalScores::zero(c.num_layers, c.num_heads);
         let needle = needle_mask(tokens, prompt_len);
-        // Rows r predict tokens[r + 1]; a copy step is one whose token sits in the needle.
-        let steps: Vec<usize> = (prompt_len.saturating_sub(1)..tokens.len().saturating_sub(1))
-            .filter(|&r| {
-                let y = tokens[r + 1];
-                needle
-                    .iter()
-                    .zip(tokens)
-                    .any(|(&inside, &t)| inside && t == y)
-            })
-            .collect();
+        let steps = copy_steps(tokens, prompt_len, &needle);
         out.samples = 1;
         out.steps = steps.len();
         if steps.is_empty() {
@@ -116,7 +126,11 @@ impl Llama {
             let w = super::influence::Dense::of(l)?;
             let (q, k, _) = self.qkv(l, &w, &inputs[li], &cos, &sin)?;
             for h in 0..c.num_heads {
-                let qh = q.narrow(1, h, 1)?.squeeze(1)?.contiguous()?.index_select(&rows, 0)?;
+                let qh = q
+                    .narrow(1, h, 1)?
+                    .squeeze(1)?
+                    .contiguous()?
+                    .index_select(&rows, 0)?;
                 let kh = k.narrow(1, h / g, 1)?.squeeze(1)?.contiguous()?;
                 let scores = qh.matmul(&kh.t()?)?.to_vec2::<f32>()?;
                 let (mut hit, mut mass) = (0.0f64, 0.0f64);

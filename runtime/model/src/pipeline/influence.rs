@@ -80,6 +80,11 @@ pub struct Influence {
     pub loss: f64,
     /// [layer][query head].
     pub heads: Vec<Vec<HeadSums>>,
+    /// [layer][query head]: the attention on the needle at the copy steps
+    /// ([`needle_sums`]); zero when the answer is not copied from the prompt.
+    pub needle: Vec<Vec<HeadSums>>,
+    /// Copy steps behind `needle`.
+    pub copy_steps: usize,
 }
 
 /// Scales attention entry (layer, head, row, col) by `factor` and renormalizes its row
@@ -373,6 +378,9 @@ impl Llama {
         let (cos, sin) = self.rope_tables(&positions, 1)?;
         let nsin = sin.neg()?;
         let mut heads = vec![Vec::new(); c.num_layers];
+        let mut needle_heads = vec![Vec::new(); c.num_layers];
+        let needle = super::heads::needle_mask(tokens, prompt_len);
+        let copies = super::heads::copy_steps(tokens, prompt_len, &needle);
         for li in (0..c.num_layers).rev() {
             let l = &self.layers[li];
             let w = Dense::of(l)?;
@@ -401,6 +409,16 @@ impl Llama {
                 let vh = head(&v, kv)?;
                 let mut ds = d_o.matmul(&vh.t()?)?.flatten_all()?.to_vec1::<f32>()?;
                 let mut sums = HeadSums::new(n);
+                let mut needle_sums_h = HeadSums::new(n);
+                needle_sums(
+                    &a,
+                    t,
+                    &copies,
+                    &needle,
+                    prompt_len,
+                    sink,
+                    &mut needle_sums_h,
+                );
                 reduce_head(&a, &mut ds, t, prompt_len, sink, &mut sums);
                 let seen = keep.then(|| (a.clone(), ds.clone()));
                 let a = Tensor::from_vec(a, (t, t), &Device::Cpu)?;
@@ -410,6 +428,7 @@ impl Llama {
                     dk: (ds.t()?.matmul(&head(&q, h)?)? * scale)?,
                     dv: a.t()?.matmul(&d_o)?,
                     sums,
+                    needle: needle_sums_h,
                     seen,
                 })
             };
@@ -426,6 +445,7 @@ impl Llama {
                 vec![Tensor::zeros((t, c.head_dim), DType::F32, &Device::Cpu)?; c.num_kv_heads];
             let mut dv = dk.clone();
             let mut sums = Vec::with_capacity(c.num_heads);
+            let mut nsums = Vec::with_capacity(c.num_heads);
             for (h, hg) in grads.into_iter().enumerate() {
                 if let (Some(obs), Some((a, ds))) = (observer.as_mut(), &hg.seen) {
                     obs(li, h, a, ds);
@@ -434,8 +454,10 @@ impl Llama {
                 dk[h / g] = (&dk[h / g] + hg.dk)?;
                 dv[h / g] = (&dv[h / g] + hg.dv)?;
                 sums.push(hg.sums);
+                nsums.push(hg.needle);
             }
             heads[li] = sums;
+            needle_heads[li] = nsums;
             let unrope = |parts: &[Tensor], hn: usize| -> Result<Tensor> {
                 let x = Tensor::stack(parts, 1)?.reshape((1, t, hn, c.head_dim))?;
                 Ok(self.rope(&x, &cos, &nsin)?.reshape((t, hn * c.head_dim))?)
@@ -450,6 +472,8 @@ impl Llama {
             len: t,
             loss,
             heads,
+            needle: needle_heads,
+            copy_steps: copies.len(),
         })
     }
 }
@@ -460,6 +484,7 @@ struct HeadGrad {
     dk: Tensor,
     dv: Tensor,
     sums: HeadSums,
+    needle: HeadSums,
     /// A and dS, kept for an observer.
     seen: Option<(Vec<f32>, Vec<f32>)>,
 }
@@ -502,5 +527,45 @@ fn reduce_head(
         gr[i + 1..].fill(0.0);
         sums.total += row_total;
         sums.sink += row_sink;
+    }
+}
+
+/// Adds the attention of the copy steps `rows` on the `needle` positions to `sums` (each
+/// copy step weighs 1 / rows.len(): the sums are the mean needle attention of a copy
+/// step), under the same masks as the influence: prompt rows by block distance, answer
+/// rows by token distance, sink positions apart. The loss of a span is then the share
+/// of the needle attention it drops (DuoAttention's and Wu et al.'s lesson: the heads
+/// that read the needle while the answer is copied are the ones retrieval needs).
+fn needle_sums(
+    a: &[f32],
+    t: usize,
+    rows: &[usize],
+    needle: &[bool],
+    prompt_len: usize,
+    sink: usize,
+    sums: &mut HeadSums,
+) {
+    if rows.is_empty() {
+        return;
+    }
+    let w = 1.0 / rows.len() as f64;
+    for &i in rows {
+        let ar = &a[i * t..i * t + i + 1];
+        for (j, (&p, _)) in ar
+            .iter()
+            .zip(needle)
+            .enumerate()
+            .filter(|(_, (_, &inside))| inside)
+        {
+            let e = w * p as f64;
+            sums.total += e;
+            if j < sink {
+                sums.sink += e;
+            } else if i >= prompt_len {
+                sums.token[i - j] += e;
+            } else {
+                sums.block[i / BLOCK - j / BLOCK] += e;
+            }
+        }
     }
 }

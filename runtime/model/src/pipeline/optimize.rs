@@ -25,8 +25,15 @@ pub struct OptimizeOptions {
     pub intervals: usize,
     /// Also require at least 90% of the budget to be used (MoA's lower bound).
     pub min_use: bool,
+    /// The share of each length's objective that is the needle attention a plan drops
+    /// (the rest: the influence it drops), both normalized ([`Objective`]). 0 = MoA's
+    /// influence alone; ignored for profiles without needle sums.
+    pub retrieval_weight: f64,
     pub settings: Settings,
 }
+
+/// The default of [`OptimizeOptions::retrieval_weight`].
+pub const RETRIEVAL_WEIGHT: f64 = 0.5;
 
 /// One plan: a rule per layer and query head, and what it costs and loses.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -35,7 +42,7 @@ pub struct MadePlan {
     /// [layer][query head].
     #[serde(skip)]
     pub rules: Vec<Vec<HeadRule>>,
-    /// Predicted loss (sum of the influence of what is dropped) per profiled length.
+    /// Predicted loss per profiled length: the [`Objective`] of what is dropped.
     pub loss: Vec<f64>,
     /// KV bytes over the dense cache's, per constraint length.
     pub density: Vec<f64>,
@@ -110,6 +117,57 @@ pub fn level_norm(profile: &Profile, level: usize) -> f64 {
     }
 }
 
+/// The needle attention of a level when every head keeps only its sink (the divisor of
+/// the level's needle term); none when the profile has no needle sums or no copy step.
+pub fn needle_norm(profile: &Profile, level: usize) -> Option<f64> {
+    let n: f64 = profile.levels[level]
+        .needle
+        .as_ref()?
+        .iter()
+        .flatten()
+        .map(|h| (h.total - h.sink).max(0.0))
+        .sum();
+    (n > 0.0).then_some(n)
+}
+
+/// What a plan loses at one profiled length: `(1 - w)` times the influence it drops over
+/// the level's droppable influence ([`level_norm`]), plus `w` times the needle attention
+/// of the copy steps it drops over the level's droppable needle attention
+/// ([`needle_norm`]); `w` = the retrieval weight (0 when the level has no needle sums).
+#[derive(Debug, Clone, Copy)]
+pub struct Objective {
+    influence: f64,
+    needle: f64,
+}
+
+impl Objective {
+    pub fn of(profile: &Profile, level: usize, retrieval_weight: f64) -> Objective {
+        let w = retrieval_weight.clamp(0.0, 1.0);
+        match needle_norm(profile, level) {
+            Some(nn) if w > 0.0 => Objective {
+                influence: (1.0 - w) / level_norm(profile, level),
+                needle: w / nn,
+            },
+            _ => Objective {
+                influence: 1.0 / level_norm(profile, level),
+                needle: 0.0,
+            },
+        }
+    }
+
+    /// The loss of query head (l, h) of level `level` at capacity `cap`.
+    pub fn head_loss(&self, profile: &Profile, level: usize, l: usize, h: usize, cap: u64) -> f64 {
+        let lv = &profile.levels[level];
+        let mut v = self.influence * lv.heads[l][h].loss(cap, profile.sink);
+        if self.needle > 0.0 {
+            if let Some(nd) = &lv.needle {
+                v += self.needle * nd[l][h].loss(cap, profile.sink);
+            }
+        }
+        v
+    }
+}
+
 /// Slots of the uniform plan (every head `alpha 0, beta density`) at N: the budget of
 /// every made plan at N (never more KV bytes than the uniform plan of the same density).
 pub fn uniform_slots(profile: &Profile, density: f64, n: usize, settings: &Settings) -> u64 {
@@ -126,12 +184,13 @@ pub fn uniform_slots(profile: &Profile, density: f64, n: usize, settings: &Setti
 }
 
 /// Scores a plan (rule per layer and query head) with the profile and the cache rule;
-/// losses normalized per length ([`level_norm`]).
+/// losses per length as the solver saw them ([`Objective`]).
 fn score(
     profile: &Profile,
     rules: &[Vec<HeadRule>],
     constraint_lengths: &[usize],
     settings: &Settings,
+    retrieval_weight: f64,
 ) -> (Vec<f64>, Vec<f64>, Vec<u64>) {
     let shape = profile.shape;
     let g = shape.group_size();
@@ -140,15 +199,15 @@ fn score(
         .iter()
         .enumerate()
         .map(|(i, lv)| {
-            let norm = level_norm(profile, i);
+            let obj = Objective::of(profile, i, retrieval_weight);
             let mut s = 0.0;
-            for (l, heads) in lv.heads.iter().enumerate() {
-                for (h, sums) in heads.iter().enumerate() {
-                    let c = capacity(rules[l][h], lv.length as u64, settings);
-                    s += sums.loss(c, profile.sink);
+            for (l, layer) in rules.iter().enumerate() {
+                for (h, rule) in layer.iter().enumerate() {
+                    let c = capacity(*rule, lv.length as u64, settings);
+                    s += obj.head_loss(profile, i, l, h, c);
                 }
             }
-            s / norm
+            s
         })
         .collect();
     let mut density = Vec::new();
@@ -207,16 +266,14 @@ pub fn optimize(profile: &Profile, opts: &OptimizeOptions) -> Result<Optimized> 
     // Loss of unit k = (layer, kv head) with candidate c at each level.
     let mut loss = vec![vec![0.0; units * nc]; lengths.len()];
     for (i, lv) in profile.levels.iter().enumerate() {
-        let norm = level_norm(profile, i);
+        let obj = Objective::of(profile, i, opts.retrieval_weight);
         for k in 0..units {
             let (l, kv) = (k / shape.num_kv_heads, k % shape.num_kv_heads);
             for (c, cand) in grid.iter().enumerate() {
                 let cap = capacity(rule(cand), lv.length as u64, settings);
-                loss[i][k * nc + c] = lv.heads[l][kv * g..(kv + 1) * g]
-                    .iter()
-                    .map(|s| s.loss(cap, profile.sink))
-                    .sum::<f64>()
-                    / norm;
+                loss[i][k * nc + c] = (kv * g..(kv + 1) * g)
+                    .map(|h| obj.head_loss(profile, i, l, h, cap))
+                    .sum::<f64>();
             }
         }
     }
@@ -294,7 +351,13 @@ pub fn optimize(profile: &Profile, opts: &OptimizeOptions) -> Result<Optimized> 
         .enumerate()
         .map(|(i, (s, objective))| {
             let rules = to_rules(&s.choice);
-            let (loss, density, kv_bytes) = score(profile, &rules, &constraint, settings);
+            let (loss, density, kv_bytes) = score(
+                profile,
+                &rules,
+                &constraint,
+                settings,
+                opts.retrieval_weight,
+            );
             MadePlan {
                 name: format!("plan-{i:02}"),
                 rules,
@@ -316,7 +379,13 @@ pub fn optimize(profile: &Profile, opts: &OptimizeOptions) -> Result<Optimized> 
         ];
         shape.num_layers
     ];
-    let (loss, density, kv_bytes) = score(profile, &uniform_rules, &constraint, settings);
+    let (loss, density, kv_bytes) = score(
+        profile,
+        &uniform_rules,
+        &constraint,
+        settings,
+        opts.retrieval_weight,
+    );
     Ok(Optimized {
         model: profile.model.clone(),
         profile_lengths: lengths,

@@ -2,8 +2,10 @@
 //! every query head's influence sums ([`HeadSums`]), and the dense response loss. Saved
 //! as safetensors (f64 tensors `n{N}.total`/`n{N}.sink` [layers, heads],
 //! `n{N}.token` [layers, heads, N], `n{N}.block` [layers, heads, N/64]; metadata: the
-//! model, its attention shape, the sink, lengths and sample counts). A run keeps each
-//! finished sample in `<output>.parts/` and resumes from there.
+//! model, its attention shape, the sink, lengths and sample counts). Version 2 adds the
+//! needle attention of the copy steps (`n{N}.needle.total` ... `n{N}.needle.block`,
+//! the same shapes); a version 1 file reads with none. A run keeps each finished sample
+//! in `<output>.parts/` and resumes from there.
 
 use super::calib::{write_atomic, CalibSample, CalibSet};
 use super::influence::HeadSums;
@@ -25,6 +27,9 @@ pub struct Level {
     pub loss: f64,
     /// [layer][query head], the mean over samples.
     pub heads: Vec<Vec<HeadSums>>,
+    /// [layer][query head]: the mean over samples of the needle attention at the copy
+    /// steps (`influence::needle_sums`); none in profiles of version 1.
+    pub needle: Option<Vec<Vec<HeadSums>>>,
 }
 
 /// A whole profile.
@@ -59,10 +64,8 @@ impl Profile {
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let (nl, nh) = (self.shape.num_layers, self.shape.num_query_heads);
         let mut buffers: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-        for lv in &self.levels {
-            let all = || lv.heads.iter().flatten();
-            let n = lv.length;
-            let p = format!("n{n}");
+        let mut push = |p: &str, n: usize, sums: &[Vec<HeadSums>]| {
+            let all = || sums.iter().flatten();
             buffers.push((
                 format!("{p}.total"),
                 vec![nl, nh],
@@ -83,7 +86,19 @@ impl Profile {
                 vec![nl, nh, n.div_ceil(64)],
                 f64_bytes(all().flat_map(|h| h.block.iter().copied())),
             ));
+        };
+        for lv in &self.levels {
+            let n = lv.length;
+            push(&format!("n{n}"), n, &lv.heads);
+            if let Some(nd) = &lv.needle {
+                push(&format!("n{n}.needle"), n, nd);
+            }
         }
+        let version = if self.levels.iter().all(|l| l.needle.is_some()) {
+            "2"
+        } else {
+            "1"
+        };
         let views: Vec<(String, TensorView<'_>)> = buffers
             .iter()
             .map(|(name, shape, data)| {
@@ -96,7 +111,7 @@ impl Profile {
             |f: &dyn Fn(&Level) -> String| self.levels.iter().map(f).collect::<Vec<_>>().join(",");
         let meta: HashMap<String, String> = [
             ("format", FORMAT.to_string()),
-            ("version", "1".into()),
+            ("version", version.into()),
             ("model", self.model.clone()),
             (
                 "shape",
@@ -160,6 +175,17 @@ impl Profile {
         if lengths.len() != samples.len() || lengths.len() != losses.len() {
             return Err(st_err(path, "lengths, samples and loss differ in count"));
         }
+        let version = get("version")?;
+        let with_needle = match version.as_str() {
+            "1" => false,
+            "2" => true,
+            v => {
+                return Err(st_err(
+                    path,
+                    format!("version {v} (this moac reads 1 and 2)"),
+                ))
+            }
+        };
         let (nl, nh) = (shape.num_layers, shape.num_query_heads);
         let mut levels = Vec::new();
         for ((&n, &s), &loss) in lengths.iter().zip(&samples).zip(&losses) {
@@ -193,29 +219,39 @@ impl Profile {
                     })
                     .collect())
             };
-            let (total, sinks) = (read("total", 1)?, read("sink", 1)?);
             let nb = n.div_ceil(64);
-            let (token, block) = (read("token", n)?, read("block", nb)?);
-            let heads = (0..nl)
-                .map(|l| {
-                    (0..nh)
-                        .map(|h| {
-                            let i = l * nh + h;
-                            HeadSums {
-                                total: total[i],
-                                sink: sinks[i],
-                                token: token[i * n..(i + 1) * n].to_vec(),
-                                block: block[i * nb..(i + 1) * nb].to_vec(),
-                            }
-                        })
-                        .collect()
-                })
-                .collect();
+            let sums = |prefix: &str| -> Result<Vec<Vec<HeadSums>>> {
+                let name = |x: &str| format!("{prefix}{x}");
+                let (total, sinks) = (read(&name("total"), 1)?, read(&name("sink"), 1)?);
+                let (token, block) = (read(&name("token"), n)?, read(&name("block"), nb)?);
+                Ok((0..nl)
+                    .map(|l| {
+                        (0..nh)
+                            .map(|h| {
+                                let i = l * nh + h;
+                                HeadSums {
+                                    total: total[i],
+                                    sink: sinks[i],
+                                    token: token[i * n..(i + 1) * n].to_vec(),
+                                    block: block[i * nb..(i + 1) * nb].to_vec(),
+                                }
+                            })
+                            .collect()
+                    })
+                    .collect())
+            };
+            let heads = sums("")?;
+            let needle = if with_needle {
+                Some(sums("needle.")?)
+            } else {
+                None
+            };
             levels.push(Level {
                 length: n,
                 samples: s as usize,
                 loss,
                 heads,
+                needle,
             });
         }
         if levels.is_empty() {
@@ -299,6 +335,10 @@ pub fn run(
             samples: 0,
             loss: 0.0,
             heads: vec![vec![HeadSums::new(n); shape.num_query_heads]; shape.num_layers],
+            needle: Some(vec![
+                vec![HeadSums::new(n); shape.num_query_heads];
+                shape.num_layers
+            ]),
         };
         let mine: Vec<&&CalibSample> = todo.iter().filter(|s| s.length == n).collect();
         let w = 1.0 / mine.len() as f64;
@@ -318,6 +358,7 @@ pub fn run(
                         && p.sink == sink
                         && p.levels.len() == 1
                         && p.levels[0].length == n
+                        && p.levels[0].needle.is_some()
                 });
             let (one, resumed) = match cached {
                 Some(p) => (p, true),
@@ -332,6 +373,7 @@ pub fn run(
                             samples: 1,
                             loss: inf.loss,
                             heads: inf.heads,
+                            needle: Some(inf.needle),
                         }],
                     };
                     p.write(&part)?;
@@ -347,6 +389,11 @@ pub fn run(
                 .zip(lv.heads.iter().flatten())
             {
                 a.add(b, w);
+            }
+            if let (Some(mine), Some(theirs)) = (level.needle.as_mut(), lv.needle.as_ref()) {
+                for (a, b) in mine.iter_mut().flatten().zip(theirs.iter().flatten()) {
+                    a.add(b, w);
+                }
             }
             level.samples += 1;
             done += 1;
