@@ -45,11 +45,17 @@ fn calib(lengths: &[usize], per: usize, seed: u64) -> CalibSet {
         for s in 0..per {
             let answer = 20 + rng.below(12) as usize;
             let prompt_len = n - 32;
-            let tokens: Vec<u32> = (0..prompt_len + answer)
+            let mut tokens: Vec<u32> = (0..prompt_len + answer)
                 .map(|_| rng.below(50) as u32)
                 .collect();
+            if s % 2 == 0 {
+                // The answer copies a stretch of the prompt (a needle to read).
+                let (head, tail) = tokens.split_at_mut(prompt_len);
+                tail.copy_from_slice(&head[100..100 + answer]);
+            }
             samples.push(CalibSample {
-                id: format!("n{n}-{s}"),
+                // Ids are free text: one that looks like a path must not make one.
+                id: format!("n{n}-{s}-summary:text/src.txt (a source)"),
                 length: n,
                 task: "random".into(),
                 prompt_len,
@@ -105,7 +111,13 @@ fn profile_round_trips_is_deterministic_and_resumes() {
     assert_eq!(resumed, 0);
     assert_eq!(p.lengths(), vec![256, 512]);
     assert!(p.levels.iter().all(|l| l.samples == 2 && l.loss > 0.0));
-    assert!(p.levels.iter().all(|l| l.needle.is_some()));
+    // Half the samples copy their answer from the prompt: needle attention was found.
+    assert!(p.levels.iter().all(|l| l
+        .needle
+        .as_ref()
+        .is_some_and(|nd| nd.iter().flatten().any(|h| h.total > 0.0))));
+    let parts = std::fs::read_dir(profile::parts_dir(&out)).unwrap().count();
+    assert_eq!(parts, 4, "one file per sample, flat in the parts folder");
     p.write(&out).unwrap();
     assert_eq!(Profile::read(&out).unwrap(), p);
     // A profile without needle sums (version 1) reads back without them.

@@ -348,7 +348,20 @@ pub fn run(
             let hash = s.tokens.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &t| {
                 (h ^ t as u64).wrapping_mul(0x100_0000_01b3)
             });
-            let part = parts.join(format!("{}-{hash:016x}.safetensors", s.id));
+            // Ids are free text (a task may name its source): only file-name-safe
+            // characters go into the part's name, the hash keeps it unique.
+            let safe: String =
+                s.id.chars()
+                    .take(64)
+                    .map(|c| {
+                        if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                            c
+                        } else {
+                            '_'
+                        }
+                    })
+                    .collect();
+            let part = parts.join(format!("{safe}-{hash:016x}.safetensors"));
             let cached = std::fs::read(&part)
                 .ok()
                 .and_then(|b| Profile::from_bytes(&part, &b).ok())
