@@ -14,7 +14,7 @@ use moac::geometry::{CacheGeometry, Dtype};
 use moac::plan::{ModelShape, Settings};
 use moac_model::llama::{Llama, LlamaConfig, RopeStyle};
 use moac_model::pipeline::calib::{CalibHeader, CalibSample, CalibSet, FORMAT};
-use moac_model::pipeline::optimize::{optimize, OptimizeOptions};
+use moac_model::pipeline::optimize::{optimize, Influence, OptimizeOptions};
 use moac_model::pipeline::profile::{self, Profile};
 use moac_runtime::reference::check::Rng;
 use std::path::Path;
@@ -97,6 +97,7 @@ fn options(density: f64, constraint: Vec<usize>) -> OptimizeOptions {
         intervals: 4,
         min_use: false,
         retrieval_weight: 0.0,
+        influence: Influence::Entries,
         settings: Settings::default(),
     }
 }

@@ -8,7 +8,7 @@ use moac::plan::Settings;
 use moac_model::attention::Engine;
 use moac_model::pipeline::calib::{self, CalibOptions, CalibSample, CalibSet};
 use moac_model::pipeline::optimize::{
-    optimize, MadePlan, OptimizeOptions, Optimized, RETRIEVAL_WEIGHT,
+    optimize, Influence, MadePlan, OptimizeOptions, Optimized, RETRIEVAL_WEIGHT,
 };
 use moac_model::pipeline::profile::{self, Profile};
 use moac_model::pipeline::tasks::{Family, DEFAULT_MIX};
@@ -20,6 +20,10 @@ use std::time::Instant;
 
 fn lengths_arg(s: &str) -> std::result::Result<usize, String> {
     moac_model::retrieval::parse_length(s)
+}
+
+fn parse_influence(s: &str) -> std::result::Result<Influence, String> {
+    s.parse()
 }
 
 fn weight_arg(s: &str) -> std::result::Result<f64, String> {
@@ -125,6 +129,10 @@ pub struct OptimizeArgs {
     /// the copy steps of the calibration (the rest: MoA's influence); 0 = influence only.
     #[arg(long, default_value_t = RETRIEVAL_WEIGHT, value_parser = weight_arg)]
     pub retrieval_weight: f64,
+    /// How a span's influence adds up: rows (each row's dropped entries taken together;
+    /// the default) or entries (MoA's sum of every entry's |E|).
+    #[arg(long, value_parser = parse_influence, default_value = "rows")]
+    pub influence: Influence,
     /// Output folder: plan-NN.json (official MoA format), summary.json, front.svg.
     #[arg(short, long)]
     pub output: PathBuf,
@@ -221,6 +229,10 @@ pub struct MakeArgs {
     /// (the rest: MoA's influence); 0 = influence only.
     #[arg(long, default_value_t = RETRIEVAL_WEIGHT, value_parser = weight_arg)]
     pub retrieval_weight: f64,
+    /// How a span's influence adds up: rows (each row's dropped entries taken together;
+    /// the default) or entries (MoA's sum of every entry's |E|).
+    #[arg(long, value_parser = parse_influence, default_value = "rows")]
+    pub influence: Influence,
     /// Where the intermediate files go (kept, and reused by a rerun; default:
     /// <output>.work/).
     #[arg(long)]
@@ -473,6 +485,7 @@ fn run_optimize(profile: &Profile, a: &OptimizeArgs, context: usize) -> Result<O
             intervals: a.intervals,
             min_use: false,
             retrieval_weight: a.retrieval_weight,
+            influence: a.influence,
             settings: Settings {
                 sink: profile.sink,
                 ..Settings::default()
@@ -888,6 +901,7 @@ pub fn make(a: MakeArgs) -> Result<()> {
             alpha_step: None,
             intervals: 4,
             retrieval_weight: a.retrieval_weight,
+            influence: a.influence,
             output: plans_dir.clone(),
         },
         context,

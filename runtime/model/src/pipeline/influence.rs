@@ -36,6 +36,12 @@ pub struct HeadSums {
     /// Prompt rows (`moa-block64` rule), keys past the sink, by block distance
     /// `i/64 - j/64` ([ceil(N/64)]).
     pub block: Vec<f64>,
+    /// The loss of a window of `64 k` tokens past the sink, row by row
+    /// ([ceil(N/64) + 1], index k): the sum over rows of the first-order change of the
+    /// row's masked entries taken together, `|sum_j dS_ij| / (1 - sum_j A_ij)` over the
+    /// entries j the window drops (the entry-wise |E| lets a diffuse head's many small
+    /// entries add up where, masked together, they cancel). Zero where not computed.
+    pub rows: Vec<f64>,
 }
 
 impl HeadSums {
@@ -46,7 +52,18 @@ impl HeadSums {
             sink: 0.0,
             token: vec![0.0; n],
             block: vec![0.0; n.div_ceil(BLOCK)],
+            rows: vec![0.0; n.div_ceil(BLOCK) + 1],
         }
+    }
+
+    /// [`loss`](Self::loss) with the masked entries of each row taken together
+    /// ([`rows`](Self::rows)).
+    pub fn row_loss(&self, capacity: u64, sink: u64) -> f64 {
+        let k = (capacity.saturating_sub(sink) as usize) / BLOCK;
+        self.rows
+            .get(k.min(self.rows.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0.0)
     }
 
     /// The influence of everything a head of capacity `capacity` does not see (sink
@@ -66,6 +83,9 @@ impl HeadSums {
             *a += weight * b;
         }
         for (a, b) in self.block.iter_mut().zip(&other.block) {
+            *a += weight * b;
+        }
+        for (a, b) in self.rows.iter_mut().zip(&other.rows) {
             *a += weight * b;
         }
     }
@@ -500,6 +520,7 @@ fn reduce_head(
     sink: usize,
     sums: &mut HeadSums,
 ) {
+    let mut prefix = Vec::with_capacity(t + 1);
     for i in 0..t {
         let ar = &a[i * t..i * t + i + 1];
         let gr = &mut ds[i * t..(i + 1) * t];
@@ -527,6 +548,53 @@ fn reduce_head(
         gr[i + 1..].fill(0.0);
         sums.total += row_total;
         sums.sink += row_sink;
+        masked_rows(&ar[..], &gr[..=i], i, prompt_len, sink, &mut prefix, sums);
+    }
+}
+
+/// The smallest share of a row its window may keep in [`masked_rows`]' renormalization
+/// (a window that drops nearly all of a row is scored as dropping 99% of it).
+const MIN_KEPT: f64 = 0.01;
+
+/// Adds row `i`'s loss under every window of `64 k` tokens to `sums.rows`: the masked
+/// entries are a prefix `[sink, b)` of the row (b from the run-time rule of the row:
+/// decode's token rule for answer rows, `moa-block64` for prompt rows), and masking them
+/// together changes the loss, to first order, by `-sum dS / (1 - sum A)` over them.
+fn masked_rows(
+    a: &[f32],
+    ds: &[f32],
+    i: usize,
+    prompt_len: usize,
+    sink: usize,
+    prefix: &mut Vec<(f64, f64)>,
+    sums: &mut HeadSums,
+) {
+    if i < sink {
+        return;
+    }
+    // prefix[x] = sums of dS and A over [sink, sink + x).
+    prefix.clear();
+    prefix.push((0.0, 0.0));
+    let (mut d, mut m) = (0.0f64, 0.0f64);
+    for j in sink..=i {
+        d += ds[j] as f64;
+        m += a[j] as f64;
+        prefix.push((d, m));
+    }
+    for (k, slot) in sums.rows.iter_mut().enumerate() {
+        let local = k * BLOCK;
+        // First key the window keeps (past the sink).
+        let first = if i >= prompt_len {
+            (i + 1).saturating_sub(local)
+        } else {
+            ((i / BLOCK + 1).saturating_sub(local / BLOCK)) * BLOCK
+        };
+        let b = first.clamp(sink, i + 1);
+        if b == sink {
+            break;
+        }
+        let (d, m) = prefix[b - sink];
+        *slot += d.abs() / (1.0 - m).max(MIN_KEPT);
     }
 }
 

@@ -29,7 +29,46 @@ pub struct OptimizeOptions {
     /// (the rest: the influence it drops), both normalized ([`Objective`]). 0 = MoA's
     /// influence alone; ignored for profiles without needle sums.
     pub retrieval_weight: f64,
+    /// How a span's influence is counted ([`Influence`]).
+    pub influence: Influence,
     pub settings: Settings,
+}
+
+/// How the influence of the entries a span drops is added up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Influence {
+    /// MoA's: the sum of every dropped entry's |E| (`HeadSums::loss`).
+    Entries,
+    /// Row by row, the dropped entries of a row taken together (`HeadSums::row_loss`);
+    /// profiles without the row sums fall back to `Entries`.
+    #[default]
+    Rows,
+}
+
+impl std::str::FromStr for Influence {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Influence, String> {
+        match s {
+            "entries" => Ok(Influence::Entries),
+            "rows" => Ok(Influence::Rows),
+            _ => Err(format!("{s:?}: the influence is counted by \"entries\" or \"rows\"")),
+        }
+    }
+}
+
+/// The way `mode` can be used on `profile`: rows only when every level has the row sums.
+fn usable(profile: &Profile, mode: Influence) -> Influence {
+    let has_rows = profile.levels.iter().all(|l| {
+        l.heads
+            .iter()
+            .flatten()
+            .any(|h| h.rows.first().is_some_and(|&r| r > 0.0))
+    });
+    if mode == Influence::Rows && has_rows {
+        Influence::Rows
+    } else {
+        Influence::Entries
+    }
 }
 
 /// The default of [`OptimizeOptions::retrieval_weight`].
@@ -103,12 +142,20 @@ fn slot_bytes(head_dim: usize) -> u64 {
 /// a plan could drop. Each level's losses are divided by it, so that every length counts
 /// as a fraction of what it has to lose, not by how many tokens (and entries) it holds.
 pub fn level_norm(profile: &Profile, level: usize) -> f64 {
+    level_norm_by(profile, level, Influence::Entries)
+}
+
+/// [`level_norm`] with the influence counted as `mode` says.
+pub fn level_norm_by(profile: &Profile, level: usize, mode: Influence) -> f64 {
     let lv = &profile.levels[level];
     let n: f64 = lv
         .heads
         .iter()
         .flatten()
-        .map(|h| (h.total - h.sink).max(0.0))
+        .map(|h| match mode {
+            Influence::Entries => (h.total - h.sink).max(0.0),
+            Influence::Rows => h.rows.first().copied().unwrap_or(0.0),
+        })
         .sum();
     if n > 0.0 {
         n
@@ -138,19 +185,24 @@ pub fn needle_norm(profile: &Profile, level: usize) -> Option<f64> {
 pub struct Objective {
     influence: f64,
     needle: f64,
+    mode: Influence,
 }
 
 impl Objective {
-    pub fn of(profile: &Profile, level: usize, retrieval_weight: f64) -> Objective {
+    pub fn of(profile: &Profile, level: usize, retrieval_weight: f64, mode: Influence) -> Objective {
         let w = retrieval_weight.clamp(0.0, 1.0);
+        let mode = usable(profile, mode);
+        let norm = level_norm_by(profile, level, mode);
         match needle_norm(profile, level) {
             Some(nn) if w > 0.0 => Objective {
-                influence: (1.0 - w) / level_norm(profile, level),
+                influence: (1.0 - w) / norm,
                 needle: w / nn,
+                mode,
             },
             _ => Objective {
-                influence: 1.0 / level_norm(profile, level),
+                influence: 1.0 / norm,
                 needle: 0.0,
+                mode,
             },
         }
     }
@@ -158,7 +210,12 @@ impl Objective {
     /// The loss of query head (l, h) of level `level` at capacity `cap`.
     pub fn head_loss(&self, profile: &Profile, level: usize, l: usize, h: usize, cap: u64) -> f64 {
         let lv = &profile.levels[level];
-        let mut v = self.influence * lv.heads[l][h].loss(cap, profile.sink);
+        let sums = &lv.heads[l][h];
+        let mut v = self.influence
+            * match self.mode {
+                Influence::Entries => sums.loss(cap, profile.sink),
+                Influence::Rows => sums.row_loss(cap, profile.sink),
+            };
         if self.needle > 0.0 {
             if let Some(nd) = &lv.needle {
                 v += self.needle * nd[l][h].loss(cap, profile.sink);
@@ -191,6 +248,7 @@ fn score(
     constraint_lengths: &[usize],
     settings: &Settings,
     retrieval_weight: f64,
+    mode: Influence,
 ) -> (Vec<f64>, Vec<f64>, Vec<u64>) {
     let shape = profile.shape;
     let g = shape.group_size();
@@ -199,7 +257,7 @@ fn score(
         .iter()
         .enumerate()
         .map(|(i, lv)| {
-            let obj = Objective::of(profile, i, retrieval_weight);
+            let obj = Objective::of(profile, i, retrieval_weight, mode);
             let mut s = 0.0;
             for (l, layer) in rules.iter().enumerate() {
                 for (h, rule) in layer.iter().enumerate() {
@@ -266,7 +324,7 @@ pub fn optimize(profile: &Profile, opts: &OptimizeOptions) -> Result<Optimized> 
     // Loss of unit k = (layer, kv head) with candidate c at each level.
     let mut loss = vec![vec![0.0; units * nc]; lengths.len()];
     for (i, lv) in profile.levels.iter().enumerate() {
-        let obj = Objective::of(profile, i, opts.retrieval_weight);
+        let obj = Objective::of(profile, i, opts.retrieval_weight, opts.influence);
         for k in 0..units {
             let (l, kv) = (k / shape.num_kv_heads, k % shape.num_kv_heads);
             for (c, cand) in grid.iter().enumerate() {
@@ -357,6 +415,7 @@ pub fn optimize(profile: &Profile, opts: &OptimizeOptions) -> Result<Optimized> 
                 &constraint,
                 settings,
                 opts.retrieval_weight,
+                opts.influence,
             );
             MadePlan {
                 name: format!("plan-{i:02}"),
@@ -385,6 +444,7 @@ pub fn optimize(profile: &Profile, opts: &OptimizeOptions) -> Result<Optimized> 
         &constraint,
         settings,
         opts.retrieval_weight,
+        opts.influence,
     );
     Ok(Optimized {
         model: profile.model.clone(),

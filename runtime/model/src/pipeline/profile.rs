@@ -3,8 +3,10 @@
 //! as safetensors (f64 tensors `n{N}.total`/`n{N}.sink` [layers, heads],
 //! `n{N}.token` [layers, heads, N], `n{N}.block` [layers, heads, N/64]; metadata: the
 //! model, its attention shape, the sink, lengths and sample counts). Version 2 adds the
-//! needle attention of the copy steps (`n{N}.needle.total` ... `n{N}.needle.block`,
-//! the same shapes); a version 1 file reads with none. A run keeps each finished sample
+//! influence of each window with a row's masked entries taken together (`n{N}.rows`
+//! [layers, heads, N/64 + 1]) and the needle attention of the copy steps
+//! (`n{N}.needle.total` ... `n{N}.needle.block`, the influence's shapes); a version 1
+//! file reads with neither. A run keeps each finished sample
 //! in `<output>.parts/` and resumes from there.
 
 use super::calib::{write_atomic, CalibSample, CalibSet};
@@ -64,7 +66,7 @@ impl Profile {
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let (nl, nh) = (self.shape.num_layers, self.shape.num_query_heads);
         let mut buffers: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-        let mut push = |p: &str, n: usize, sums: &[Vec<HeadSums>]| {
+        let mut push = |p: &str, n: usize, sums: &[Vec<HeadSums>], rows: bool| {
             let all = || sums.iter().flatten();
             buffers.push((
                 format!("{p}.total"),
@@ -86,12 +88,19 @@ impl Profile {
                 vec![nl, nh, n.div_ceil(64)],
                 f64_bytes(all().flat_map(|h| h.block.iter().copied())),
             ));
+            if rows {
+                buffers.push((
+                    format!("{p}.rows"),
+                    vec![nl, nh, n.div_ceil(64) + 1],
+                    f64_bytes(all().flat_map(|h| h.rows.iter().copied())),
+                ));
+            }
         };
         for lv in &self.levels {
             let n = lv.length;
-            push(&format!("n{n}"), n, &lv.heads);
+            push(&format!("n{n}"), n, &lv.heads, lv.needle.is_some());
             if let Some(nd) = &lv.needle {
-                push(&format!("n{n}.needle"), n, nd);
+                push(&format!("n{n}.needle"), n, nd, false);
             }
         }
         let version = if self.levels.iter().all(|l| l.needle.is_some()) {
@@ -220,10 +229,15 @@ impl Profile {
                     .collect())
             };
             let nb = n.div_ceil(64);
-            let sums = |prefix: &str| -> Result<Vec<Vec<HeadSums>>> {
+            let sums = |prefix: &str, with_rows: bool| -> Result<Vec<Vec<HeadSums>>> {
                 let name = |x: &str| format!("{prefix}{x}");
                 let (total, sinks) = (read(&name("total"), 1)?, read(&name("sink"), 1)?);
                 let (token, block) = (read(&name("token"), n)?, read(&name("block"), nb)?);
+                let rows = if with_rows {
+                    read(&name("rows"), nb + 1)?
+                } else {
+                    vec![0.0; nl * nh * (nb + 1)]
+                };
                 Ok((0..nl)
                     .map(|l| {
                         (0..nh)
@@ -234,15 +248,16 @@ impl Profile {
                                     sink: sinks[i],
                                     token: token[i * n..(i + 1) * n].to_vec(),
                                     block: block[i * nb..(i + 1) * nb].to_vec(),
+                                    rows: rows[i * (nb + 1)..(i + 1) * (nb + 1)].to_vec(),
                                 }
                             })
                             .collect()
                     })
                     .collect())
             };
-            let heads = sums("")?;
+            let heads = sums("", with_needle)?;
             let needle = if with_needle {
-                Some(sums("needle.")?)
+                Some(sums("needle.", false)?)
             } else {
                 None
             };
