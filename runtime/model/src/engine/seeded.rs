@@ -5,8 +5,7 @@
 
 use super::upload::{build_ops, check_weights, DeviceLayer, DeviceWeights};
 use super::{ptr, run_op, DeviceEngine};
-use crate::llama::{Layer, Llama, LlamaConfig};
-use crate::weights::Weights;
+use crate::llama::{Layer, Llama, LlamaConfig, Weights};
 use crate::Result;
 use candle_core::quantized::QMatMul;
 use candle_core::{Device, Tensor};
