@@ -7,7 +7,6 @@
 
 use super::GpuModule;
 use crate::backend::emu::{EmuModule, EmuOptions};
-use crate::backend::from_bits;
 use crate::error::{Error, Result};
 use moac::geometry::Dtype;
 use std::alloc::Layout;
@@ -134,7 +133,7 @@ impl EmuGpu {
         let (xs, ws) = (x.bytes(), w.bytes());
         let bits = |b: &[u8], at: usize| u16::from_le_bytes([b[2 * at], b[2 * at + 1]]);
         let xf: Vec<f32> = (0..m * k)
-            .map(|i| from_bits(bits(xs, x_off + i), dtype))
+            .map(|i| dtype.from_bits(bits(xs, x_off + i)))
             .collect();
         let ys = y.bytes_mut();
         let yv: &mut [f32] = {
@@ -149,7 +148,7 @@ impl EmuGpu {
                 .into_par_iter()
                 .map(|j| {
                     let wrow: Vec<f32> = (0..k)
-                        .map(|t| from_bits(bits(ws, w_off + j * k + t), dtype))
+                        .map(|t| dtype.from_bits(bits(ws, w_off + j * k + t)))
                         .collect();
                     let col = (0..m)
                         .map(|i| {
