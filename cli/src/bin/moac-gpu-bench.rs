@@ -22,7 +22,9 @@ use moac::geometry::{CacheGeometry, Dtype};
 use moac::ir::KernelKind;
 use moac::plan::ValidPlan;
 use moac_cli::error::{CliError as Error, Result};
-use moac_runtime::backend::cuda::{CudaDevice, CudaLayer, DecodeScratch, DeviceCache, DeviceLens};
+use moac_runtime::backend::cuda::{
+    CudaDevice, CudaLayer, DeviceCache, DeviceDecodeScratch, DeviceLens,
+};
 use moac_runtime::backend::{bytes_moved, LayerBackend, LayerShape};
 use moac_runtime::Artifact;
 use std::path::PathBuf;
@@ -101,7 +103,7 @@ fn dense_plan(plan: &ValidPlan) -> Result<ValidPlan> {
 struct Setup {
     layers: Vec<(CudaLayer, DeviceCache, DeviceLens)>,
     q: Vec<CudaSlice<u16>>,
-    scratch: Vec<DecodeScratch>,
+    scratch: Vec<DeviceDecodeScratch>,
     /// Bytes one decode step of all layers must move.
     bytes: u64,
     kv_bytes: u64,

@@ -54,7 +54,7 @@ pub struct DevicePrompt<'a> {
 }
 
 /// Buffers of one decode launch (split partials and the merged output) for `batch` rows.
-pub struct DecodeScratch {
+pub struct DeviceDecodeScratch {
     pub batch: usize,
     pub nsplit: usize,
     part_o: CudaSlice<f32>,
@@ -289,10 +289,10 @@ impl CudaLayer {
     }
 
     /// Buffers for decode launches of `batch` rows.
-    pub fn decode_scratch(&self, batch: usize) -> Result<DecodeScratch> {
+    pub fn decode_scratch(&self, batch: usize) -> Result<DeviceDecodeScratch> {
         let s = &self.shape;
         let nsplit = self.nsplit()?;
-        Ok(DecodeScratch {
+        Ok(DeviceDecodeScratch {
             batch,
             nsplit,
             part_o: self
@@ -313,7 +313,7 @@ impl CudaLayer {
         cache: &DeviceCache,
         q: &CudaSlice<u16>,
         seq_lens: &DeviceLens,
-        scratch: &mut DecodeScratch,
+        scratch: &mut DeviceDecodeScratch,
         scale: f32,
         poison: bool,
     ) -> Result<()> {
