@@ -166,3 +166,19 @@ fn device_api_matches_the_tensor_api() {
             .contains("layer 3"));
     }
 }
+
+/// An allocation no machine can make is an out-of-memory error naming the bytes asked
+/// for, not a usage error.
+#[test]
+fn an_impossible_allocation_is_out_of_memory() {
+    let gpu = Gpu::open(Backend::Emu, EmuOptions::default()).unwrap();
+    let bytes = usize::MAX - 7;
+    match gpu.alloc(bytes) {
+        Err(e @ moac_runtime::Error::OutOfMemory { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains(&bytes.to_string()), "{text}");
+        }
+        Err(e) => panic!("expected OutOfMemory, got {e:?}"),
+        Ok(_) => panic!("allocated {bytes} bytes"),
+    }
+}

@@ -148,15 +148,14 @@ pub fn bind_layer(
         .into_iter()
         .map(|kind| {
             let name = layer.kernel(kind);
-            let spec = specs
-                .iter()
-                .find(|s| &s.name == name)
-                .ok_or_else(|| Error::Usage(format!("kernel {name} is not in the lowered plan")))?;
+            let spec = specs.iter().find(|s| &s.name == name).ok_or_else(|| {
+                Error::Internal(format!("kernel {name} is not in the lowered plan"))
+            })?;
             let (unit, slot) = units
                 .iter()
                 .enumerate()
                 .find_map(|(u, x)| x.slot(name).map(|s| (u, s)))
-                .ok_or_else(|| Error::Usage(format!("no source defines {name}")))?;
+                .ok_or_else(|| Error::Internal(format!("no source defines {name}")))?;
             Ok(BoundKernel {
                 name: name.clone(),
                 kind,
@@ -176,7 +175,7 @@ pub(crate) fn kernel_of<T>(
     kernels
         .iter()
         .find(|(k, _)| k.kind == kind)
-        .ok_or_else(|| Error::Usage(format!("no {} kernel bound", kind.slug())))
+        .ok_or_else(|| Error::Internal(format!("no {} kernel bound", kind.slug())))
 }
 
 /// One layer's kernels on one backend, with the layer's cache. Inputs are raw bits of the

@@ -29,13 +29,14 @@ unsafe impl Sync for HostMem {}
 
 impl HostMem {
     pub(super) fn new(bytes: usize) -> Result<HostMem> {
-        let layout = Layout::from_size_align(bytes.max(64), 64)
-            .map_err(|_| Error::Usage(format!("cannot allocate {bytes} bytes")))?;
+        let oom = || Error::OutOfMemory {
+            what: "an emu buffer (host memory)".into(),
+            bytes: bytes as u64,
+        };
+        let layout = Layout::from_size_align(bytes.max(64), 64).map_err(|_| oom())?;
         // SAFETY: the layout has a non-zero size.
         let raw = unsafe { std::alloc::alloc_zeroed(layout) };
-        let ptr = NonNull::new(raw).ok_or_else(|| {
-            Error::Unavailable(format!("emu: out of host memory allocating {bytes} bytes"))
-        })?;
+        let ptr = NonNull::new(raw).ok_or_else(oom)?;
         Ok(HostMem {
             ptr,
             layout,

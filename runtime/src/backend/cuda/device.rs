@@ -224,11 +224,16 @@ impl CudaDevice {
 
     /// A zeroed device buffer of `len` elements (at least one is allocated).
     pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
-        self.stream
-            .alloc_zeros::<T>(len.max(1))
-            .map_err(Error::driver(format_args!(
-                "cannot allocate {len} elements"
-            )))
+        self.stream.alloc_zeros::<T>(len.max(1)).map_err(|e| {
+            if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+                Error::OutOfMemory {
+                    what: "a cuda device buffer".into(),
+                    bytes: (len.max(1) as u64).saturating_mul(std::mem::size_of::<T>() as u64),
+                }
+            } else {
+                Error::driver(format_args!("cannot allocate {len} elements"))(e)
+            }
+        })
     }
 
     /// Copies a host buffer to a new device buffer (at least one element is allocated).
