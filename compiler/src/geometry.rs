@@ -42,6 +42,40 @@ impl Dtype {
             Dtype::Bf16 => "bf16",
         }
     }
+
+    /// NaN in this type, as raw bits (what outputs are poisoned with).
+    pub fn nan_bits(self) -> u16 {
+        match self {
+            Dtype::F16 => 0x7e00,
+            Dtype::Bf16 => 0x7fc0,
+        }
+    }
+
+    /// f32 to this type's bits (round to nearest even).
+    pub fn to_bits(self, x: f32) -> u16 {
+        match self {
+            Dtype::F16 => half::f16::from_f32(x).to_bits(),
+            Dtype::Bf16 => half::bf16::from_f32(x).to_bits(),
+        }
+    }
+
+    /// This type's bits to f32 (exact).
+    pub fn from_bits(self, bits: u16) -> f32 {
+        match self {
+            Dtype::F16 => half::f16::from_bits(bits).to_f32(),
+            Dtype::Bf16 => half::bf16::from_bits(bits).to_f32(),
+        }
+    }
+
+    /// `x` rounded to this type (to nearest even) and back to f32.
+    pub fn round(self, x: f32) -> f32 {
+        self.from_bits(self.to_bits(x))
+    }
+
+    /// Raw bits of this type (a kernel's output) as f32 values (exact).
+    pub fn f32_of(self, bits: &[u16]) -> Vec<f32> {
+        bits.iter().map(|&b| self.from_bits(b)).collect()
+    }
 }
 
 impl std::fmt::Display for Dtype {
@@ -193,6 +227,20 @@ impl CacheGeometry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bits_round_trip_and_nan() {
+        for dtype in Dtype::ALL {
+            assert!(dtype.from_bits(dtype.nan_bits()).is_nan());
+            for x in [0.0f32, 1.0, -2.5, 0.125, 96.0] {
+                assert_eq!(dtype.round(x), x, "{dtype} {x}");
+            }
+        }
+        assert_eq!(
+            Dtype::F16.to_bits(1.0 + 1.0 / 4096.0),
+            Dtype::F16.to_bits(1.0)
+        );
+    }
 
     fn rule(alpha: f64, beta: f64) -> HeadRule {
         HeadRule { alpha, beta }

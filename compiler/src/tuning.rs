@@ -37,7 +37,7 @@ pub struct TuningKey {
 
 /// One measured candidate.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Candidate {
+pub struct LaunchCandidate {
     pub launch: LaunchConfig,
     /// Passed the check against the cpu reference.
     pub correct: bool,
@@ -51,14 +51,14 @@ pub struct Candidate {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Entry {
     pub key: TuningKey,
-    pub candidates: Vec<Candidate>,
+    pub candidates: Vec<LaunchCandidate>,
     /// When it was measured (seconds since the Unix epoch).
     pub measured_at: u64,
 }
 
 impl Entry {
     /// The fastest correct, timed candidate.
-    pub fn best(&self) -> Option<&Candidate> {
+    pub fn best(&self) -> Option<&LaunchCandidate> {
         self.candidates
             .iter()
             .filter(|c| c.correct)
@@ -262,7 +262,7 @@ mod tests {
             },
             candidates: times
                 .iter()
-                .map(|&(threads, t, ok)| Candidate {
+                .map(|&(threads, t, ok)| LaunchCandidate {
                     launch: LaunchConfig {
                         threads,
                         ..LaunchConfig::default_for(crate::ir::KernelKind::Decode, 128)

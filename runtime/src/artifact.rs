@@ -236,33 +236,6 @@ impl Artifact {
         a.lowered.layers.retain(|l| layers.contains(&l.layer));
         Ok(a)
     }
-
-    /// What opening `layer` on a backend needs, for a cache geometry's `shape`.
-    pub fn layer_setup<'a>(
-        &'a self,
-        shape: &'a crate::backend::LayerShape,
-    ) -> Result<crate::backend::LayerSetup<'a>> {
-        let kernels = self
-            .lowered
-            .layers
-            .iter()
-            .find(|l| l.layer == shape.layer)
-            .ok_or_else(|| {
-                Error::Usage(format!(
-                    "layer {} is not in this artifact (compiled layers: {:?})",
-                    shape.layer,
-                    self.layers()
-                ))
-            })?;
-        Ok(crate::backend::LayerSetup {
-            shape,
-            dtype: self.dtype,
-            kernels,
-            specs: &self.lowered.kernels,
-            units: &self.units,
-            binaries: &self.binaries,
-        })
-    }
 }
 
 /// Puts `name` at `slot` of a unit's kernel list (empty names fill gaps until their own

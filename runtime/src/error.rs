@@ -30,6 +30,17 @@ pub enum Error {
     /// A prompt longer than the cache was allocated for.
     #[error("a prompt of {len} tokens does not fit a cache allocated for prompts of {max}")]
     PromptTooLong { len: usize, max: usize },
+    /// An allocation failed: device memory, or the host memory emu stands in with.
+    /// `what` names the allocation, `bytes` what was asked for.
+    #[error("out of memory allocating {bytes} bytes for {what}")]
+    OutOfMemory { what: String, bytes: u64 },
+    /// cuBLAS failed; `context` says what moac was doing, the status is cuBLAS's.
+    #[error("cuBLAS: {context}: {:?}", .source.0)]
+    Cublas {
+        context: String,
+        #[source]
+        source: cudarc::cublas::result::CublasError,
+    },
     /// The CUDA driver failed; `context` says what moac was doing.
     #[error("cuda backend: {context}: {source}")]
     Driver {
@@ -50,6 +61,10 @@ pub enum Error {
     /// A call the API does not allow (a layer the artifact lacks, a backend name).
     #[error("{0}")]
     Usage(String),
+    /// An invariant moac keeps itself broke (a bug in moac, not the caller's doing): a
+    /// lowered layer without one of its kernels, a kernel no source defines.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -64,6 +79,16 @@ impl Error {
             name: name.into(),
             expected: expected.to_string(),
             got: got.to_string(),
+        }
+    }
+
+    /// A cuBLAS error with what moac was doing.
+    pub fn cublas(
+        context: impl std::fmt::Display,
+    ) -> impl FnOnce(cudarc::cublas::result::CublasError) -> Error {
+        move |source| Error::Cublas {
+            context: context.to_string(),
+            source,
         }
     }
 
@@ -88,4 +113,31 @@ pub(crate) fn expect_len(name: &str, what: &str, want: usize, got: usize) -> Res
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn machine_failures_say_what_happened() {
+        let oom = Error::OutOfMemory {
+            what: "a cuda device buffer".into(),
+            bytes: 1 << 30,
+        };
+        assert_eq!(
+            oom.to_string(),
+            "out of memory allocating 1073741824 bytes for a cuda device buffer"
+        );
+        let status = cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED;
+        let blas = Error::cublas("gemm 4x4x4")(cudarc::cublas::result::CublasError(status));
+        assert_eq!(
+            blas.to_string(),
+            "cuBLAS: gemm 4x4x4: CUBLAS_STATUS_NOT_SUPPORTED"
+        );
+        assert_eq!(
+            Error::Internal("no decode kernel bound".into()).to_string(),
+            "internal error: no decode kernel bound"
+        );
+    }
 }

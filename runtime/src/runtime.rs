@@ -3,7 +3,7 @@
 
 use crate::artifact::Artifact;
 use crate::backend::cpu::bits_of;
-use crate::backend::{Backend, BackendHandle, LayerBackend, LayerShape, Prompt};
+use crate::backend::{Backend, BackendHandle, LayerBackend, LayerSetup, LayerShape, Prompt};
 use crate::error::{Error, Result};
 use candle_core::{DType, Tensor};
 use moac::geometry::{CacheGeometry, Dtype};
@@ -120,6 +120,34 @@ impl KvCache {
                     "layer {layer} is not in this artifact (compiled layers: {compiled:?})"
                 ))
             })
+    }
+}
+
+impl Artifact {
+    /// What opening `layer` on a backend needs, for a cache geometry's `shape`. Built
+    /// here, where the artifact meets the backends: the backends read the artifact's
+    /// types, the artifact knows no backend.
+    pub fn layer_setup<'a>(&'a self, shape: &'a LayerShape) -> Result<LayerSetup<'a>> {
+        let lowered = self.lowered();
+        let kernels = lowered
+            .layers
+            .iter()
+            .find(|l| l.layer == shape.layer)
+            .ok_or_else(|| {
+                Error::Usage(format!(
+                    "layer {} is not in this artifact (compiled layers: {:?})",
+                    shape.layer,
+                    self.layers()
+                ))
+            })?;
+        Ok(LayerSetup {
+            shape,
+            dtype: self.dtype(),
+            kernels,
+            specs: &lowered.kernels,
+            units: self.units(),
+            binaries: self.binaries(),
+        })
     }
 }
 

@@ -70,7 +70,7 @@ fn emu_sweep_then_compile_with_the_winners() {
         let planted = usize::from(kind == KernelKind::Decode);
         assert_eq!(e.candidates.len(), space.len() + planted, "{kind:?}");
         for c in &e.candidates {
-            let is_planted = c.launch == moac_cli::tools::tune::PLANTED_LAUNCH;
+            let is_planted = c.launch == moac_cli::tools::sweep::PLANTED_LAUNCH;
             assert_eq!(
                 c.correct, !is_planted,
                 "{kind:?} {:?}: {}",
@@ -106,11 +106,11 @@ fn emu_sweep_then_compile_with_the_winners() {
         };
         let n = e.candidates.len();
         for (i, c) in e.candidates.iter_mut().enumerate() {
-            let planted = c.launch == moac_cli::tools::tune::PLANTED_LAUNCH;
+            let planted = c.launch == moac_cli::tools::sweep::PLANTED_LAUNCH;
             c.median_us = Some(if planted { 1.0 } else { 100.0 - i as f64 });
         }
         let best = e.best().unwrap().launch;
-        assert_ne!(best, moac_cli::tools::tune::PLANTED_LAUNCH);
+        assert_ne!(best, moac_cli::tools::sweep::PLANTED_LAUNCH);
         let last_correct = e.candidates[..n]
             .iter()
             .rev()

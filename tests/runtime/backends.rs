@@ -12,7 +12,7 @@ use moac::ir::{KernelKind, LowerOptions, PrefillMode};
 use moac::Dtype;
 use moac_runtime::backend::cpu::candle_dtype;
 use moac_runtime::backend::emu::{EmuModule, EmuOptions};
-use moac_runtime::backend::{from_bits, to_bits, Backend, BackendHandle, HostCache, LayerShape};
+use moac_runtime::backend::{Backend, BackendHandle, HostCache, LayerShape};
 use moac_runtime::backend::{LayerBackend, Prompt};
 use moac_runtime::{reference, Artifact};
 use moac_test_support::*;
@@ -96,7 +96,7 @@ fn run_on(case: &Case, backend: Backend) {
         .unwrap();
     let scale = 1.0 / (d as f32).sqrt();
     let dev = Device::Cpu;
-    let bits = |x: &[f32]| x.iter().map(|&v| to_bits(v, dtype)).collect::<Vec<u16>>();
+    let bits = |x: &[f32]| x.iter().map(|&v| dtype.to_bits(v)).collect::<Vec<u16>>();
     let tensor = |x: &[f32], dims: &[usize]| {
         Tensor::from_vec(x.to_vec(), dims, &dev)
             .unwrap()
@@ -210,7 +210,7 @@ fn check_cache(
                     let base = (b * shape.total_slots + shape.kv_offset[j] + slot) * d;
                     for i in 0..d {
                         assert_eq!(
-                            from_bits(g[base + i], dtype),
+                            dtype.from_bits(g[base + i]),
                             w[base + i],
                             "{name} {what}: {label} row {b} KV head {j} slot {slot} dim {i}"
                         );
@@ -346,9 +346,9 @@ fn unit_entry_runs_the_kernel_its_slot_names() {
     let lens_i: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
     let kn: Vec<f32> = (0..b * hkv * d).map(|_| rng.uniform()).collect();
     let vn: Vec<f32> = (0..b * hkv * d).map(|_| rng.uniform()).collect();
-    let bits = |x: &[f32]| x.iter().map(|&v| to_bits(v, dtype)).collect::<Vec<u16>>();
+    let bits = |x: &[f32]| x.iter().map(|&v| dtype.to_bits(v)).collect::<Vec<u16>>();
     let (knb, vnb) = (bits(&kn), bits(&vn));
-    let nan = to_bits(f32::NAN, dtype);
+    let nan = dtype.to_bits(f32::NAN);
     for slot in [0i32, 1, 2, -1] {
         // The layer whose kernel sits at this slot (unit kernels are in name order).
         let layer = match slot {
@@ -416,7 +416,7 @@ fn unit_entry_runs_the_kernel_its_slot_names() {
         let want = rc.k.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         for (i, (&g, &w)) in cache.k.iter().zip(&want).enumerate() {
             if g != nan {
-                assert_eq!(from_bits(g, dtype), w, "slot {slot}, element {i}");
+                assert_eq!(dtype.from_bits(g), w, "slot {slot}, element {i}");
             }
         }
     }

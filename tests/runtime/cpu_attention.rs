@@ -21,7 +21,7 @@ use moac::ir::PrefillMode;
 use moac::plan::{ModelShape, Settings};
 use moac::Dtype;
 use moac_runtime::backend::cpu::CpuLayer;
-use moac_runtime::backend::{to_bits, LayerBackend, LayerShape, Prompt};
+use moac_runtime::backend::{LayerBackend, LayerShape, Prompt};
 use moac_test_support::{round, sees_block64, sees_decode, Rng};
 
 struct Case {
@@ -134,7 +134,7 @@ fn run(case: &Case) {
     let mut layer = CpuLayer::new(shape.clone(), dtype).unwrap();
     layer.new_cache(b_).unwrap();
     let scale = 1.0 / (d as f32).sqrt();
-    let bits = |x: &[f32]| x.iter().map(|&v| to_bits(v, dtype)).collect::<Vec<u16>>();
+    let bits = |x: &[f32]| x.iter().map(|&v| dtype.to_bits(v)).collect::<Vec<u16>>();
     let lens_i32: Vec<i32> = case.prompt_lens.iter().map(|&l| l as i32).collect();
 
     let qp = round(&rng.vec(b_ * p_ * hq * d, 1.0), dtype);

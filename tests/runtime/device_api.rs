@@ -9,15 +9,15 @@
 
 use candle_core::{Device, Tensor};
 use moac::geometry::Dtype;
-use moac_runtime::backend::{emu::EmuOptions, from_bits, to_bits};
+use moac_runtime::backend::emu::EmuOptions;
 use moac_runtime::gpu::attention::DeviceAttention;
 use moac_runtime::gpu::Gpu;
 use moac_runtime::{Artifact, Backend, DecodeOptions, PrefillMode, PrefillOptions, Runtime};
 use moac_test_support::{plan, tolerance, Rng};
 
 fn rounded(rng: &mut Rng, n: usize, dtype: Dtype) -> (Vec<u16>, Vec<f32>) {
-    let bits: Vec<u16> = (0..n).map(|_| to_bits(rng.uniform(), dtype)).collect();
-    let vals = bits.iter().map(|&b| from_bits(b, dtype)).collect();
+    let bits: Vec<u16> = (0..n).map(|_| dtype.to_bits(rng.uniform())).collect();
+    let vals = bits.iter().map(|&b| dtype.from_bits(b)).collect();
     (bits, vals)
 }
 
@@ -85,7 +85,7 @@ fn device_api_matches_the_tensor_api() {
             .download::<u16>(&o, 0, qb.len())
             .unwrap()
             .iter()
-            .map(|&x| from_bits(x, dtype))
+            .map(|&x| dtype.from_bits(x))
             .collect();
         let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(
@@ -137,7 +137,7 @@ fn device_api_matches_the_tensor_api() {
                 .download::<u16>(&out, 0, b * hq * d)
                 .unwrap()
                 .iter()
-                .map(|&x| from_bits(x, dtype))
+                .map(|&x| dtype.from_bits(x))
                 .collect();
             assert_eq!(got, flat(&want), "{dtype} decode step {step}");
             close(
@@ -164,5 +164,21 @@ fn device_api_matches_the_tensor_api() {
             .unwrap()
             .to_string()
             .contains("layer 3"));
+    }
+}
+
+/// An allocation no machine can make is an out-of-memory error naming the bytes asked
+/// for, not a usage error.
+#[test]
+fn an_impossible_allocation_is_out_of_memory() {
+    let gpu = Gpu::open(Backend::Emu, EmuOptions::default()).unwrap();
+    let bytes = usize::MAX - 7;
+    match gpu.alloc(bytes) {
+        Err(e @ moac_runtime::Error::OutOfMemory { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains(&bytes.to_string()), "{text}");
+        }
+        Err(e) => panic!("expected OutOfMemory, got {e:?}"),
+        Ok(_) => panic!("allocated {bytes} bytes"),
     }
 }

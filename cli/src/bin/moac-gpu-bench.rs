@@ -22,8 +22,10 @@ use moac::geometry::{CacheGeometry, Dtype};
 use moac::ir::KernelKind;
 use moac::plan::ValidPlan;
 use moac_cli::error::{CliError as Error, Result};
-use moac_runtime::backend::cuda::{CudaDevice, CudaLayer, DecodeScratch, DeviceCache, DeviceLens};
-use moac_runtime::backend::{bytes_moved, from_bits, LayerBackend, LayerShape};
+use moac_runtime::backend::cuda::{
+    CudaDevice, CudaLayer, DeviceCache, DeviceDecodeScratch, DeviceLens,
+};
+use moac_runtime::backend::{bytes_moved, LayerBackend, LayerShape};
 use moac_runtime::Artifact;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -101,7 +103,7 @@ fn dense_plan(plan: &ValidPlan) -> Result<ValidPlan> {
 struct Setup {
     layers: Vec<(CudaLayer, DeviceCache, DeviceLens)>,
     q: Vec<CudaSlice<u16>>,
-    scratch: Vec<DecodeScratch>,
+    scratch: Vec<DeviceDecodeScratch>,
     /// Bytes one decode step of all layers must move.
     bytes: u64,
     kv_bytes: u64,
@@ -173,7 +175,7 @@ fn time_step(
     dev.synchronize()?;
     for ((layer, _, _), scratch) in s.layers.iter().zip(&s.scratch) {
         let out = dev.download(&scratch.out, scratch.out.len())?;
-        if out.iter().any(|&b| from_bits(b, layer.dtype()).is_nan()) {
+        if out.iter().any(|&b| layer.dtype().from_bits(b).is_nan()) {
             return Err(Error::Failed(format!(
                 "layer {}: the decode output has unwritten (NaN) elements",
                 layer.shape().layer

@@ -6,14 +6,14 @@
 //! (decode speed does not depend on them); `--shape CONFIG` takes random weights for a
 //! model config, so a Llama-3-8B needs no download.
 
-use super::device::{open_gpu, resolve_shape, Source};
+use super::device::{open_gpu, open_source, resolve_shape};
 use super::model::ModelArgs;
 use super::parse;
 use crate::{CliError, Result};
 use clap::{Args, Subcommand};
 use moac::geometry::{CacheGeometry, Dtype};
 use moac::ValidPlan;
-use moac_model::engine::{session_bytes, weight_bytes, DeviceEngine, DeviceSampling};
+use moac_model::engine::{session_bytes, weight_bytes, DeviceEngine, DeviceSampling, Source};
 use moac_model::llama::LlamaConfig;
 use moac_model::weights::WeightMode;
 use moac_runtime::gpu::Gpu;
@@ -120,16 +120,13 @@ fn model_args(a: &DecodeArgs) -> ModelArgs {
 
 /// The plans to compare: (name, plan), MoA first. A named shape brings its MoA plan.
 fn variants(a: &DecodeArgs, source: &Source) -> Result<Vec<(String, ValidPlan)>> {
-    let dense = ("dense".to_string(), source.plan(None, true)?);
+    let dense = ("dense".to_string(), source.dense_plan()?);
     let named = match (&a.shape, &a.plan, a.dense) {
         (Some(s), None, false) => resolve_shape(s)?.1,
         _ => None,
     };
     match (a.plan.as_ref().or(named.as_ref()), a.dense) {
-        (Some(p), _) => Ok(vec![
-            ("moa".to_string(), source.plan(Some(p), false)?),
-            dense,
-        ]),
+        (Some(p), _) => Ok(vec![("moa".to_string(), source.plan(p)?), dense]),
         (None, true) => Ok(vec![dense]),
         (None, false) => Err(CliError::Usage(
             "say what to run: --plan P (MoA beside dense) or --dense".into(),
@@ -172,16 +169,6 @@ fn copy_bandwidth(gpu: &Gpu, bytes: usize) -> Result<f64> {
     Ok(2.0 * bytes as f64 * reps as f64 / (ms * 1e-3) / 1e9)
 }
 
-fn ffn_of(source: &Source) -> Result<usize> {
-    match source {
-        Source::Shape { ff, .. } => Ok(*ff),
-        Source::Model(_) => {
-            let p = source.path();
-            Ok(moac_model::weights::model_shape(p)?.1)
-        }
-    }
-}
-
 fn decode(a: DecodeArgs) -> Result<()> {
     if a.batch.contains(&0) || a.context.contains(&0) || a.steps == 0 {
         return Err(CliError::Usage(
@@ -204,21 +191,15 @@ fn decode(a: DecodeArgs) -> Result<()> {
         match (&a.model, &a.shape) {
             (Some(m), None) | (None, Some(m)) => {
                 let (m, _) = resolve_shape(m)?;
-                let (config, ff) = moac_model::weights::model_shape(&m)?;
-                Source::Shape {
-                    path: m,
-                    config,
-                    ff,
-                    seed: a.seed,
-                }
+                Source::shape(m, a.seed)?
             }
-            _ => Source::open(&margs, a.shape.as_deref(), a.seed)?,
+            _ => open_source(&margs, a.shape.as_deref(), a.seed)?,
         }
     } else {
-        Source::open(&margs, a.shape.as_deref(), a.seed)?
+        open_source(&margs, a.shape.as_deref(), a.seed)?
     };
     let config = source.config();
-    let ff = ffn_of(&source)?;
+    let ff = source.ff()?;
     let vars = variants(&a, &source)?;
     if let Some(&c) = a
         .context
@@ -265,7 +246,7 @@ fn decode(a: DecodeArgs) -> Result<()> {
     for (name, plan) in &vars {
         let engine = match &gpu {
             Some(g) => {
-                let mut e = source.engine(g, plan, &margs)?;
+                let mut e = source.engine(g, plan, margs.dtype, margs.prefill_mode)?;
                 e.set_graphs(!a.no_graphs);
                 Some(e)
             }

@@ -8,12 +8,12 @@
 //! `--model` (prompts as `--prompt-tokens`); `--check` compares the device engine's
 //! logits with the host runner's at every step.
 
-use super::device::{open_gpu, Source};
+use super::device::{open_gpu, open_source, source_plan};
 use super::model::{mib, ModelArgs};
 use crate::{CliError, Result};
 use clap::{Args, ValueEnum};
 use moac_model::attention::Engine;
-use moac_model::engine::DeviceSampling;
+use moac_model::engine::{DeviceSampling, Source};
 use moac_model::generate::{generate, GenerateOptions, GenerateOutput, RowOutput, Sampling};
 use moac_model::tokenizer::Tokenizer;
 use moac_runtime::{Artifact, Backend, Runtime};
@@ -186,8 +186,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             "--top-logprobs is reported by --engine host only".into(),
         ));
     }
-    let source = Source::open(&a.model, a.shape.as_deref(), a.seed)?;
-    let plan = source.plan(a.plan.as_deref(), a.dense)?;
+    let source = open_source(&a.model, a.shape.as_deref(), a.seed)?;
+    let plan = source_plan(&source, a.plan.as_deref(), a.dense)?;
     let prompts = prompts(&a, &source)?;
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let limit = source.config().context_len;
@@ -296,7 +296,7 @@ fn run_device(
     on_token: &mut dyn FnMut(usize, u32),
 ) -> Result<Ran> {
     let gpu = open_gpu(&a.model)?;
-    let eng = source.engine(&gpu, plan, &a.model)?;
+    let eng = source.engine(&gpu, plan, a.model.dtype, a.model.prefill_mode)?;
     let sampling = if a.temperature == 0.0 {
         DeviceSampling::Greedy
     } else {

@@ -2,7 +2,7 @@
 //! (emu or cuda), time the correct ones on the GPU, save all results to a database.
 
 use super::{kernel_backend, parse, PlanInput};
-use crate::tools::tune::{self, TuneOptions};
+use crate::tools::sweep::{self, SweepOptions};
 use crate::{CliError, Result};
 use clap::Args;
 use moac::geometry::Dtype;
@@ -80,12 +80,12 @@ pub fn run(a: TuneArgs) -> Result<()> {
         )));
     }
     let kinds = match a.kinds {
-        None => tune::TUNED_KINDS.to_vec(),
+        None => sweep::TUNED_KINDS.to_vec(),
         Some(names) => names
             .iter()
             .map(|n| {
                 KernelKind::from_slug(n)
-                    .filter(|k| tune::TUNED_KINDS.contains(k))
+                    .filter(|k| sweep::TUNED_KINDS.contains(k))
                     .ok_or_else(|| {
                         CliError::Usage(format!(
                             "unknown kind {n:?}: decode, append, fill, prefill_block64, prefill_token"
@@ -107,7 +107,7 @@ pub fn run(a: TuneArgs) -> Result<()> {
             }
         }
     }
-    let opts = TuneOptions {
+    let opts = SweepOptions {
         layers,
         kinds,
         dtype: a.dtype,
@@ -163,7 +163,7 @@ pub fn run(a: TuneArgs) -> Result<()> {
         ),
         _ => format!("threads {:>3}", l.threads),
     };
-    let report = tune::tune(&plan, &opts, &mut |done, total, o| {
+    let report = sweep::run(&plan, &opts, &mut |done, total, o| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
         let Some(o) = o else {
@@ -213,7 +213,7 @@ pub fn run(a: TuneArgs) -> Result<()> {
         }
     );
     if backend == Backend::Cuda {
-        for (kernel, best, default) in tune::summary(&report.outcomes) {
+        for (kernel, best, default) in sweep::summary(&report.outcomes) {
             if let (Some(b), Some(d)) = (best, default) {
                 println!(
                     "{kernel}: best {} {:.1} us {:.0} GB/s, heuristic {} {:.1} us {:.0} GB/s ({:.2}x)",

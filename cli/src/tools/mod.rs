@@ -2,5 +2,5 @@
 
 pub mod run;
 pub mod svg;
-pub mod tune;
+pub mod sweep;
 pub mod verify;

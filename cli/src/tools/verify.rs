@@ -10,9 +10,7 @@ use moac::ir::{KernelKind, LaunchConfig, LowerOptions, PlantedBug, PrefillMode};
 use moac::plan::ValidPlan;
 use moac_runtime::backend::cpu::candle_dtype;
 use moac_runtime::backend::emu::EmuOptions;
-use moac_runtime::backend::{
-    from_bits, to_bits, Backend, BackendHandle, HostCache, LayerBackend, LayerShape, Prompt,
-};
+use moac_runtime::backend::{Backend, BackendHandle, HostCache, LayerBackend, LayerShape, Prompt};
 use moac_runtime::reference::check::{tolerance, ErrorStats, Rng};
 use moac_runtime::reference::{self, LayerCache};
 use moac_runtime::Artifact;
@@ -155,7 +153,7 @@ fn verify_layer(
     let p_ = opts.prompt_lens.iter().copied().max().unwrap_or(0);
     let scale = 1.0 / (d as f32).sqrt();
     let dev = Device::Cpu;
-    let bits = |x: &[f32]| x.iter().map(|&v| to_bits(v, dtype)).collect::<Vec<u16>>();
+    let bits = |x: &[f32]| x.iter().map(|&v| dtype.to_bits(v)).collect::<Vec<u16>>();
     let tensor = |x: &[f32], dims: &[usize]| -> Result<Tensor> {
         Ok(Tensor::from_vec(x.to_vec(), dims, &dev)?.to_dtype(candle_dtype(dtype))?)
     };
@@ -276,7 +274,7 @@ fn compare_cache(
                     let base = (b * shape.total_slots + shape.kv_offset[j] + slot) * d;
                     for i in 0..d {
                         acc.add(
-                            from_bits(g[base + i], dtype) as f64,
+                            dtype.from_bits(g[base + i]) as f64,
                             w[base + i] as f64,
                             (0.0, 0.0),
                         );

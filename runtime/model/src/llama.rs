@@ -6,7 +6,6 @@
 //! weights are asked for; Hugging Face weights are held in f32.
 
 use crate::attention::Attention;
-use crate::weights::{WeightMode, Weights, WeightsSource};
 use crate::{Error, Result};
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor, D};
@@ -63,6 +62,14 @@ pub(crate) struct Layer {
     pub down: QMatMul,
 }
 
+/// A model's weights, as a loader ([`crate::weights`]) or [`Llama::random`] makes them.
+pub(crate) struct Weights {
+    pub embed: Tensor,
+    pub layers: Vec<Layer>,
+    pub norm: Tensor,
+    pub lm_head: QMatMul,
+}
+
 /// A loaded model.
 pub struct Llama {
     pub config: LlamaConfig,
@@ -77,16 +84,6 @@ pub struct Llama {
 }
 
 impl Llama {
-    /// Loads a GGUF file or a Hugging Face model folder. `mode`: how GGUF matrices
-    /// are held (f32 gives exact products; candle's quantized CPU matmul rounds the
-    /// activations to 8 bits, which moves logits by a few tenths).
-    pub fn load(path: &Path, mode: WeightMode) -> Result<Llama> {
-        let mut src = WeightsSource::open(path)?;
-        let config = src.config()?;
-        let w = Weights::read(&mut src, &config, mode)?;
-        Llama::from_weights(config, w)
-    }
-
     /// A model with random weights (normal, scaled like a trained model's: 1/sqrt(fan-in)
     /// for matrices, norms near 1), the same for the same seed: for tests and benchmarks
     /// whose results do not depend on what the weights are.

@@ -3,10 +3,11 @@
 //! candle's quantized matmul takes: Q4_0, Q4_1, Q8_0, K-quants, F16, F32) or a Hugging
 //! Face folder (`config.json` and `*.safetensors`, f32/f16/bf16, held as
 //! f32). Both give the same [`Weights`]; the GGUF names and the Hugging Face names map
-//! onto one layer structure.
+//! onto one layer structure. [`Llama::load`] is the loader: this file depends on
+//! [`crate::llama`] (the model's types), never the other way.
 
 use crate::gguf::GgufMetadata;
-use crate::llama::{Layer, LlamaConfig, RopeStyle};
+use crate::llama::{Layer, Llama, LlamaConfig, RopeStyle, Weights};
 use crate::{Error, Result};
 use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{DType, Device, Tensor};
@@ -87,13 +88,6 @@ impl std::fmt::Display for WeightMode {
 
 /// Block types re-quantized to Q8_0 in `q8` mode.
 const SLOW_ON_CPU: [GgmlDType; 3] = [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1];
-
-pub(crate) struct Weights {
-    pub embed: Tensor,
-    pub layers: Vec<Layer>,
-    pub norm: Tensor,
-    pub lm_head: QMatMul,
-}
 
 fn format_err(path: &Path, message: impl std::fmt::Display) -> Error {
     Error::Format {
@@ -432,6 +426,18 @@ fn check_config(path: &Path, c: &LlamaConfig) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+impl Llama {
+    /// Loads a GGUF file or a Hugging Face model folder. `mode`: how GGUF matrices
+    /// are held (f32 gives exact products; candle's quantized CPU matmul rounds the
+    /// activations to 8 bits, which moves logits by a few tenths).
+    pub fn load(path: &Path, mode: WeightMode) -> Result<Llama> {
+        let mut src = WeightsSource::open(path)?;
+        let config = src.config()?;
+        let w = Weights::read(&mut src, &config, mode)?;
+        Llama::from_weights(config, w)
+    }
 }
 
 impl Weights {

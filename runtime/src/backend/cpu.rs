@@ -33,14 +33,14 @@ pub fn candle_dtype(d: Dtype) -> DType {
 
 /// Element bits as a tensor of the element type.
 pub fn tensor_of(bits: &[u16], dtype: Dtype, dims: &[usize]) -> Result<Tensor> {
-    let f: Vec<f32> = bits.iter().map(|&b| super::from_bits(b, dtype)).collect();
+    let f: Vec<f32> = bits.iter().map(|&b| dtype.from_bits(b)).collect();
     Ok(Tensor::from_vec(f, dims, &candle_core::Device::Cpu)?.to_dtype(candle_dtype(dtype))?)
 }
 
 /// A tensor's values as element bits (rounded to the element type).
 pub fn bits_of(t: &Tensor, dtype: Dtype) -> Result<Vec<u16>> {
     let f = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    Ok(f.iter().map(|&x| super::to_bits(x, dtype)).collect())
+    Ok(f.iter().map(|&x| dtype.to_bits(x)).collect())
 }
 
 /// Largest head_dim and group size the backend accepts (the limits it has always had;
@@ -88,7 +88,7 @@ fn widen(src: &[u16], dtype: Dtype, dst: &mut [f32]) {
 /// the same values, and a model run through cpu matches one through emu or cuda).
 fn round_to(out: &mut [f32], dtype: Dtype) {
     for x in out.iter_mut() {
-        *x = super::from_bits(super::to_bits(*x, dtype), dtype);
+        *x = dtype.round(*x);
     }
 }
 

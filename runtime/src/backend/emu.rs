@@ -5,7 +5,7 @@
 //! launch, so an element a kernel fails to write shows up as a wrong number.
 
 use super::launch::{self, AppendBufs, DecodeBufs, FillBufs, MergeBufs, PrefillBufs};
-use super::{check_prompt, check_steps, f32_of, kernel_of, nan_bits, BoundKernel, HostCache};
+use super::{check_prompt, check_steps, kernel_of, BoundKernel, HostCache};
 use super::{LayerBackend, LayerSetup, LayerShape, Prompt};
 use crate::error::{expect_len, Error, Result};
 use moac::abi::{self, ArgPack, Dim3};
@@ -207,8 +207,8 @@ impl LayerBackend for EmuLayer {
         let n = self.shape.cache_elems(batch);
         self.cache = HostCache {
             batch,
-            k: vec![nan_bits(self.dtype); n],
-            v: vec![nan_bits(self.dtype); n],
+            k: vec![self.dtype.nan_bits(); n],
+            v: vec![self.dtype.nan_bits(); n],
         };
         Ok(())
     }
@@ -216,7 +216,7 @@ impl LayerBackend for EmuLayer {
     fn prefill(&self, q: &[u16], pr: &Prompt, mode: PrefillMode, scale: f32) -> Result<Vec<f32>> {
         check_prompt(&self.shape, Some(q), pr)?;
         let b = pr.lens.len();
-        let mut o = vec![nan_bits(self.dtype); q.len()];
+        let mut o = vec![self.dtype.nan_bits(); q.len()];
         let bufs = PrefillBufs {
             q: addr(q),
             k: addr(pr.k),
@@ -226,7 +226,7 @@ impl LayerBackend for EmuLayer {
         };
         let args = launch::prefill(&self.shape, bufs, pr.p, scale);
         self.run(KernelKind::Prefill(mode), b, pr.p, args)?;
-        Ok(f32_of(&o, self.dtype))
+        Ok(self.dtype.f32_of(&o))
     }
 
     fn fill(&mut self, pr: &Prompt) -> Result<()> {
@@ -282,14 +282,14 @@ impl LayerBackend for EmuLayer {
         };
         let args = launch::decode(s, bufs, b, nsplit, scale);
         self.run(KernelKind::Decode, b, 0, args)?;
-        let mut out = vec![nan_bits(self.dtype); q.len()];
+        let mut out = vec![self.dtype.nan_bits(); q.len()];
         let bufs = MergeBufs {
             part_o: addr(&part_o),
             part_lse: addr(&part_lse),
             out: addr_mut(&mut out),
         };
         self.run(KernelKind::Merge, b, 0, launch::merge(bufs, b, nsplit))?;
-        Ok(f32_of(&out, self.dtype))
+        Ok(self.dtype.f32_of(&out))
     }
 
     fn cache_to_host(&self) -> Result<HostCache> {

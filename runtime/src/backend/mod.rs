@@ -10,9 +10,10 @@ pub mod cpu;
 pub mod cuda;
 pub mod emu;
 pub mod launch;
-mod shape;
 
-pub use shape::{bytes_moved, LayerShape};
+/// The shape every backend method takes, and the bytes model over it (defined in
+/// `shape.rs`, below both the backends and the reference).
+pub use crate::shape::{bytes_moved, LayerShape};
 
 use crate::artifact::UnitBinaries;
 use crate::error::{Error, Result};
@@ -58,35 +59,6 @@ impl std::str::FromStr for Backend {
             .find(|b| b.name() == s)
             .ok_or_else(|| Error::Usage(format!("unknown backend {s:?} (cpu, emu or cuda)")))
     }
-}
-
-/// NaN in the element type, as raw bits (what outputs are poisoned with).
-pub fn nan_bits(dtype: Dtype) -> u16 {
-    match dtype {
-        Dtype::F16 => 0x7e00,
-        Dtype::Bf16 => 0x7fc0,
-    }
-}
-
-/// f32 to the element type's bits (round to nearest even).
-pub fn to_bits(x: f32, dtype: Dtype) -> u16 {
-    match dtype {
-        Dtype::F16 => half::f16::from_f32(x).to_bits(),
-        Dtype::Bf16 => half::bf16::from_f32(x).to_bits(),
-    }
-}
-
-/// The element type's bits to f32 (exact).
-pub fn from_bits(x: u16, dtype: Dtype) -> f32 {
-    match dtype {
-        Dtype::F16 => half::f16::from_bits(x).to_f32(),
-        Dtype::Bf16 => half::bf16::from_bits(x).to_f32(),
-    }
-}
-
-/// A kernel's output bits as f32 (exact).
-pub fn f32_of(bits: &[u16], dtype: Dtype) -> Vec<f32> {
-    bits.iter().map(|&b| from_bits(b, dtype)).collect()
 }
 
 /// One layer's compacted cache on the host: K and V `[B, total_slots, D]` as raw bits.
@@ -176,15 +148,14 @@ pub fn bind_layer(
         .into_iter()
         .map(|kind| {
             let name = layer.kernel(kind);
-            let spec = specs
-                .iter()
-                .find(|s| &s.name == name)
-                .ok_or_else(|| Error::Usage(format!("kernel {name} is not in the lowered plan")))?;
+            let spec = specs.iter().find(|s| &s.name == name).ok_or_else(|| {
+                Error::Internal(format!("kernel {name} is not in the lowered plan"))
+            })?;
             let (unit, slot) = units
                 .iter()
                 .enumerate()
                 .find_map(|(u, x)| x.slot(name).map(|s| (u, s)))
-                .ok_or_else(|| Error::Usage(format!("no source defines {name}")))?;
+                .ok_or_else(|| Error::Internal(format!("no source defines {name}")))?;
             Ok(BoundKernel {
                 name: name.clone(),
                 kind,
@@ -204,7 +175,7 @@ pub(crate) fn kernel_of<T>(
     kernels
         .iter()
         .find(|(k, _)| k.kind == kind)
-        .ok_or_else(|| Error::Usage(format!("no {} kernel bound", kind.slug())))
+        .ok_or_else(|| Error::Internal(format!("no {} kernel bound", kind.slug())))
 }
 
 /// One layer's kernels on one backend, with the layer's cache. Inputs are raw bits of the
@@ -303,20 +274,6 @@ impl BackendHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn bits_round_trip_and_nan() {
-        for dtype in Dtype::ALL {
-            assert!(from_bits(nan_bits(dtype), dtype).is_nan());
-            for x in [0.0f32, 1.0, -2.5, 0.125, 96.0] {
-                assert_eq!(from_bits(to_bits(x, dtype), dtype), x, "{dtype} {x}");
-            }
-        }
-        assert_eq!(
-            to_bits(1.0 + 1.0 / 4096.0, Dtype::F16),
-            to_bits(1.0, Dtype::F16)
-        );
-    }
 
     #[test]
     fn backend_names() {

@@ -81,7 +81,7 @@ impl DeviceAttention {
                 .iter()
                 .find(|(k, _, _)| k.kind == KernelKind::Decode)
                 .map(|(k, _, _)| abi::decode_splits(shape.max_kv_capacity(), &k.launch))
-                .ok_or_else(|| Error::Usage(format!("layer {layer}: no decode kernel")))?;
+                .ok_or_else(|| Error::Internal(format!("layer {layer}: no decode kernel")))?;
             layers.push(Layer {
                 shape,
                 kernels,
@@ -169,7 +169,7 @@ impl DeviceAttention {
             .kernels
             .iter()
             .find(|(k, _, _)| k.kind == kind)
-            .ok_or_else(|| Error::Usage(format!("no {} kernel bound", kind.slug())))?;
+            .ok_or_else(|| Error::Internal(format!("no {} kernel bound", kind.slug())))?;
         let mut pack = launch::pack(k, args)?;
         let grid = abi::grid(kind, &k.launch, &l.shape.grid_dims(batch, p));
         self.gpu

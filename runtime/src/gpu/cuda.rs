@@ -53,11 +53,7 @@ pub fn cublas_version() -> Result<i32> {
     // SAFETY: the library is loaded (checked above); cublasGetVersion accepts a null
     // handle and writes one int through the pointer, valid for the call.
     let rc = unsafe { cudarc::cublas::sys::cublasGetVersion_v2(std::ptr::null_mut(), &mut v) };
-    if rc != cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-        return Err(Error::Unavailable(format!(
-            "cublasGetVersion failed: {rc:?}"
-        )));
-    }
+    rc.result().map_err(Error::cublas("cublasGetVersion"))?;
     Ok(v)
 }
 
@@ -123,7 +119,7 @@ impl CudaGpu {
             .bind_to_thread()
             .map_err(Error::driver("bind context"))?;
         let handle = cudarc::cublas::CudaBlas::new(dev.stream().clone())
-            .map_err(|e| Error::Unavailable(format!("cuBLAS: cannot create a handle: {e:?}")))?;
+            .map_err(Error::cublas("cannot create a handle"))?;
         let mut workspace = dev.zeros::<u8>(CUBLAS_WORKSPACE)?;
         {
             let (p, _g) = workspace.device_ptr_mut(dev.stream());
@@ -136,11 +132,8 @@ impl CudaGpu {
                     CUBLAS_WORKSPACE,
                 )
             };
-            if rc != cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-                return Err(Error::Unavailable(format!(
-                    "cuBLAS: cannot set its workspace: {rc:?}"
-                )));
-            }
+            rc.result()
+                .map_err(Error::cublas("cannot set its workspace"))?;
         }
         Ok(CudaGpu {
             dev,
@@ -326,7 +319,7 @@ impl CudaGpu {
                 sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         }
-        .map_err(|e| Error::Unavailable(format!("cuBLAS gemm {m}x{n}x{k}: {e:?}")))
+        .map_err(Error::cublas(format_args!("gemm {m}x{n}x{k}")))
     }
 
     /// Records what `f` queues on the stream into a graph.
@@ -344,7 +337,7 @@ impl CudaGpu {
         ran?;
         match ended.map_err(Error::driver("end graph capture"))? {
             Some(graph) => Ok(Captured::Graph(GpuGraph { graph })),
-            None => Err(Error::Usage("graph capture recorded nothing".into()).into()),
+            None => Err(Error::Internal("graph capture recorded nothing".into()).into()),
         }
     }
 

@@ -7,7 +7,6 @@
 
 use super::GpuModule;
 use crate::backend::emu::{EmuModule, EmuOptions};
-use crate::backend::from_bits;
 use crate::error::{Error, Result};
 use moac::geometry::Dtype;
 use std::alloc::Layout;
@@ -30,13 +29,14 @@ unsafe impl Sync for HostMem {}
 
 impl HostMem {
     pub(super) fn new(bytes: usize) -> Result<HostMem> {
-        let layout = Layout::from_size_align(bytes.max(64), 64)
-            .map_err(|_| Error::Usage(format!("cannot allocate {bytes} bytes")))?;
+        let oom = || Error::OutOfMemory {
+            what: "an emu buffer (host memory)".into(),
+            bytes: bytes as u64,
+        };
+        let layout = Layout::from_size_align(bytes.max(64), 64).map_err(|_| oom())?;
         // SAFETY: the layout has a non-zero size.
         let raw = unsafe { std::alloc::alloc_zeroed(layout) };
-        let ptr = NonNull::new(raw).ok_or_else(|| {
-            Error::Unavailable(format!("emu: out of host memory allocating {bytes} bytes"))
-        })?;
+        let ptr = NonNull::new(raw).ok_or_else(oom)?;
         Ok(HostMem {
             ptr,
             layout,
@@ -134,7 +134,7 @@ impl EmuGpu {
         let (xs, ws) = (x.bytes(), w.bytes());
         let bits = |b: &[u8], at: usize| u16::from_le_bytes([b[2 * at], b[2 * at + 1]]);
         let xf: Vec<f32> = (0..m * k)
-            .map(|i| from_bits(bits(xs, x_off + i), dtype))
+            .map(|i| dtype.from_bits(bits(xs, x_off + i)))
             .collect();
         let ys = y.bytes_mut();
         let yv: &mut [f32] = {
@@ -149,7 +149,7 @@ impl EmuGpu {
                 .into_par_iter()
                 .map(|j| {
                     let wrow: Vec<f32> = (0..k)
-                        .map(|t| from_bits(bits(ws, w_off + j * k + t), dtype))
+                        .map(|t| dtype.from_bits(bits(ws, w_off + j * k + t)))
                         .collect();
                     let col = (0..m)
                         .map(|i| {

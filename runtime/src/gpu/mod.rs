@@ -137,7 +137,7 @@ impl Gpu {
 
     /// The GPU of a stream the caller owns: every launch, copy and GEMM goes to it.
     pub fn on_stream(stream: Arc<cudarc::driver::CudaStream>) -> Result<Arc<Gpu>> {
-        crate::cuda_available()?;
+        crate::backend::cuda::cuda_available()?;
         Ok(Arc::new(Gpu {
             kind: Kind::Cuda(CudaGpu::new(CudaDevice::on_stream(stream)?)?),
             modules: Mutex::new(HashMap::new()),
@@ -459,11 +459,7 @@ mod tests {
         g.move_row(&mut a, 2, 0, 8).expect("move");
         assert_eq!(g.download::<f32>(&a, 4, 2).expect("down"), [0.0, 1.0]);
         // y = x w^T + y for bf16 inputs: exact small integers.
-        let bits = |v: &[f32]| -> Vec<u16> {
-            v.iter()
-                .map(|&x| crate::backend::to_bits(x, Dtype::Bf16))
-                .collect()
-        };
+        let bits = |v: &[f32]| -> Vec<u16> { v.iter().map(|&x| Dtype::Bf16.to_bits(x)).collect() };
         let mut x = g.alloc_of::<u16>(4).expect("alloc");
         g.upload(&mut x, 0, &bits(&[1.0, 2.0, 3.0, 4.0]))
             .expect("up");

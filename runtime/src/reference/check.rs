@@ -2,7 +2,6 @@
 //! tuner and the tests: one seeded generator of inputs ([`Rng`]), one tolerance table
 //! ([`tolerance`]) and one error statistic ([`ErrorStats`]).
 
-use crate::backend::{from_bits, to_bits};
 use moac::geometry::Dtype;
 
 /// A small seeded generator (splitmix64): the same seed gives the same inputs on every
@@ -65,14 +64,12 @@ impl Rng {
 
     /// `n` uniform values already rounded to `dtype` (what a kernel actually sees).
     pub fn vec_in(&mut self, n: usize, dtype: Dtype) -> Vec<f32> {
-        (0..n)
-            .map(|_| from_bits(to_bits(self.uniform(), dtype), dtype))
-            .collect()
+        (0..n).map(|_| dtype.round(self.uniform())).collect()
     }
 
     /// `n` uniform values as element bits of `dtype`.
     pub fn bits(&mut self, n: usize, dtype: Dtype) -> Vec<u16> {
-        (0..n).map(|_| to_bits(self.uniform(), dtype)).collect()
+        (0..n).map(|_| dtype.to_bits(self.uniform())).collect()
     }
 }
 

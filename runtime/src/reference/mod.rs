@@ -7,8 +7,8 @@
 pub mod check;
 pub mod semantics;
 
-use crate::backend::LayerShape;
 use crate::error::{Error, Result};
+use crate::shape::LayerShape;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use moac::ir::PrefillMode;
 use semantics::{block64_sees, decode_sees, slot_of, token_sees};

@@ -21,13 +21,15 @@
 //! the device), `upload.rs` (a loaded model's weights onto the device, the ops module),
 //! `sizing.rs` (bytes of the weights and of a session), `session.rs` ([`Session`]: a
 //! batch's caches and buffers), `step.rs` (prefill and the decode step), `sample.rs`
-//! (choosing the next tokens, reading the logits). This file holds [`DeviceEngine`]
+//! (choosing the next tokens, reading the logits), `source.rs` ([`Source`]: a loaded
+//! model or a seeded one for a config, and the plan, host model and engine of either). This file holds [`DeviceEngine`]
 //! itself and the launch of one op.
 
 mod sample;
 mod seeded;
 mod session;
 mod sizing;
+mod source;
 mod step;
 mod upload;
 
@@ -35,6 +37,7 @@ pub use sample::DeviceSampling;
 pub use seeded::{hash_uniform, seeded_llama};
 pub use session::Session;
 pub use sizing::{session_bytes, weight_bytes};
+pub use source::{HostLlama, Source};
 
 use crate::llama::LlamaConfig;
 use crate::{Error, Result};

@@ -5,8 +5,7 @@
 
 use super::upload::{build_ops, check_weights, DeviceLayer, DeviceWeights};
 use super::{ptr, run_op, DeviceEngine};
-use crate::llama::{Layer, Llama, LlamaConfig};
-use crate::weights::Weights;
+use crate::llama::{Layer, Llama, LlamaConfig, Weights};
 use crate::Result;
 use candle_core::quantized::QMatMul;
 use candle_core::{Device, Tensor};
@@ -14,7 +13,6 @@ use moac::abi::{Arg, Elem};
 use moac::geometry::Dtype;
 use moac::ir::PrefillMode;
 use moac::ops::Op;
-use moac_runtime::backend::f32_of;
 use moac_runtime::gpu::{Gpu, GpuBuf};
 use moac_runtime::Artifact;
 use std::sync::Arc;
@@ -81,9 +79,7 @@ fn seeded_norm(seed: u64, index: u64, n: usize) -> Vec<f32> {
 fn seeded_matrix(seed: u64, index: u64, n: usize, scale: f32, dtype: Dtype) -> Vec<u16> {
     let s = tensor_seed(seed, index);
     (0..n)
-        .map(|i| {
-            moac_runtime::backend::to_bits((2.0 * hash_uniform(s, i as u64) - 1.0) * scale, dtype)
-        })
+        .map(|i| dtype.to_bits((2.0 * hash_uniform(s, i as u64) - 1.0) * scale))
         .collect()
 }
 
@@ -101,7 +97,7 @@ pub fn seeded_llama(config: LlamaConfig, ff: usize, seed: u64, dtype: Dtype) -> 
     for l in 0..c.num_layers {
         let [qkv, wo, gu, down] = lay.matrices(l).map(|(i, r, k, sc)| {
             (
-                f32_of(&seeded_matrix(seed, i, r * k, sc, dtype), dtype),
+                dtype.f32_of(&seeded_matrix(seed, i, r * k, sc, dtype)),
                 r,
                 k,
             )
@@ -124,10 +120,13 @@ pub fn seeded_llama(config: LlamaConfig, ff: usize, seed: u64, dtype: Dtype) -> 
     }
     let embed_scale = 1.7 / (c.hidden as f32).sqrt();
     let embed = t(
-        f32_of(
-            &seeded_matrix(seed, 1, c.vocab_size * c.hidden, embed_scale, dtype),
+        dtype.f32_of(&seeded_matrix(
+            seed,
+            1,
+            c.vocab_size * c.hidden,
+            embed_scale,
             dtype,
-        ),
+        )),
         c.vocab_size,
         c.hidden,
     )?;

@@ -57,10 +57,7 @@ impl DeviceEngine {
         let c = llama.config;
         let upload_bits = |t: &Tensor| -> Result<GpuBuf> {
             let v: Vec<f32> = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
-            let bits: Vec<u16> = v
-                .iter()
-                .map(|&x| moac_runtime::backend::to_bits(x, dtype))
-                .collect();
+            let bits: Vec<u16> = v.iter().map(|&x| dtype.to_bits(x)).collect();
             let mut b = gpu.alloc_of::<u16>(bits.len())?;
             gpu.upload(&mut b, 0, &bits)?;
             Ok(b)

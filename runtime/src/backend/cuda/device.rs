@@ -2,7 +2,7 @@
 //! the modules loaded so far, and the timing harness every measurement uses.
 //!
 //! cudarc panics when libcuda is missing, so [`CudaDevice::open`] checks
-//! [`crate::cuda_available`] before any driver call; nothing else creates a context.
+//! [`cuda_available`] before any driver call; nothing else creates a context.
 
 use super::module::{self, BinarySource, Image};
 use crate::artifact::UnitBinaries;
@@ -14,6 +14,28 @@ use cudarc::driver::{
 use moac::abi::ArgPack;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+
+/// Checks that the `cuda` backend can run here: a CUDA driver and at least one device.
+/// cudarc panics when libcuda is missing, so this probes first.
+pub fn cuda_available() -> Result<()> {
+    // SAFETY: only probes whether the driver library can be opened.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(Error::Unavailable(
+            "cuda backend: no CUDA driver (libcuda.so) on this machine; use --backend emu or cpu"
+                .into(),
+        ));
+    }
+    cudarc::driver::result::init()
+        .map_err(|e| Error::Unavailable(format!("cuda backend: cuInit failed: {e}")))?;
+    let n = cudarc::driver::result::device::get_count()
+        .map_err(|e| Error::Unavailable(format!("cuda backend: cannot count devices: {e}")))?;
+    if n == 0 {
+        return Err(Error::Unavailable(
+            "cuda backend: the CUDA driver reports no GPU".into(),
+        ));
+    }
+    Ok(())
+}
 
 /// GPU 0, opened.
 pub struct CudaDevice {
@@ -35,7 +57,7 @@ impl std::fmt::Debug for CudaDevice {
 impl CudaDevice {
     /// Opens device 0; fails with one clear line where there is no driver or GPU.
     pub fn open() -> Result<Arc<CudaDevice>> {
-        crate::cuda_available()?;
+        cuda_available()?;
         let ctx = CudaContext::new(0).map_err(Error::driver("cannot open GPU 0"))?;
         let (major, minor) = ctx
             .compute_capability()
@@ -202,11 +224,16 @@ impl CudaDevice {
 
     /// A zeroed device buffer of `len` elements (at least one is allocated).
     pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
-        self.stream
-            .alloc_zeros::<T>(len.max(1))
-            .map_err(Error::driver(format_args!(
-                "cannot allocate {len} elements"
-            )))
+        self.stream.alloc_zeros::<T>(len.max(1)).map_err(|e| {
+            if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+                Error::OutOfMemory {
+                    what: "a cuda device buffer".into(),
+                    bytes: (len.max(1) as u64).saturating_mul(std::mem::size_of::<T>() as u64),
+                }
+            } else {
+                Error::driver(format_args!("cannot allocate {len} elements"))(e)
+            }
+        })
     }
 
     /// Copies a host buffer to a new device buffer (at least one element is allocated).

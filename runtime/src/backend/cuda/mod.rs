@@ -13,11 +13,11 @@
 mod device;
 pub mod module;
 
-pub use device::CudaDevice;
+pub use device::{cuda_available, CudaDevice};
 pub use module::BinarySource;
 
 use super::launch::{self, AppendBufs, DecodeBufs, FillBufs, MergeBufs, PrefillBufs};
-use super::{check_lens, check_prompt, check_steps, f32_of, kernel_of, nan_bits, BoundKernel};
+use super::{check_lens, check_prompt, check_steps, kernel_of, BoundKernel};
 use super::{HostCache, LayerBackend, LayerSetup, LayerShape, Prompt};
 use crate::error::{expect_len, Error, Result};
 use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, DevicePtrMut};
@@ -54,7 +54,7 @@ pub struct DevicePrompt<'a> {
 }
 
 /// Buffers of one decode launch (split partials and the merged output) for `batch` rows.
-pub struct DecodeScratch {
+pub struct DeviceDecodeScratch {
     pub batch: usize,
     pub nsplit: usize,
     part_o: CudaSlice<f32>,
@@ -142,8 +142,8 @@ impl CudaLayer {
         let n = self.shape.cache_elems(batch);
         let mut k = self.dev.zeros::<u16>(n)?;
         let mut v = self.dev.zeros::<u16>(n)?;
-        self.dev.fill16(&mut k, nan_bits(self.dtype))?;
-        self.dev.fill16(&mut v, nan_bits(self.dtype))?;
+        self.dev.fill16(&mut k, self.dtype.nan_bits())?;
+        self.dev.fill16(&mut v, self.dtype.nan_bits())?;
         Ok(DeviceCache { batch, k, v })
     }
 
@@ -289,10 +289,10 @@ impl CudaLayer {
     }
 
     /// Buffers for decode launches of `batch` rows.
-    pub fn decode_scratch(&self, batch: usize) -> Result<DecodeScratch> {
+    pub fn decode_scratch(&self, batch: usize) -> Result<DeviceDecodeScratch> {
         let s = &self.shape;
         let nsplit = self.nsplit()?;
-        Ok(DecodeScratch {
+        Ok(DeviceDecodeScratch {
             batch,
             nsplit,
             part_o: self
@@ -313,7 +313,7 @@ impl CudaLayer {
         cache: &DeviceCache,
         q: &CudaSlice<u16>,
         seq_lens: &DeviceLens,
-        scratch: &mut DecodeScratch,
+        scratch: &mut DeviceDecodeScratch,
         scale: f32,
         poison: bool,
     ) -> Result<()> {
@@ -334,7 +334,7 @@ impl CudaLayer {
         if poison {
             self.dev.fill32(&mut scratch.part_o, f32::NAN)?;
             self.dev.fill32(&mut scratch.part_lse, f32::NAN)?;
-            self.dev.fill16(&mut scratch.out, nan_bits(self.dtype))?;
+            self.dev.fill16(&mut scratch.out, self.dtype.nan_bits())?;
         }
         let st = self.dev.stream();
         {
@@ -388,7 +388,7 @@ impl CudaLayer {
     ) -> Result<CudaSlice<u16>> {
         let qd = self.dev.upload(q)?;
         let mut o = self.dev.zeros::<u16>(q.len())?;
-        self.dev.fill16(&mut o, nan_bits(self.dtype))?;
+        self.dev.fill16(&mut o, self.dtype.nan_bits())?;
         self.prefill_into(&mut o, &qd, pr, mode, scale)?;
         Ok(o)
     }
@@ -421,7 +421,7 @@ impl LayerBackend for CudaLayer {
     fn prefill(&self, q: &[u16], pr: &Prompt, mode: PrefillMode, scale: f32) -> Result<Vec<f32>> {
         check_prompt(&self.shape, Some(q), pr)?;
         let o = self.with_prompt(pr, |dp| self.prefill_dev(q, dp, mode, scale))?;
-        Ok(f32_of(&self.dev.download(&o, q.len())?, self.dtype))
+        Ok(self.dtype.f32_of(&self.dev.download(&o, q.len())?))
     }
 
     fn fill(&mut self, pr: &Prompt) -> Result<()> {
@@ -454,7 +454,7 @@ impl LayerBackend for CudaLayer {
             )),
         };
         self.cache = cache;
-        Ok(f32_of(&self.dev.download(&r?, q.len())?, self.dtype))
+        Ok(self.dtype.f32_of(&self.dev.download(&r?, q.len())?))
     }
 
     fn append(&mut self, k_new: &[u16], v_new: &[u16], seq_lens: &[i32]) -> Result<()> {
@@ -481,10 +481,9 @@ impl LayerBackend for CudaLayer {
         let qd = self.dev.upload(q)?;
         let mut scratch = self.decode_scratch(b)?;
         self.launch_decode(self.own_cache_ref()?, &qd, &lens, &mut scratch, scale, true)?;
-        Ok(f32_of(
-            &self.dev.download(&scratch.out, q.len())?,
-            self.dtype,
-        ))
+        Ok(self
+            .dtype
+            .f32_of(&self.dev.download(&scratch.out, q.len())?))
     }
 
     fn cache_to_host(&self) -> Result<HostCache> {

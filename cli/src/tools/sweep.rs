@@ -1,17 +1,18 @@
-//! `moac tune`: for every distinct kernel of the chosen layers and kinds, every candidate
-//! launch configuration ([`LaunchConfig::candidates`]) is first checked against the cpu
-//! reference (through [`verify`], with the candidate as a launch override), then, on the
-//! `cuda` backend, timed with CUDA events: warm-up, median of repeats, inputs rotated
-//! across buffer sets larger than twice the L2 cache. A wrong candidate is reported and
-//! never timed or chosen. The results, every candidate with its outcome, become entries
-//! of a tuning database ([`TuningDb`]).
+//! The launch-configuration sweep behind `moac tune`: for every distinct kernel of the
+//! chosen layers and kinds, every candidate launch configuration
+//! ([`LaunchConfig::candidates`]) is first checked against the cpu reference (through
+//! [`verify`], with the candidate as a launch override), then, on the `cuda` backend,
+//! timed with CUDA events: warm-up, median of repeats, inputs rotated across buffer
+//! sets larger than twice the L2 cache. A wrong candidate is reported and never timed
+//! or chosen. The results, every candidate with its outcome, become entries of a tuning
+//! database ([`TuningDb`]).
 
 use super::verify::{verify, VerifyOptions};
 use crate::error::{CliError, Result};
 use moac::geometry::{CacheGeometry, Dtype};
 use moac::ir::{KernelKind, LaunchConfig, LowerOptions, PlantedBug, PrefillMode};
 use moac::plan::ValidPlan;
-use moac::tuning::{bucket, Candidate, Entry, Environment, TuningDb, TuningKey};
+use moac::tuning::{bucket, Entry, Environment, LaunchCandidate, TuningDb, TuningKey};
 use moac_runtime::backend::cuda::{CudaDevice, CudaLayer, DeviceCache, DevicePrompt};
 use moac_runtime::backend::emu::{EmuModule, EmuOptions};
 use moac_runtime::backend::{bytes_moved, Backend, LayerShape};
@@ -40,7 +41,7 @@ pub const PLANTED_LAUNCH: LaunchConfig = LaunchConfig {
 
 /// What to tune and how.
 #[derive(Debug, Clone)]
-pub struct TuneOptions {
+pub struct SweepOptions {
     pub layers: Vec<usize>,
     pub kinds: Vec<KernelKind>,
     pub dtype: Dtype,
@@ -66,9 +67,9 @@ pub struct TuneOptions {
     pub plant_bad_candidate: bool,
 }
 
-impl Default for TuneOptions {
+impl Default for SweepOptions {
     fn default() -> Self {
-        TuneOptions {
+        SweepOptions {
             layers: vec![0],
             kinds: TUNED_KINDS.to_vec(),
             dtype: Dtype::F16,
@@ -111,7 +112,7 @@ pub struct Outcome {
 
 /// What a tuning run found.
 #[derive(Debug, Clone)]
-pub struct TuneReport {
+pub struct SweepReport {
     pub env: Environment,
     pub outcomes: Vec<Outcome>,
     pub db: TuningDb,
@@ -125,7 +126,7 @@ struct Job {
 }
 
 fn lower_options(
-    opts: &TuneOptions,
+    opts: &SweepOptions,
     layer: usize,
     over: Option<(KernelKind, LaunchConfig)>,
     bug: Option<PlantedBug>,
@@ -155,7 +156,7 @@ fn kernel_of(low: &moac::ir::Lowered, kind: KernelKind) -> Result<&moac::ir::Ker
 /// is always among them.
 fn jobs(
     plan: &ValidPlan,
-    opts: &TuneOptions,
+    opts: &SweepOptions,
     heuristic: &dyn Fn(KernelKind) -> LaunchConfig,
 ) -> Result<Vec<Job>> {
     let d = plan.model().head_dim;
@@ -196,7 +197,7 @@ fn jobs(
 /// Builds every module the sweep will load, `opts.jobs` at a time, into the caches the
 /// sweep then finds them in: emu modules (one g++ run each) or, for `arch`, CUBINs (one
 /// NVRTC compile each, into the compile cache).
-fn prebuild(plan: &ValidPlan, opts: &TuneOptions, jobs: &[Job], arch: Option<&str>) -> Result<()> {
+fn prebuild(plan: &ValidPlan, opts: &SweepOptions, jobs: &[Job], arch: Option<&str>) -> Result<()> {
     // Unit names are hashes of the kernels they hold: one build per name.
     let mut units: BTreeMap<String, String> = BTreeMap::new();
     for j in jobs {
@@ -248,11 +249,11 @@ fn environment(dev: Option<&Arc<CudaDevice>>) -> Result<Environment> {
 /// Runs the sweep. `progress` is called with (0, total, None) once the candidates are
 /// known (before the emu modules are built), then after every candidate with (done,
 /// total, its outcome).
-pub fn tune(
+pub fn run(
     plan: &ValidPlan,
-    opts: &TuneOptions,
+    opts: &SweepOptions,
     progress: &mut dyn FnMut(usize, usize, Option<&Outcome>),
-) -> Result<TuneReport> {
+) -> Result<SweepReport> {
     if opts.layers.is_empty() || opts.kinds.is_empty() {
         return Err(CliError::Usage(
             "tune: no layers or no kinds selected".into(),
@@ -331,7 +332,7 @@ pub fn tune(
             }
             done += 1;
             progress(done, total, Some(&o));
-            cands.push(Candidate {
+            cands.push(LaunchCandidate {
                 launch,
                 correct: o.correct,
                 median_us: o.median_us,
@@ -351,14 +352,14 @@ pub fn tune(
             measured_at,
         });
     }
-    Ok(TuneReport { env, outcomes, db })
+    Ok(SweepReport { env, outcomes, db })
 }
 
 /// The candidate against the cpu reference: the layer's kernels with this kind's launch
 /// replaced, on fresh random inputs (ragged rows, wrapping decode steps).
 fn check(
     plan: &ValidPlan,
-    opts: &TuneOptions,
+    opts: &SweepOptions,
     j: &Job,
     launch: LaunchConfig,
     bug: Option<PlantedBug>,
@@ -403,7 +404,7 @@ fn check(
 fn time(
     dev: &Arc<CudaDevice>,
     plan: &ValidPlan,
-    opts: &TuneOptions,
+    opts: &SweepOptions,
     j: &Job,
     launch: LaunchConfig,
 ) -> Result<(f64, u64)> {
