@@ -5,7 +5,8 @@
 //! - MoA's influence formula predicts masking an entry outright to first order;
 //! - every candidate span's loss from the O(N) sums equals a brute-force sum of |E| over
 //!   the entries that span's mask removes (prompt rows under `moa-block64`, answer rows
-//!   under the decode rule), for many capacities;
+//!   under the decode rule), for many capacities, and so does its loss with each row's
+//!   removed entries taken together;
 //! - the needle sums (the attention of the copy steps on the needle) equal a brute-force
 //!   sum over the attention probabilities for every span, and the retrieval scores'
 //!   needle mass (computed on their own path);
@@ -214,6 +215,31 @@ fn candidate_losses_from_the_sums_equal_brute_force_over_each_mask() {
             assert!(
                 (got - brute).abs() <= 1e-9 * sums.total + 1e-12,
                 "layer {l} head {h} capacity {capacity}: sums give {got:e}, brute force {brute:e}"
+            );
+            // Row by row, the dropped entries taken together.
+            let mut rows = 0.0;
+            for i in 0..t {
+                let (mut d, mut m) = (0.0f64, 0.0f64);
+                for j in sink..=i.max(sink).min(t - 1) {
+                    if j > i {
+                        break;
+                    }
+                    let seen = if i < prompt {
+                        block64_sees(i, j, sink, local)
+                    } else {
+                        token_sees(i, j, sink, local)
+                    };
+                    if !seen {
+                        d += obs.ds[n][i * t + j] as f64;
+                        m += obs.a[n][i * t + j] as f64;
+                    }
+                }
+                rows += d.abs() / (1.0 - m).max(0.01);
+            }
+            let got = sums.row_loss(capacity as u64, sink as u64);
+            assert!(
+                (got - rows).abs() <= 1e-9 * rows.max(1e-30) + 1e-12,
+                "layer {l} head {h} capacity {capacity}: row sums give {got:e}, brute force {rows:e}"
             );
             if capacity >= t {
                 assert!(

@@ -51,7 +51,9 @@ impl std::str::FromStr for Influence {
         match s {
             "entries" => Ok(Influence::Entries),
             "rows" => Ok(Influence::Rows),
-            _ => Err(format!("{s:?}: the influence is counted by \"entries\" or \"rows\"")),
+            _ => Err(format!(
+                "{s:?}: the influence is counted by \"entries\" or \"rows\""
+            )),
         }
     }
 }
@@ -189,7 +191,12 @@ pub struct Objective {
 }
 
 impl Objective {
-    pub fn of(profile: &Profile, level: usize, retrieval_weight: f64, mode: Influence) -> Objective {
+    pub fn of(
+        profile: &Profile,
+        level: usize,
+        retrieval_weight: f64,
+        mode: Influence,
+    ) -> Objective {
         let w = retrieval_weight.clamp(0.0, 1.0);
         let mode = usable(profile, mode);
         let norm = level_norm_by(profile, level, mode);
