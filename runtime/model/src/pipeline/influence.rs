@@ -548,7 +548,7 @@ fn reduce_head(
         gr[i + 1..].fill(0.0);
         sums.total += row_total;
         sums.sink += row_sink;
-        masked_rows(&ar[..], &gr[..=i], i, prompt_len, sink, &mut prefix, sums);
+        masked_rows(ar, &gr[..=i], i, prompt_len, sink, &mut prefix, sums);
     }
 }
 
