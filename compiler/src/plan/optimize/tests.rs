@@ -1,6 +1,10 @@
 //! The solver against exhaustive enumeration and MoA-sized timing runs.
 
+use super::lagrange::partitions;
+use super::model::Model;
 use super::*;
+use crate::error::Error;
+use std::time::Duration;
 
 /// SplitMix64: a small seeded generator for reproducible instances.
 struct Rng(u64);
