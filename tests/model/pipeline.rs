@@ -629,3 +629,36 @@ fn the_retrieval_weight_gives_the_heads_that_read_the_needle_long_spans() {
         "planted {planted:?}, full spans {got:?}"
     );
 }
+
+#[test]
+fn the_objective_counts_the_influence_by_rows_or_by_entries_as_asked() {
+    use moac_model::pipeline::optimize::{level_norm_by, Objective};
+    let shape = smollm2_shape();
+    let mut rng = Rng::fresh("objective_modes");
+    let seed = rng.next_u64();
+    let mut p = synthetic_profile(shape, &[1024], |_, _, _, r| r.next_f64(), seed);
+    for s in p.levels[0].heads.iter_mut().flatten() {
+        for r in s.rows.iter_mut() {
+            *r = rng.next_f64();
+        }
+    }
+    for cap in [128u64, 512, 1024] {
+        let k = ((cap - 64) / 64) as usize;
+        let (l, h) = (rng.below(30) as usize, rng.below(9) as usize);
+        let s = &p.levels[0].heads[l][h];
+        let rows = Objective::of(&p, 0, 0.0, Influence::Rows).head_loss(&p, 0, l, h, cap);
+        let want = s.rows[k] / level_norm_by(&p, 0, Influence::Rows);
+        assert!((rows - want).abs() <= 1e-12 * want.abs().max(1.0));
+        let entries = Objective::of(&p, 0, 0.0, Influence::Entries).head_loss(&p, 0, l, h, cap);
+        let want = s.loss(cap, 64) / level_norm_by(&p, 0, Influence::Entries);
+        assert!((entries - want).abs() <= 1e-12 * want.abs().max(1.0));
+    }
+    // A profile without row sums counts by entries whatever is asked.
+    for s in p.levels[0].heads.iter_mut().flatten() {
+        s.rows.iter_mut().for_each(|r| *r = 0.0);
+    }
+    let (l, h) = (3, 4);
+    let asked = Objective::of(&p, 0, 0.0, Influence::Rows).head_loss(&p, 0, l, h, 256);
+    let entries = Objective::of(&p, 0, 0.0, Influence::Entries).head_loss(&p, 0, l, h, 256);
+    assert_eq!(asked, entries);
+}

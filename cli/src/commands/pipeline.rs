@@ -129,9 +129,9 @@ pub struct OptimizeArgs {
     /// the copy steps of the calibration (the rest: MoA's influence); 0 = influence only.
     #[arg(long, default_value_t = RETRIEVAL_WEIGHT, value_parser = weight_arg)]
     pub retrieval_weight: f64,
-    /// How a span's influence adds up: rows (each row's dropped entries taken together;
-    /// the default) or entries (MoA's sum of every entry's |E|).
-    #[arg(long, value_parser = parse_influence, default_value = "rows")]
+    /// How a span's influence adds up: entries (MoA's sum of every entry's |E|; the
+    /// default) or rows (each row's dropped entries taken together).
+    #[arg(long, value_parser = parse_influence, default_value = "entries")]
     pub influence: Influence,
     /// Output folder: plan-NN.json (official MoA format), summary.json, front.svg.
     #[arg(short, long)]
@@ -229,9 +229,9 @@ pub struct MakeArgs {
     /// (the rest: MoA's influence); 0 = influence only.
     #[arg(long, default_value_t = RETRIEVAL_WEIGHT, value_parser = weight_arg)]
     pub retrieval_weight: f64,
-    /// How a span's influence adds up: rows (each row's dropped entries taken together;
-    /// the default) or entries (MoA's sum of every entry's |E|).
-    #[arg(long, value_parser = parse_influence, default_value = "rows")]
+    /// How a span's influence adds up: entries (MoA's sum of every entry's |E|; the
+    /// default) or rows (each row's dropped entries taken together).
+    #[arg(long, value_parser = parse_influence, default_value = "entries")]
     pub influence: Influence,
     /// Where the intermediate files go (kept, and reused by a rerun; default:
     /// <output>.work/).

@@ -37,11 +37,13 @@ pub struct OptimizeOptions {
 /// How the influence of the entries a span drops is added up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Influence {
-    /// MoA's: the sum of every dropped entry's |E| (`HeadSums::loss`).
+    /// MoA's: the sum of every dropped entry's |E| (`HeadSums::loss`). The default:
+    /// on SmolLM2 the row-wise count made nearly the same plan (EVAL.md) and its losses
+    /// make the multi-objective solves much slower.
+    #[default]
     Entries,
     /// Row by row, the dropped entries of a row taken together (`HeadSums::row_loss`);
     /// profiles without the row sums fall back to `Entries`.
-    #[default]
     Rows,
 }
 
@@ -74,7 +76,7 @@ fn usable(profile: &Profile, mode: Influence) -> Influence {
 }
 
 /// The default of [`OptimizeOptions::retrieval_weight`].
-pub const RETRIEVAL_WEIGHT: f64 = 0.5;
+pub const RETRIEVAL_WEIGHT: f64 = 0.75;
 
 /// One plan: a rule per layer and query head, and what it costs and loses.
 #[derive(Debug, Clone, serde::Serialize)]
