@@ -241,3 +241,91 @@ fn pipeline_commands_reject_bad_input() {
     );
     assert!(!tmp.path().join("x.json").exists());
 }
+
+#[test]
+fn eval_heads_scores_the_copy_steps_and_shows_the_plans_spans() {
+    let Some(m) = smollm2() else { return };
+    let m = m.to_str().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let p = |n: &str| tmp.path().join(n).to_str().unwrap().to_string();
+    // Two key-value lookups (true answers, copied from the prompt: no model run).
+    ok(&moac!(&[
+        "calibrate",
+        "--model",
+        m,
+        "--lengths",
+        "512",
+        "--samples",
+        "2",
+        "--families",
+        "kv",
+        "--max-answer",
+        "32",
+        "-o",
+        &p("calib.jsonl")
+    ]));
+    ok(&moac!(&[
+        "plan",
+        "uniform",
+        "--config",
+        m,
+        "--alpha",
+        "0",
+        "--beta",
+        "0.5",
+        "-o",
+        &p("uniform.json")
+    ]));
+    let out = ok(&moac!(&[
+        "eval",
+        "heads",
+        "--model",
+        m,
+        "--calib",
+        &p("calib.jsonl"),
+        "--plan",
+        &p("uniform.json"),
+        "--top",
+        "5",
+        "-o",
+        &p("heads.json")
+    ]));
+    assert!(out.contains("2 samples"), "{out}");
+    // Five heads listed, each with the uniform plan's span at N = 512: 50%.
+    let rows: Vec<&str> = out
+        .lines()
+        .filter(|l| l.trim_end().ends_with("50%"))
+        .collect();
+    assert_eq!(rows.len(), 5, "{out}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(p("heads.json")).unwrap()).unwrap();
+    assert_eq!(json["hit"].as_array().unwrap().len(), 30);
+    assert_eq!(json["mass"][0].as_array().unwrap().len(), 9);
+    assert!(json["steps"].as_u64().unwrap() > 0);
+    // Every score is a share in [0, 1], and some head reads the needle.
+    let all: Vec<f64> = ["hit", "mass"]
+        .iter()
+        .flat_map(|k| json[k].as_array().unwrap().clone())
+        .flat_map(|l| l.as_array().unwrap().clone())
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert!(all.iter().all(|v| (0.0..=1.0).contains(v)));
+    assert!(all.iter().any(|&v| v > 0.1));
+    // No true-answer sample of the length asked for: a clear error, nothing written.
+    fails(
+        &moac!(&[
+            "eval",
+            "heads",
+            "--model",
+            m,
+            "--calib",
+            &p("calib.jsonl"),
+            "--lengths",
+            "1024",
+            "-o",
+            &p("none.json")
+        ]),
+        &["calib.jsonl", "no true-answer samples"],
+    );
+    assert!(!tmp.path().join("none.json").exists());
+}
