@@ -7,7 +7,8 @@
 # pipeline never saw:
 # - pass-key retrieval at 1k/2k/3k, five depths 0.1..0.9, EVAL_SEEDS (4) prompts each;
 # - LongEval lines at 1k/2k, EVAL_LINES (20) prompts each;
-# - perplexity of the license texts at 2k/4k/8k, prefill and decode scoring.
+# - perplexity of the license texts at 2k/4k/8k, prefill and decode scoring;
+# - the retrieval heads (`moac eval heads`) and the spans each plan gives them.
 # Results go to target/eval-quality/. EVAL_DENSITIES, EVAL_CONTEXTS, EVAL_MODES,
 # EVAL_PASSKEY_LENGTHS, EVAL_LINES_LENGTHS narrow it; MAKE_ARGS adds plan make flags.
 set -euo pipefail
@@ -30,6 +31,10 @@ plans=()
 for d in ${EVAL_DENSITIES:-0.5 0.25}; do
   plans+=(--plan "$out/uniform-$d.moac.json" --plan "$out/made-$d.json")
 done
+# Which heads retrieve (on the calibration's true-answer samples) and the spans each
+# plan gives them.
+"$moac" eval heads --model "$model" --calib "$work/calib.jsonl" "${plans[@]}" --top 30 \
+  -o "$out/heads.json" | tee "$out/heads.txt"
 "$moac" eval retrieval --model "$model" --weights "$weights" "${plans[@]}" --task passkey \
   --lengths "${EVAL_PASSKEY_LENGTHS:-1024,2048,3072}" --depths 0.1,0.3,0.5,0.7,0.9 \
   --samples "${EVAL_SEEDS:-4}" --seed 11 --svg "$out/passkey.svg" | tee "$out/passkey.txt"
