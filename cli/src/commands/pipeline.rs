@@ -22,10 +22,6 @@ fn lengths_arg(s: &str) -> std::result::Result<usize, String> {
     moac_model::retrieval::parse_length(s)
 }
 
-fn parse_influence(s: &str) -> std::result::Result<Influence, String> {
-    s.parse()
-}
-
 fn weight_arg(s: &str) -> std::result::Result<f64, String> {
     match s.parse::<f64>() {
         Ok(w) if (0.0..=1.0).contains(&w) => Ok(w),
@@ -131,7 +127,7 @@ pub struct OptimizeArgs {
     pub retrieval_weight: f64,
     /// How a span's influence adds up: entries (MoA's sum of every entry's |E|; the
     /// default) or rows (each row's dropped entries taken together).
-    #[arg(long, value_parser = parse_influence, default_value = "entries")]
+    #[arg(long, value_parser = super::parse::<Influence>, default_value = "entries")]
     pub influence: Influence,
     /// Output folder: plan-NN.json (official MoA format), summary.json, front.svg.
     #[arg(short, long)]
@@ -231,7 +227,7 @@ pub struct MakeArgs {
     pub retrieval_weight: f64,
     /// How a span's influence adds up: entries (MoA's sum of every entry's |E|; the
     /// default) or rows (each row's dropped entries taken together).
-    #[arg(long, value_parser = parse_influence, default_value = "entries")]
+    #[arg(long, value_parser = super::parse::<Influence>, default_value = "entries")]
     pub influence: Influence,
     /// Where the intermediate files go (kept, and reused by a rerun; default:
     /// <output>.work/).

@@ -160,7 +160,8 @@ impl Llama {
                 out.mass[li][h] = mass / steps.len() as f64;
             }
         }
-        if out.hit.iter().flatten().any(|v| !v.is_finite()) {
+        // A hit rate is a ratio of counts; the mass is where a broken model's NaN shows.
+        if out.mass.iter().flatten().any(|v| !v.is_finite()) {
             return Err(Error::Usage(
                 "retrieval scores: the attention of a copy step is not finite".into(),
             ));
