@@ -162,11 +162,15 @@ fn influence_predicts_masking_an_entry_to_first_order() {
     for (layer, head, row, col, ds, a) in largest(&obs, 8, 0.1) {
         // Removing the fraction delta of A_ij and renormalizing the row changes the loss by
         // -dS * delta / (1 - delta * A_ij) to first order; delta = 1 is MoA's E (masking
-        // outright). The remainder is second order in delta: on this random model the
-        // loss's curvature makes it large at delta = 1 (up to half of E), so the
-        // first-order agreement is checked where the step is small, and that shrinking the
-        // step by 4 shrinks the relative remainder at least 2 times (or it is already small).
-        let rel = |delta: f64| {
+        // outright). The remainder is second order in delta, so the relative remainder
+        // shrinks in proportion to the step. On this random model the loss's curvature is
+        // large: at delta = 1 the remainder reaches the size of E itself and can even flip
+        // its sign (seen on random seeds), and there every order of the expansion is present
+        // and they can cancel. So the masked step is only reported, and first order is
+        // checked on small steps: the same sign, a remainder under 5% at delta = 1/64, and
+        // at least 4 times smaller there than at 1/4 (first order says 16; a wrong dS or a
+        // wrong renormalization would leave a remainder that does not shrink at all).
+        let change = |delta: f64| {
             let predicted = -(ds as f64) * delta / (1.0 - delta * a as f64);
             let actual = perturbed(
                 &m,
@@ -175,17 +179,25 @@ fn influence_predicts_masking_an_entry_to_first_order() {
                 (layer, head, row, col),
                 (1.0 - delta) as f32,
             ) - base;
+            (actual, predicted)
+        };
+        let rel = |delta: f64| {
+            let (actual, predicted) = change(delta);
             assert_eq!(
                 actual.signum(),
                 predicted.signum(),
-                "layer {layer} head {head} ({row},{col}) delta {delta}"
+                "layer {layer} head {head} ({row},{col}) delta {delta}: actual {actual:.3e}, first order {predicted:.3e}"
             );
             (actual - predicted).abs() / predicted.abs()
         };
-        let (full, quarter, sixteenth) = (rel(1.0), rel(0.25), rel(1.0 / 16.0));
+        let full = {
+            let (actual, predicted) = change(1.0);
+            (actual - predicted).abs() / predicted.abs()
+        };
+        let (quarter, small) = (rel(0.25), rel(1.0 / 64.0));
         assert!(
-            sixteenth <= 0.05 && quarter <= (full / 2.0).max(0.03) && sixteenth <= (quarter / 2.0).max(0.01),
-            "layer {layer} head {head} ({row},{col}) A={a}: relative remainder {full:.4} (masked), {quarter:.4} (1/4), {sixteenth:.4} (1/16)"
+            small <= 0.05 && small <= (quarter / 4.0).max(0.005),
+            "layer {layer} head {head} ({row},{col}) A={a}: relative remainder {full:.4} (masked), {quarter:.4} (1/4), {small:.4} (1/64)"
         );
     }
 }
