@@ -16,7 +16,7 @@
 #![allow(clippy::unwrap_used)]
 
 use moac_model::pipeline::calib::{self, CalibOptions, Pending};
-use moac_model::pipeline::tasks::{Family, DEFAULT_MIX};
+use moac_model::pipeline::tasks::{Corpus, Family, DEFAULT_MIX};
 use moac_model::retrieval::{self, Task, EVAL_MARKERS};
 use moac_model::weights::WeightMode;
 use moac_model::Model;
@@ -192,6 +192,62 @@ fn synthetic_facts_are_spread_over_the_input() {
     depths.sort_by(f64::total_cmp);
     assert!(depths[0] < 0.25, "{depths:?}");
     assert!(depths[depths.len() - 1] > 0.7, "{depths:?}");
+}
+
+#[test]
+fn prose_samples_are_the_text_and_its_own_continuation() {
+    let Some((model, source)) = setup() else {
+        return;
+    };
+    let seed = Rng::fresh("calib_prose").next_u64() % 1000;
+    let mut opts = options(&source, seed);
+    opts.families = vec![Family::Prose];
+    opts.samples = 3;
+    let made = calib::prompts(&model, &opts).unwrap();
+    assert_eq!(made.len(), 6);
+    // The source as the corpus sees it (its paragraphs, headings left out, blank-line
+    // separated), twice: a run may wrap around the end.
+    let once = Corpus::new(&source.0, &source.1).paragraphs.join("\n\n");
+    let text = format!("{once}\n\n{once}");
+    let mut starts = std::collections::HashSet::new();
+    for (n, p) in &made {
+        assert_eq!(p.task, "prose", "{}", p.id);
+        assert_eq!(Family::of_task(&p.task), Some(Family::Prose));
+        assert_eq!(
+            p.prompt.len(),
+            n - opts.max_answer,
+            "{}: prompt tokens",
+            p.id
+        );
+        let answer = p.truth.as_ref().unwrap();
+        assert_eq!(
+            answer.len(),
+            opts.max_answer,
+            "{}: the answer fills its room",
+            p.id
+        );
+        // Plain text, no chat template: prompt and answer decode to one run of the source,
+        // the answer exactly where the prompt stops.
+        let all: Vec<u32> = p.prompt.iter().chain(answer).copied().collect();
+        let marked = model.tokenizer.decode(&all, true).unwrap();
+        assert!(
+            !marked.contains("<|im_start|>"),
+            "{}: a chat template",
+            p.id
+        );
+        let whole = model.tokenizer.decode(&all, false).unwrap();
+        assert!(
+            text.contains(&whole),
+            "{}: not a run of the source: {:?}",
+            p.id,
+            whole.chars().take(200).collect::<String>()
+        );
+        let prompt = model.tokenizer.decode(&p.prompt, false).unwrap();
+        let rest = model.tokenizer.decode(answer, false).unwrap();
+        assert!(text.contains(&format!("{prompt}{rest}")), "{}", p.id);
+        starts.insert(whole.chars().take(80).collect::<String>());
+    }
+    assert_eq!(starts.len(), made.len(), "every sample from its own place");
 }
 
 #[test]

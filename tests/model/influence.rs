@@ -299,10 +299,12 @@ fn needle_sums_are_the_needle_attention_of_the_copy_steps_under_each_mask() {
     assert_eq!(rows, (prompt - 1..prompt + 5).collect::<Vec<_>>());
     let sink = 64;
     let mut obs_a = Vec::new();
+    let mut obs_ds = Vec::new();
     let mut keys = Vec::new();
-    let mut f = |l: usize, h: usize, a: &[f32], _: &[f32]| {
+    let mut f = |l: usize, h: usize, a: &[f32], ds: &[f32]| {
         keys.push((l, h));
         obs_a.push(a.to_vec());
+        obs_ds.push(ds.to_vec());
     };
     let inf = m
         .influence(&toks, prompt, toks.len(), sink, Some(&mut f))
@@ -315,7 +317,13 @@ fn needle_sums_are_the_needle_attention_of_the_copy_steps_under_each_mask() {
     let mask = |j: usize| mask.get(j) == Some(&true);
     for (n, &(l, h)) in keys.iter().enumerate() {
         let sums = &inf.needle[l][h];
+        let esums = &inf.needle_influence[l][h];
         let a = |i: usize, j: usize| obs_a[n][i * t + j] as f64;
+        // An entry's |E| = |dS| / (1 - A + 1e-6), as the influence counts it.
+        let e = |i: usize, j: usize| {
+            let (p, d) = (obs_a[n][i * t + j], obs_ds[n][i * t + j]);
+            (d.abs() / (1.0 - p + 1e-6)) as f64
+        };
         let total: f64 = rows
             .iter()
             .map(|&i| (0..=i).filter(|&j| mask(j)).map(|j| a(i, j)).sum::<f64>())
@@ -332,19 +340,26 @@ fn needle_sums_are_the_needle_attention_of_the_copy_steps_under_each_mask() {
         );
         for capacity in (128..=384).step_by(64) {
             let local = capacity - sink;
-            let mut brute = 0.0;
+            let (mut brute, mut brute_e) = (0.0, 0.0);
             for &i in &rows {
                 for j in (0..=i).filter(|&j| mask(j) && j >= sink) {
                     if !sees(i, j, prompt, sink, local) {
                         brute += a(i, j);
+                        brute_e += e(i, j);
                     }
                 }
             }
             brute /= rows.len() as f64;
+            brute_e /= rows.len() as f64;
             let got = sums.loss(capacity as u64, sink as u64);
             assert!(
                 (got - brute).abs() <= 1e-9,
                 "layer {l} head {h} capacity {capacity}: sums give {got:e}, brute force {brute:e}"
+            );
+            let got = esums.loss(capacity as u64, sink as u64);
+            assert!(
+                (got - brute_e).abs() <= 1e-9 * brute_e.max(1.0),
+                "layer {l} head {h} capacity {capacity}: needle influence {got:e}, brute force {brute_e:e}"
             );
         }
     }
@@ -356,6 +371,11 @@ fn needle_sums_are_the_needle_attention_of_the_copy_steps_under_each_mask() {
         .unwrap();
     assert_eq!(inf.copy_steps, 0);
     assert!(inf.needle.iter().flatten().all(|s| s.total == 0.0));
+    assert!(inf
+        .needle_influence
+        .iter()
+        .flatten()
+        .all(|s| s.total == 0.0));
     // A needle inside the sink (positions 10..16 of a 64-token sink) is kept by every
     // span: all its attention is sink attention and no capacity loses any of it.
     let mut early = toks[..prompt].to_vec();

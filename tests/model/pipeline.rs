@@ -14,7 +14,7 @@ use moac::geometry::{CacheGeometry, Dtype};
 use moac::plan::{ModelShape, Settings};
 use moac_model::llama::{Llama, LlamaConfig, RopeStyle};
 use moac_model::pipeline::calib::{CalibHeader, CalibSample, CalibSet, FORMAT};
-use moac_model::pipeline::optimize::{optimize, Influence, OptimizeOptions};
+use moac_model::pipeline::optimize::{optimize, Influence, Needle, OptimizeOptions};
 use moac_model::pipeline::profile::{self, Profile};
 use moac_runtime::reference::check::Rng;
 use std::path::Path;
@@ -97,6 +97,8 @@ fn options(density: f64, constraint: Vec<usize>) -> OptimizeOptions {
         intervals: 4,
         min_use: false,
         retrieval_weight: 0.0,
+        pool_influence: 0.0,
+        needle: Needle::Attention,
         influence: Influence::Entries,
         settings: Settings::default(),
     }
@@ -119,10 +121,23 @@ fn profile_round_trips_is_deterministic_and_resumes() {
         .is_some_and(|nd| nd.iter().flatten().any(|h| h.total > 0.0))));
     let parts = std::fs::read_dir(profile::parts_dir(&out)).unwrap().count();
     assert_eq!(parts, 4, "one file per sample, flat in the parts folder");
+    // ... and what masking it would cost (version 3).
+    assert!(p.levels.iter().all(|l| l
+        .needle_influence
+        .as_ref()
+        .is_some_and(|nd| nd.iter().flatten().any(|h| h.total > 0.0))));
     p.write(&out).unwrap();
     assert_eq!(Profile::read(&out).unwrap(), p);
+    // A version 2 profile (no needle influence) reads back without it.
+    let mut v2 = p.clone();
+    for l in &mut v2.levels {
+        l.needle_influence = None;
+    }
+    let f2 = dir.path().join("v2.safetensors");
+    v2.write(&f2).unwrap();
+    assert_eq!(Profile::read(&f2).unwrap(), v2);
     // A version 1 profile (no needle sums, no row sums) reads back without them.
-    let mut old = p.clone();
+    let mut old = v2.clone();
     for l in &mut old.levels {
         l.needle = None;
         l.heads
@@ -374,6 +389,7 @@ fn synthetic_profile(
                 loss: 1.0,
                 heads,
                 needle: None,
+                needle_influence: None,
             }
         })
         .collect();
@@ -627,6 +643,12 @@ fn the_retrieval_weight_gives_the_heads_that_read_the_needle_long_spans() {
     assert!(
         planted.is_subset(&got),
         "planted {planted:?}, full spans {got:?}"
+    ); // With the influence pooled over heads, the needle term alone singles them out.
+    o.pool_influence = 1.0;
+    let pooled = long(&summed(&o));
+    assert!(
+        planted.is_subset(&pooled),
+        "pooled: planted {planted:?}, full spans {pooled:?}"
     );
 }
 
@@ -661,4 +683,113 @@ fn the_objective_counts_the_influence_by_rows_or_by_entries_as_asked() {
     let asked = Objective::of(&p, 0, 0.0, Influence::Rows).head_loss(&p, 0, l, h, 256);
     let entries = Objective::of(&p, 0, 0.0, Influence::Entries).head_loss(&p, 0, l, h, 256);
     assert_eq!(asked, entries);
+}
+
+#[test]
+fn pooled_influence_shrinks_each_head_toward_the_mean_of_all_heads() {
+    use moac_model::pipeline::optimize::{level_norm_by, Objective};
+    let shape = smollm2_shape();
+    let mut rng = Rng::fresh("pooled_influence");
+    let seed = rng.next_u64();
+    // Heads differ a lot: each has its own decay length.
+    let p = synthetic_profile(
+        shape,
+        &[1024],
+        |l, h, d, r| (-(d as f64) / (20.0 + 30.0 * ((l * 9 + h) % 17) as f64)).exp() * r.next_f64(),
+        seed,
+    );
+    let norm = level_norm_by(&p, 0, Influence::Entries);
+    let base = Objective::of(&p, 0, 0.0, Influence::Entries);
+    for cap in [64u64, 128, 448, 1024] {
+        // The mean over all 270 query heads, straight from the sums.
+        let mut mean = 0.0;
+        for layer in &p.levels[0].heads {
+            for s in layer {
+                mean += s.loss(cap, 64);
+            }
+        }
+        mean /= (shape.num_layers * shape.num_query_heads) as f64;
+        for _ in 0..5 {
+            let (l, h) = (rng.below(30) as usize, rng.below(9) as usize);
+            let own = p.levels[0].heads[l][h].loss(cap, 64);
+            for pool in [0.0, 0.3, 1.0] {
+                let got = base.pooled(pool).head_loss(&p, 0, l, h, cap);
+                let want = ((1.0 - pool) * own + pool * mean) / norm;
+                assert!(
+                    (got - want).abs() <= 1e-12 * want.abs().max(1e-300),
+                    "cap {cap} head ({l},{h}) pool {pool}: {got} vs {want}"
+                );
+            }
+        }
+    }
+    // Fully pooled, any two heads lose the same at a span.
+    let a = base.pooled(1.0).head_loss(&p, 0, 0, 0, 256);
+    let b = base.pooled(1.0).head_loss(&p, 0, 29, 8, 256);
+    assert!((a - b).abs() <= 1e-12 * a.abs());
+    // Out-of-range shares are the caller's error.
+    let mut o = options(0.5, vec![1024, 2048]);
+    o.pool_influence = 1.5;
+    let e = optimize(&p, &o).unwrap_err().to_string();
+    assert!(e.contains("influence pooling 1.5"), "{e}");
+    o.pool_influence = 0.0;
+    o.retrieval_weight = -0.1;
+    let e = optimize(&p, &o).unwrap_err().to_string();
+    assert!(e.contains("retrieval weight -0.1"), "{e}");
+}
+
+#[test]
+fn the_needle_term_counts_attention_or_influence_as_asked() {
+    use moac_model::pipeline::influence::HeadSums;
+    use moac_model::pipeline::optimize::{level_norm, needle_norm_by, Objective};
+    let shape = smollm2_shape();
+    let mut rng = Rng::fresh("needle_modes");
+    let seed = rng.next_u64();
+    let mut p = synthetic_profile(shape, &[1024], |_, _, _, r| r.next_f64(), seed);
+    let random = |rng: &mut Rng| -> Vec<Vec<HeadSums>> {
+        (0..shape.num_layers)
+            .map(|_| {
+                (0..shape.num_query_heads)
+                    .map(|_| {
+                        let mut s = HeadSums::new(1024);
+                        s.token.iter_mut().for_each(|t| *t = rng.next_f64());
+                        s.block.iter_mut().for_each(|t| *t = rng.next_f64());
+                        s.sink = rng.next_f64();
+                        s.total =
+                            s.sink + s.token.iter().sum::<f64>() + s.block.iter().sum::<f64>();
+                        s
+                    })
+                    .collect()
+            })
+            .collect()
+    };
+    p.levels[0].needle = Some(random(&mut rng));
+    p.levels[0].needle_influence = Some(random(&mut rng));
+    let w = 0.6;
+    let base = Objective::of(&p, 0, w, Influence::Entries);
+    for cap in [128u64, 512, 960] {
+        let (l, h) = (rng.below(30) as usize, rng.below(9) as usize);
+        let lv = &p.levels[0];
+        let inf = (1.0 - w) * lv.heads[l][h].loss(cap, 64) / level_norm(&p, 0);
+        for (what, sums) in [
+            (Needle::Attention, lv.needle.as_ref().unwrap()),
+            (Needle::Influence, lv.needle_influence.as_ref().unwrap()),
+        ] {
+            let norm = needle_norm_by(&p, 0, what).unwrap();
+            let want = inf + w * sums[l][h].loss(cap, 64) / norm;
+            let got = base.needle_from(&p, 0, what).head_loss(&p, 0, l, h, cap);
+            assert!(
+                (got - want).abs() <= 1e-12 * want,
+                "{what:?} cap {cap}: {got} vs {want}"
+            );
+        }
+    }
+    // A profile of version 2 has no needle influence: the attention is counted.
+    let attention = base
+        .needle_from(&p, 0, Needle::Attention)
+        .head_loss(&p, 0, 1, 2, 256);
+    p.levels[0].needle_influence = None;
+    let asked = base
+        .needle_from(&p, 0, Needle::Influence)
+        .head_loss(&p, 0, 1, 2, 256);
+    assert_eq!(asked, attention);
 }

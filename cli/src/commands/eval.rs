@@ -331,6 +331,7 @@ fn run_retrieval(a: RetrievalArgs) -> Result<()> {
 fn run_heads(a: HeadsArgs) -> Result<()> {
     use moac_model::pipeline::calib::CalibSet;
     use moac_model::pipeline::heads::RetrievalScores;
+    use moac_model::pipeline::tasks::Family;
     let model = a.model.load()?;
     let set = CalibSet::read(&a.calib)?;
     set.check_model(&a.calib, &model)?;
@@ -344,7 +345,12 @@ fn run_heads(a: HeadsArgs) -> Result<()> {
     let samples: Vec<_> = set
         .samples
         .iter()
-        .filter(|s| s.truth && (a.lengths.is_empty() || a.lengths.contains(&s.length)))
+        .filter(|s| {
+            // Retrieval answers only: a prose continuation is true text, not a retrieval.
+            s.truth
+                && Family::of_task(&s.task) != Some(Family::Prose)
+                && (a.lengths.is_empty() || a.lengths.contains(&s.length))
+        })
         .collect();
     if samples.is_empty() {
         return Err(CliError::Usage(format!(

@@ -8,7 +8,8 @@ use moac::plan::Settings;
 use moac_model::attention::Engine;
 use moac_model::pipeline::calib::{self, CalibOptions, CalibSample, CalibSet};
 use moac_model::pipeline::optimize::{
-    optimize, Influence, MadePlan, OptimizeOptions, Optimized, RETRIEVAL_WEIGHT,
+    optimize, Influence, MadePlan, Needle, OptimizeOptions, Optimized, POOL_INFLUENCE,
+    RETRIEVAL_WEIGHT,
 };
 use moac_model::pipeline::profile::{self, Profile};
 use moac_model::pipeline::tasks::{Family, DEFAULT_MIX};
@@ -46,7 +47,8 @@ pub struct CalibrateArgs {
     #[arg(long)]
     pub source: Vec<PathBuf>,
     /// Task families, taken in turn: kv, needle, multi (true answers), facts, summary,
-    /// town (the model's own answers).
+    /// town (the model's own answers), prose (real text and its own continuation: the
+    /// language-modelling loss; not in the default mix).
     #[arg(long, value_parser = families_arg, value_delimiter = ',', default_value = DEFAULT_FAMILIES)]
     pub families: Vec<Family>,
     /// Length levels N (prompt = N - max answer), comma-separated; 1k style accepted.
@@ -129,6 +131,16 @@ pub struct OptimizeArgs {
     /// default) or rows (each row's dropped entries taken together).
     #[arg(long, value_parser = super::parse::<Influence>, default_value = "entries")]
     pub influence: Influence,
+    /// Share of each head's influence replaced by the mean over all heads at the same
+    /// span (0 = each head's own, MoA's; 1 = one curve for all: the needle term alone
+    /// tells heads apart).
+    #[arg(long, default_value_t = POOL_INFLUENCE, value_parser = weight_arg)]
+    pub pool_influence: f64,
+    /// What the needle term counts at the copy steps: attention (the attention on the
+    /// needle) or influence (what masking the needle costs the answer; needs a profile
+    /// of version 3).
+    #[arg(long, value_parser = super::parse::<Needle>, default_value = "attention")]
+    pub needle: Needle,
     /// Output folder: plan-NN.json (official MoA format), summary.json, front.svg.
     #[arg(short, long)]
     pub output: PathBuf,
@@ -229,6 +241,16 @@ pub struct MakeArgs {
     /// default) or rows (each row's dropped entries taken together).
     #[arg(long, value_parser = super::parse::<Influence>, default_value = "entries")]
     pub influence: Influence,
+    /// Share of each head's influence replaced by the mean over all heads at the same
+    /// span (0 = each head's own, MoA's; 1 = one curve for all: the needle term alone
+    /// tells heads apart).
+    #[arg(long, default_value_t = POOL_INFLUENCE, value_parser = weight_arg)]
+    pub pool_influence: f64,
+    /// What the needle term counts at the copy steps: attention (the attention on the
+    /// needle) or influence (what masking the needle costs the answer; needs a profile
+    /// of version 3).
+    #[arg(long, value_parser = super::parse::<Needle>, default_value = "attention")]
+    pub needle: Needle,
     /// Where the intermediate files go (kept, and reused by a rerun; default:
     /// <output>.work/).
     #[arg(long)]
@@ -482,6 +504,8 @@ fn run_optimize(profile: &Profile, a: &OptimizeArgs, context: usize) -> Result<O
             min_use: false,
             retrieval_weight: a.retrieval_weight,
             influence: a.influence,
+            pool_influence: a.pool_influence,
+            needle: a.needle,
             settings: Settings {
                 sink: profile.sink,
                 ..Settings::default()
@@ -876,7 +900,9 @@ pub fn make(a: MakeArgs) -> Result<()> {
         Ok(p)
             if p.lengths() == lengths
                 && p.shape == model.llama.config.shape()
-                && p.levels.iter().all(|l| l.needle.is_some()) =>
+                && p.levels
+                    .iter()
+                    .all(|l| l.needle.is_some() && l.needle_influence.is_some()) =>
         {
             p
         }
@@ -898,6 +924,8 @@ pub fn make(a: MakeArgs) -> Result<()> {
             intervals: 4,
             retrieval_weight: a.retrieval_weight,
             influence: a.influence,
+            pool_influence: a.pool_influence,
+            needle: a.needle,
             output: plans_dir.clone(),
         },
         context,

@@ -590,6 +590,28 @@ pub struct Pending {
     pub truth: Option<Vec<u32>>,
 }
 
+/// A [`Family::Prose`] sample from about `chars` characters of `corpus` from a random
+/// place: the text's first `prompt_len` ids (as the model reads plain text: no chat
+/// template) and its next `answer` ids. None when the run is too short.
+fn fit_prose(
+    model: &Model,
+    corpus: &Corpus,
+    rng: &mut Rng,
+    chars: usize,
+    prompt_len: usize,
+    answer: usize,
+) -> Result<Option<(Vec<u32>, Vec<u32>)>> {
+    let text: String = corpus.run(rng, chars, "").concat();
+    let ids = model.tokenizer.encode(&text)?;
+    if ids.len() < prompt_len + answer {
+        return Ok(None);
+    }
+    Ok(Some((
+        ids[..prompt_len].to_vec(),
+        ids[prompt_len..prompt_len + answer].to_vec(),
+    )))
+}
+
 /// Generated records as filler prose (when no real text is given).
 fn town_filler(rng: &mut Rng, chars: usize) -> Vec<String> {
     let rivers: Vec<String> = (0..6).map(|_| name(rng, 2)).collect();
@@ -709,7 +731,21 @@ pub fn prompts(model: &Model, opts: &CalibOptions) -> Result<Vec<(usize, Pending
                 (!corpora.is_empty()).then(|| &corpora[rng.below(corpora.len() as u64) as usize]);
             let mut chars = prompt_len * 6 + 2048;
             let mut made = None;
+            if let (Family::Prose, Some(c)) = (family, corpus) {
+                for _ in 0..6 {
+                    if let Some((ids, answer)) =
+                        fit_prose(model, c, &mut rng, chars, prompt_len, opts.max_answer)?
+                    {
+                        made = Some(("prose".to_string(), ids, Some(answer)));
+                        break;
+                    }
+                    chars *= 2;
+                }
+            }
             for _ in 0..6 {
+                if made.is_some() {
+                    break;
+                }
                 let Some(spec) = tasks::spec(family, corpus, &mut rng, chars, depth, &town_filler)
                 else {
                     break;

@@ -103,6 +103,10 @@ pub struct Influence {
     /// [layer][query head]: the attention on the needle at the copy steps
     /// ([`needle_sums`]); zero when the answer is not copied from the prompt.
     pub needle: Vec<Vec<HeadSums>>,
+    /// [layer][query head]: the influence |E| of the needle entries at the copy steps
+    /// (what masking the needle would cost the answer, to first order; [`needle_sums`]
+    /// over |dS| / (1 - A) instead of A).
+    pub needle_influence: Vec<Vec<HeadSums>>,
     /// Copy steps behind `needle`.
     pub copy_steps: usize,
 }
@@ -399,6 +403,7 @@ impl Llama {
         let nsin = sin.neg()?;
         let mut heads = vec![Vec::new(); c.num_layers];
         let mut needle_heads = vec![Vec::new(); c.num_layers];
+        let mut needle_e_heads = vec![Vec::new(); c.num_layers];
         let needle = super::heads::needle_mask(tokens, prompt_len);
         let copies = super::heads::copy_steps(tokens, prompt_len, &needle);
         for li in (0..c.num_layers).rev() {
@@ -431,7 +436,7 @@ impl Llama {
                 let mut sums = HeadSums::new(n);
                 let mut needle_sums_h = HeadSums::new(n);
                 needle_sums(
-                    &a,
+                    |x| a[x] as f64,
                     t,
                     &copies,
                     &needle,
@@ -440,6 +445,17 @@ impl Llama {
                     &mut needle_sums_h,
                 );
                 reduce_head(&a, &mut ds, t, prompt_len, sink, &mut sums);
+                // `ds` now holds dS: the needle entries' |E| (as `reduce_head` counts it).
+                let mut needle_e_h = HeadSums::new(n);
+                needle_sums(
+                    |x| (ds[x].abs() / (1.0 - a[x] + EPS)) as f64,
+                    t,
+                    &copies,
+                    &needle,
+                    prompt_len,
+                    sink,
+                    &mut needle_e_h,
+                );
                 let seen = keep.then(|| (a.clone(), ds.clone()));
                 let a = Tensor::from_vec(a, (t, t), &Device::Cpu)?;
                 let ds = Tensor::from_vec(ds, (t, t), &Device::Cpu)?;
@@ -449,6 +465,7 @@ impl Llama {
                     dv: a.t()?.matmul(&d_o)?,
                     sums,
                     needle: needle_sums_h,
+                    needle_e: needle_e_h,
                     seen,
                 })
             };
@@ -466,6 +483,7 @@ impl Llama {
             let mut dv = dk.clone();
             let mut sums = Vec::with_capacity(c.num_heads);
             let mut nsums = Vec::with_capacity(c.num_heads);
+            let mut esums = Vec::with_capacity(c.num_heads);
             for (h, hg) in grads.into_iter().enumerate() {
                 if let (Some(obs), Some((a, ds))) = (observer.as_mut(), &hg.seen) {
                     obs(li, h, a, ds);
@@ -475,9 +493,11 @@ impl Llama {
                 dv[h / g] = (&dv[h / g] + hg.dv)?;
                 sums.push(hg.sums);
                 nsums.push(hg.needle);
+                esums.push(hg.needle_e);
             }
             heads[li] = sums;
             needle_heads[li] = nsums;
+            needle_e_heads[li] = esums;
             let unrope = |parts: &[Tensor], hn: usize| -> Result<Tensor> {
                 let x = Tensor::stack(parts, 1)?.reshape((1, t, hn, c.head_dim))?;
                 Ok(self.rope(&x, &cos, &nsin)?.reshape((t, hn * c.head_dim))?)
@@ -493,6 +513,7 @@ impl Llama {
             loss,
             heads,
             needle: needle_heads,
+            needle_influence: needle_e_heads,
             copy_steps: copies.len(),
         })
     }
@@ -505,6 +526,7 @@ struct HeadGrad {
     dv: Tensor,
     sums: HeadSums,
     needle: HeadSums,
+    needle_e: HeadSums,
     /// A and dS, kept for an observer.
     seen: Option<(Vec<f32>, Vec<f32>)>,
 }
@@ -598,14 +620,16 @@ fn masked_rows(
     }
 }
 
-/// Adds the attention of the copy steps `rows` on the `needle` positions to `sums` (each
-/// copy step weighs 1 / rows.len(): the sums are the mean needle attention of a copy
-/// step), under the same masks as the influence: prompt rows by block distance, answer
-/// rows by token distance, sink positions apart. The loss of a span is then the share
-/// of the needle attention it drops (DuoAttention's and Wu et al.'s lesson: the heads
-/// that read the needle while the answer is copied are the ones retrieval needs).
+/// Adds `value(i * t + j)` of the copy steps `rows` on the `needle` positions j to `sums`
+/// (each copy step weighs 1 / rows.len(): with the attention as the value, the sums are
+/// the mean needle attention of a copy step), under the same masks as the influence:
+/// prompt rows by block distance, answer rows by token distance, sink positions apart.
+/// The loss of a span is then the share of the needle attention it drops (DuoAttention's
+/// and Wu et al.'s lesson: the heads that read the needle while the answer is copied are
+/// the ones retrieval needs); with the entries' |E| as the value, the share of what
+/// masking the needle would cost the answer.
 fn needle_sums(
-    a: &[f32],
+    value: impl Fn(usize) -> f64,
     t: usize,
     rows: &[usize],
     needle: &[bool],
@@ -618,14 +642,8 @@ fn needle_sums(
     }
     let w = 1.0 / rows.len() as f64;
     for &i in rows {
-        let ar = &a[i * t..i * t + i + 1];
-        for (j, (&p, _)) in ar
-            .iter()
-            .zip(needle)
-            .enumerate()
-            .filter(|(_, (_, &inside))| inside)
-        {
-            let e = w * p as f64;
+        for j in (0..=i).filter(|&j| needle.get(j).copied().unwrap_or(false)) {
+            let e = w * value(i * t + j);
             sums.total += e;
             if j < sink {
                 sums.sink += e;

@@ -4,6 +4,7 @@
 //! slots (bytes) it takes in moac's cache at each constraint length; every Pareto-optimal
 //! plan over the profiled lengths from the exact MILP solver (`moac::plan::optimize`).
 
+use super::influence::HeadSums;
 use super::profile::Profile;
 use crate::{Error, Result};
 use moac::geometry::capacity;
@@ -31,7 +32,51 @@ pub struct OptimizeOptions {
     pub retrieval_weight: f64,
     /// How a span's influence is counted ([`Influence`]).
     pub influence: Influence,
+    /// The share of each head's influence replaced by the mean influence of all heads
+    /// at the same capacity ([`Objective`]): 0 = each head's own (MoA's), 1 = one curve
+    /// for every head, so only the needle term tells heads apart.
+    pub pool_influence: f64,
+    /// What the needle term counts ([`Needle`]).
+    pub needle: Needle,
     pub settings: Settings,
+}
+
+/// What the needle term of the objective counts at the copy steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Needle {
+    /// The attention on the needle (`Level::needle`; profile version 2).
+    #[default]
+    Attention,
+    /// The needle entries' influence |E|: what masking the needle costs the answer, to
+    /// first order (`Level::needle_influence`; profile version 3). Profiles without it
+    /// fall back to `Attention`.
+    Influence,
+}
+
+impl std::str::FromStr for Needle {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Needle, String> {
+        match s {
+            "attention" => Ok(Needle::Attention),
+            "influence" => Ok(Needle::Influence),
+            _ => Err(format!(
+                "{s:?}: the needle term counts \"attention\" or \"influence\""
+            )),
+        }
+    }
+}
+
+impl Needle {
+    /// The needle sums of `level` this counts (the attention when the influence is not
+    /// in the profile).
+    fn sums(self, level: &super::profile::Level) -> Option<&Vec<Vec<HeadSums>>> {
+        match self {
+            Needle::Influence if level.needle_influence.is_some() => {
+                level.needle_influence.as_ref()
+            }
+            _ => level.needle.as_ref(),
+        }
+    }
 }
 
 /// How the influence of the entries a span drops is added up.
@@ -77,6 +122,9 @@ fn usable(profile: &Profile, mode: Influence) -> Influence {
 
 /// The default of [`OptimizeOptions::retrieval_weight`].
 pub const RETRIEVAL_WEIGHT: f64 = 0.75;
+
+/// The default of [`OptimizeOptions::pool_influence`].
+pub const POOL_INFLUENCE: f64 = 0.0;
 
 /// One plan: a rule per layer and query head, and what it costs and loses.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -171,9 +219,13 @@ pub fn level_norm_by(profile: &Profile, level: usize, mode: Influence) -> f64 {
 /// The needle attention of a level when every head keeps only its sink (the divisor of
 /// the level's needle term); none when the profile has no needle sums or no copy step.
 pub fn needle_norm(profile: &Profile, level: usize) -> Option<f64> {
-    let n: f64 = profile.levels[level]
-        .needle
-        .as_ref()?
+    needle_norm_by(profile, level, Needle::Attention)
+}
+
+/// [`needle_norm`] with the needle term counted as `what` says.
+pub fn needle_norm_by(profile: &Profile, level: usize, what: Needle) -> Option<f64> {
+    let n: f64 = what
+        .sums(&profile.levels[level])?
         .iter()
         .flatten()
         .map(|h| (h.total - h.sink).max(0.0))
@@ -185,11 +237,19 @@ pub fn needle_norm(profile: &Profile, level: usize) -> Option<f64> {
 /// the level's droppable influence ([`level_norm`]), plus `w` times the needle attention
 /// of the copy steps it drops over the level's droppable needle attention
 /// ([`needle_norm`]); `w` = the retrieval weight (0 when the level has no needle sums).
+///
+/// With pooling `p` > 0, a head's influence is `(1 - p)` times its own plus `p` times the
+/// mean over all heads of the level at the same capacity: a shrinkage of each head's
+/// first-order estimate toward the common curve. On SmolLM2 the per-head influence
+/// ranks heads that retrieval does not need in an order that costs perplexity against a
+/// uniform window (EVAL.md), so pooling it leaves the needle term to tell heads apart.
 #[derive(Debug, Clone, Copy)]
 pub struct Objective {
     influence: f64,
     needle: f64,
     mode: Influence,
+    pool: f64,
+    what: Needle,
 }
 
 impl Objective {
@@ -207,26 +267,77 @@ impl Objective {
                 influence: (1.0 - w) / norm,
                 needle: w / nn,
                 mode,
+                pool: 0.0,
+                what: Needle::Attention,
             },
             _ => Objective {
                 influence: 1.0 / norm,
                 needle: 0.0,
                 mode,
+                pool: 0.0,
+                what: Needle::Attention,
             },
         }
+    }
+
+    /// The same objective with the needle term counting `what` (renormalized by its own
+    /// droppable total).
+    pub fn needle_from(self, profile: &Profile, level: usize, what: Needle) -> Objective {
+        match (
+            needle_norm(profile, level),
+            needle_norm_by(profile, level, what),
+        ) {
+            (Some(old), Some(new)) if self.needle > 0.0 => Objective {
+                needle: self.needle * old / new,
+                what,
+                ..self
+            },
+            _ => self,
+        }
+    }
+
+    /// The same objective with the influence pooled over heads by the share `pool`
+    /// (clamped to [0, 1]).
+    pub fn pooled(self, pool: f64) -> Objective {
+        Objective {
+            pool: pool.clamp(0.0, 1.0),
+            ..self
+        }
+    }
+
+    /// The influence query head (l, h) of level `level` drops at capacity `cap`.
+    fn own(&self, profile: &Profile, level: usize, l: usize, h: usize, cap: u64) -> f64 {
+        let sums = &profile.levels[level].heads[l][h];
+        match self.mode {
+            Influence::Entries => sums.loss(cap, profile.sink),
+            Influence::Rows => sums.row_loss(cap, profile.sink),
+        }
+    }
+
+    /// The mean over every head of the level of the influence dropped at capacity `cap`.
+    fn common(&self, profile: &Profile, level: usize, cap: u64) -> f64 {
+        let lv = &profile.levels[level];
+        let (mut s, mut n) = (0.0, 0usize);
+        for (l, layer) in lv.heads.iter().enumerate() {
+            for h in 0..layer.len() {
+                s += self.own(profile, level, l, h, cap);
+                n += 1;
+            }
+        }
+        s / n.max(1) as f64
     }
 
     /// The loss of query head (l, h) of level `level` at capacity `cap`.
     pub fn head_loss(&self, profile: &Profile, level: usize, l: usize, h: usize, cap: u64) -> f64 {
         let lv = &profile.levels[level];
-        let sums = &lv.heads[l][h];
-        let mut v = self.influence
-            * match self.mode {
-                Influence::Entries => sums.loss(cap, profile.sink),
-                Influence::Rows => sums.row_loss(cap, profile.sink),
-            };
+        let mut influence = self.own(profile, level, l, h, cap);
+        if self.pool > 0.0 {
+            influence =
+                (1.0 - self.pool) * influence + self.pool * self.common(profile, level, cap);
+        }
+        let mut v = self.influence * influence;
         if self.needle > 0.0 {
-            if let Some(nd) = &lv.needle {
+            if let Some(nd) = self.what.sums(lv) {
                 v += self.needle * nd[l][h].loss(cap, profile.sink);
             }
         }
@@ -256,8 +367,7 @@ fn score(
     rules: &[Vec<HeadRule>],
     constraint_lengths: &[usize],
     settings: &Settings,
-    retrieval_weight: f64,
-    mode: Influence,
+    objective: &dyn Fn(usize) -> Objective,
 ) -> (Vec<f64>, Vec<f64>, Vec<u64>) {
     let shape = profile.shape;
     let g = shape.group_size();
@@ -266,7 +376,7 @@ fn score(
         .iter()
         .enumerate()
         .map(|(i, lv)| {
-            let obj = Objective::of(profile, i, retrieval_weight, mode);
+            let obj = objective(i);
             let mut s = 0.0;
             for (l, layer) in rules.iter().enumerate() {
                 for (h, rule) in layer.iter().enumerate() {
@@ -306,6 +416,16 @@ pub fn optimize(profile: &Profile, opts: &OptimizeOptions) -> Result<Optimized> 
             "density {d}: it must be in (0, 1] (the fraction of the dense cache's bytes)"
         )));
     }
+    for (what, v) in [
+        ("retrieval weight", opts.retrieval_weight),
+        ("influence pooling", opts.pool_influence),
+    ] {
+        if !(0.0..=1.0).contains(&v) {
+            return Err(Error::Usage(format!(
+                "{what} {v}: it must be in [0, 1] (a share of the objective)"
+            )));
+        }
+    }
     let shape = profile.shape;
     let settings = &opts.settings;
     if profile.sink != settings.sink {
@@ -330,10 +450,16 @@ pub fn optimize(profile: &Profile, opts: &OptimizeOptions) -> Result<Optimized> 
         alpha: c.alpha,
         beta: c.beta,
     };
+    // What a plan loses at level i.
+    let objective = |i: usize| {
+        Objective::of(profile, i, opts.retrieval_weight, opts.influence)
+            .needle_from(profile, i, opts.needle)
+            .pooled(opts.pool_influence)
+    };
     // Loss of unit k = (layer, kv head) with candidate c at each level.
     let mut loss = vec![vec![0.0; units * nc]; lengths.len()];
     for (i, lv) in profile.levels.iter().enumerate() {
-        let obj = Objective::of(profile, i, opts.retrieval_weight, opts.influence);
+        let obj = objective(i);
         for k in 0..units {
             let (l, kv) = (k / shape.num_kv_heads, k % shape.num_kv_heads);
             for (c, cand) in grid.iter().enumerate() {
@@ -416,16 +542,10 @@ pub fn optimize(profile: &Profile, opts: &OptimizeOptions) -> Result<Optimized> 
     let plans = front
         .iter()
         .enumerate()
-        .map(|(i, (s, objective))| {
+        .map(|(i, (s, kind))| {
             let rules = to_rules(&s.choice);
-            let (loss, density, kv_bytes) = score(
-                profile,
-                &rules,
-                &constraint,
-                settings,
-                opts.retrieval_weight,
-                opts.influence,
-            );
+            let (loss, density, kv_bytes) =
+                score(profile, &rules, &constraint, settings, &objective);
             MadePlan {
                 name: format!("plan-{i:02}"),
                 rules,
@@ -433,7 +553,7 @@ pub fn optimize(profile: &Profile, opts: &OptimizeOptions) -> Result<Optimized> 
                 density,
                 kv_bytes,
                 gap: Some(s.gap),
-                objective: objective.to_string(),
+                objective: kind.to_string(),
             }
         })
         .collect();
@@ -447,14 +567,8 @@ pub fn optimize(profile: &Profile, opts: &OptimizeOptions) -> Result<Optimized> 
         ];
         shape.num_layers
     ];
-    let (loss, density, kv_bytes) = score(
-        profile,
-        &uniform_rules,
-        &constraint,
-        settings,
-        opts.retrieval_weight,
-        opts.influence,
-    );
+    let (loss, density, kv_bytes) =
+        score(profile, &uniform_rules, &constraint, settings, &objective);
     Ok(Optimized {
         model: profile.model.clone(),
         profile_lengths: lengths,

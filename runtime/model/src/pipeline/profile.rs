@@ -6,8 +6,9 @@
 //! influence of each window with a row's masked entries taken together (`n{N}.rows`
 //! [layers, heads, N/64 + 1]) and the needle attention of the copy steps
 //! (`n{N}.needle.total` ... `n{N}.needle.block`, the influence's shapes); a version 1
-//! file reads with neither. A run keeps each finished sample
-//! in `<output>.parts/` and resumes from there.
+//! file reads with neither. Version 3 adds the influence |E| of those needle entries
+//! (`n{N}.needle_e.*`); a version 2 file reads without it. A run keeps each finished
+//! sample in `<output>.parts/` and resumes from there.
 
 use super::calib::{write_atomic, CalibSample, CalibSet};
 use super::influence::HeadSums;
@@ -32,6 +33,9 @@ pub struct Level {
     /// [layer][query head]: the mean over samples of the needle attention at the copy
     /// steps (`influence::needle_sums`); none in profiles of version 1.
     pub needle: Option<Vec<Vec<HeadSums>>>,
+    /// [layer][query head]: the mean over samples of the needle entries' influence at
+    /// the copy steps; none in profiles before version 3.
+    pub needle_influence: Option<Vec<Vec<HeadSums>>>,
 }
 
 /// A whole profile.
@@ -101,9 +105,15 @@ impl Profile {
             push(&format!("n{n}"), n, &lv.heads, lv.needle.is_some());
             if let Some(nd) = &lv.needle {
                 push(&format!("n{n}.needle"), n, nd, false);
+                if let Some(ne) = &lv.needle_influence {
+                    push(&format!("n{n}.needle_e"), n, ne, false);
+                }
             }
         }
-        let version = if self.levels.iter().all(|l| l.needle.is_some()) {
+        let all = |f: &dyn Fn(&Level) -> bool| self.levels.iter().all(f);
+        let version = if all(&|l| l.needle.is_some() && l.needle_influence.is_some()) {
+            "3"
+        } else if all(&|l| l.needle.is_some()) {
             "2"
         } else {
             "1"
@@ -185,13 +195,14 @@ impl Profile {
             return Err(st_err(path, "lengths, samples and loss differ in count"));
         }
         let version = get("version")?;
-        let with_needle = match version.as_str() {
-            "1" => false,
-            "2" => true,
+        let (with_needle, with_needle_e) = match version.as_str() {
+            "1" => (false, false),
+            "2" => (true, false),
+            "3" => (true, true),
             v => {
                 return Err(st_err(
                     path,
-                    format!("version {v} (this moac reads 1 and 2)"),
+                    format!("version {v} (this moac reads 1 to 3)"),
                 ))
             }
         };
@@ -261,12 +272,18 @@ impl Profile {
             } else {
                 None
             };
+            let needle_influence = if with_needle_e {
+                Some(sums("needle_e.", false)?)
+            } else {
+                None
+            };
             levels.push(Level {
                 length: n,
                 samples: s as usize,
                 loss,
                 heads,
                 needle,
+                needle_influence,
             });
         }
         if levels.is_empty() {
@@ -354,6 +371,10 @@ pub fn run(
                 vec![HeadSums::new(n); shape.num_query_heads];
                 shape.num_layers
             ]),
+            needle_influence: Some(vec![
+                vec![HeadSums::new(n); shape.num_query_heads];
+                shape.num_layers
+            ]),
         };
         let mine: Vec<&&CalibSample> = todo.iter().filter(|s| s.length == n).collect();
         let w = 1.0 / mine.len() as f64;
@@ -387,6 +408,7 @@ pub fn run(
                         && p.levels.len() == 1
                         && p.levels[0].length == n
                         && p.levels[0].needle.is_some()
+                        && p.levels[0].needle_influence.is_some()
                 });
             let (one, resumed) = match cached {
                 Some(p) => (p, true),
@@ -402,6 +424,7 @@ pub fn run(
                             loss: inf.loss,
                             heads: inf.heads,
                             needle: Some(inf.needle),
+                            needle_influence: Some(inf.needle_influence),
                         }],
                     };
                     p.write(&part)?;
@@ -418,9 +441,17 @@ pub fn run(
             {
                 a.add(b, w);
             }
-            if let (Some(mine), Some(theirs)) = (level.needle.as_mut(), lv.needle.as_ref()) {
-                for (a, b) in mine.iter_mut().flatten().zip(theirs.iter().flatten()) {
-                    a.add(b, w);
+            for (mine, theirs) in [
+                (level.needle.as_mut(), lv.needle.as_ref()),
+                (
+                    level.needle_influence.as_mut(),
+                    lv.needle_influence.as_ref(),
+                ),
+            ] {
+                if let (Some(mine), Some(theirs)) = (mine, theirs) {
+                    for (a, b) in mine.iter_mut().flatten().zip(theirs.iter().flatten()) {
+                        a.add(b, w);
+                    }
                 }
             }
             level.samples += 1;

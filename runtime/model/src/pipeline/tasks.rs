@@ -28,6 +28,10 @@ pub enum Family {
     Summary,
     /// A question about one record of a generated town registry (model's answer).
     Town,
+    /// Real text cut at a random place, its own next tokens as the answer: the
+    /// language-modelling loss at long range, what perplexity measures (no chat template;
+    /// needs real text).
+    Prose,
 }
 
 /// The default mix, taken in turn within each length.
@@ -49,6 +53,7 @@ impl Family {
             Family::Facts => "facts",
             Family::Summary => "summary",
             Family::Town => "town",
+            Family::Prose => "prose",
         }
     }
 
@@ -63,7 +68,8 @@ impl Family {
         }
     }
 
-    /// Families whose reference answer is the truth (not the model's own answer).
+    /// Families whose reference answer is a retrieval's truth (not the model's own
+    /// answer, nor the text's own continuation).
     pub fn synthetic(self) -> bool {
         matches!(self, Family::Kv | Family::Needle | Family::Multi)
     }
@@ -77,12 +83,13 @@ impl Family {
             Family::Facts,
             Family::Summary,
             Family::Town,
+            Family::Prose,
         ];
         all.into_iter()
             .find(|f| f.name() == s.trim())
             .ok_or_else(|| {
                 format!(
-                    "unknown calibration family {s:?} (kv, needle, multi, facts, summary, town)"
+                    "unknown calibration family {s:?} (kv, needle, multi, facts, summary, town, prose)"
                 )
             })
     }
@@ -130,7 +137,7 @@ impl Corpus {
 
     /// About `chars` characters of consecutive paragraphs from a random place (wrapping),
     /// skipping any paragraph that mentions `avoid`.
-    fn run(&self, rng: &mut Rng, chars: usize, avoid: &str) -> Vec<String> {
+    pub fn run(&self, rng: &mut Rng, chars: usize, avoid: &str) -> Vec<String> {
         let n = self.paragraphs.len().max(1);
         let start = rng.below(n as u64) as usize;
         let mut out = Vec::new();
@@ -485,7 +492,8 @@ pub fn spec(
                 })
             }
         }
-        // Summary and Town are fitted by the calibration's middle-cut documents.
-        Family::Summary | Family::Town => None,
+        // Summary and Town are fitted by the calibration's middle-cut documents, Prose
+        // by cutting real text (`calib::fit_prose`).
+        Family::Summary | Family::Town | Family::Prose => None,
     }
 }
