@@ -8,7 +8,7 @@ use moac::plan::Settings;
 use moac_model::attention::Engine;
 use moac_model::pipeline::calib::{self, CalibOptions, CalibSample, CalibSet};
 use moac_model::pipeline::optimize::{
-    optimize, Influence, MadePlan, Needle, OptimizeOptions, Optimized, POOL_INFLUENCE,
+    optimize, Influence, MadePlan, Needle, OptimizeOptions, Optimized, NEEDLE, POOL_INFLUENCE,
     RETRIEVAL_WEIGHT,
 };
 use moac_model::pipeline::profile::{self, Profile};
@@ -139,7 +139,7 @@ pub struct OptimizeArgs {
     /// What the needle term counts at the copy steps: attention (the attention on the
     /// needle) or influence (what masking the needle costs the answer; needs a profile
     /// of version 3).
-    #[arg(long, value_parser = super::parse::<Needle>, default_value = "attention")]
+    #[arg(long, value_parser = super::parse::<Needle>, default_value_t = NEEDLE)]
     pub needle: Needle,
     /// Output folder: plan-NN.json (official MoA format), summary.json, front.svg.
     #[arg(short, long)]
@@ -249,7 +249,7 @@ pub struct MakeArgs {
     /// What the needle term counts at the copy steps: attention (the attention on the
     /// needle) or influence (what masking the needle costs the answer; needs a profile
     /// of version 3).
-    #[arg(long, value_parser = super::parse::<Needle>, default_value = "attention")]
+    #[arg(long, value_parser = super::parse::<Needle>, default_value_t = NEEDLE)]
     pub needle: Needle,
     /// Where the intermediate files go (kept, and reused by a rerun; default:
     /// <output>.work/).

@@ -66,6 +66,18 @@ impl std::str::FromStr for Needle {
     }
 }
 
+impl std::fmt::Display for Needle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Needle::Attention => "attention",
+            Needle::Influence => "influence",
+        })
+    }
+}
+
+/// The default of [`OptimizeOptions::needle`].
+pub const NEEDLE: Needle = Needle::Attention;
+
 impl Needle {
     /// The needle sums of `level` this counts (the attention when the influence is not
     /// in the profile).
