@@ -75,8 +75,10 @@ impl std::fmt::Display for Needle {
     }
 }
 
-/// The default of [`OptimizeOptions::needle`].
-pub const NEEDLE: Needle = Needle::Attention;
+/// The default of [`OptimizeOptions::needle`]: the needle entries' influence (the
+/// attention on the needle kept layers 3-8 whole, which the pass key does not need;
+/// EVAL.md).
+pub const NEEDLE: Needle = Needle::Influence;
 
 impl Needle {
     /// The needle sums of `level` this counts (the attention when the influence is not
@@ -135,8 +137,11 @@ fn usable(profile: &Profile, mode: Influence) -> Influence {
 /// The default of [`OptimizeOptions::retrieval_weight`].
 pub const RETRIEVAL_WEIGHT: f64 = 0.75;
 
-/// The default of [`OptimizeOptions::pool_influence`].
-pub const POOL_INFLUENCE: f64 = 0.0;
+/// The default of [`OptimizeOptions::pool_influence`]: fully pooled. On SmolLM2 the
+/// per-head influence spread the heads that retrieval does not need worse than a uniform
+/// window would (EVAL.md, issue 22); pooled, with the needle influence, the same pass-key
+/// score came with a lower perplexity at every length measured.
+pub const POOL_INFLUENCE: f64 = 1.0;
 
 /// One plan: a rule per layer and query head, and what it costs and loses.
 #[derive(Debug, Clone, serde::Serialize)]
