@@ -16,6 +16,7 @@ pub mod llama;
 pub mod model;
 pub mod pipeline;
 pub mod retrieval;
+pub mod svg;
 pub mod tokenizer;
 pub mod weights;
 
