@@ -810,9 +810,37 @@ fn the_needle_term_counts_attention_or_influence_as_asked() {
 fn tiny_model(dir: &Path) -> Model {
     let mut vocab = serde_json::Map::new();
     let words = [
-        "<unk>", "<s>", "the", "of", "is", "a", "in", "and", "to", "what", "key", "value",
-        "record", "town", "name", "number", "answer", "question", "user", "assistant", ":",
-        ",", ".", "?", "\"", "{", "}", "<|", "|>", "im_start", "im_end",
+        "<unk>",
+        "<s>",
+        "the",
+        "of",
+        "is",
+        "a",
+        "in",
+        "and",
+        "to",
+        "what",
+        "key",
+        "value",
+        "record",
+        "town",
+        "name",
+        "number",
+        "answer",
+        "question",
+        "user",
+        "assistant",
+        ":",
+        ",",
+        ".",
+        "?",
+        "\"",
+        "{",
+        "}",
+        "<|",
+        "|>",
+        "im_start",
+        "im_end",
     ];
     for (i, w) in words.iter().enumerate() {
         vocab.insert(w.to_string(), serde_json::json!(i));
@@ -881,15 +909,18 @@ fn make_writes_a_valid_plan_and_a_second_call_resumes_from_the_work_folder() {
     // Dense, uniform, and the two plans of least predicted loss (one length: the front
     // may hold a single plan).
     assert_eq!(v.rows.len(), 2 + first.optimized.plans.len().min(2));
-    assert_eq!((v.rows[0].name.as_str(), v.rows[1].name.as_str()), ("dense", "uniform"));
+    assert_eq!(
+        (v.rows[0].name.as_str(), v.rows[1].name.as_str()),
+        ("dense", "uniform")
+    );
     assert!(v.rows.iter().all(|r| r.loss.is_finite() && r.loss > 0.0));
     assert!(first.chosen.starts_with(work.join("plans")));
     // The output is the chosen plan's file, and a valid plan for the model within the
     // density at every constraint length.
     let bytes = std::fs::read(&output).unwrap();
     assert_eq!(bytes, std::fs::read(&first.chosen).unwrap());
-    let plan = moac::plan::load_for_model(&output, model.llama.config.shape(), &model.path)
-        .unwrap();
+    let plan =
+        moac::plan::load_for_model(&output, model.llama.config.shape(), &model.path).unwrap();
     model.llama.check_plan(&plan).unwrap();
     let made = first.plan().unwrap();
     assert!(made.density.iter().all(|&d| d <= 0.5), "{:?}", made.density);

@@ -7,9 +7,9 @@ use clap::Args;
 use moac::geometry::Dtype;
 use moac::ValidPlan;
 use moac_model::attention::Engine;
+use moac_model::pipeline::stages::AttentionOptions;
 use moac_model::weights::WeightMode;
 use moac_model::Model;
-use moac_model::pipeline::stages::AttentionOptions;
 use moac_runtime::{Backend, PrefillMode, Runtime};
 use std::path::{Path, PathBuf};
 
