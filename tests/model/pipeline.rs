@@ -7,15 +7,24 @@
 //! - the best plan's predicted loss is no worse than the uniform plan's of the same
 //!   density, and is optimal against brute force on a small instance;
 //! - bad input (density out of (0, 1], a budget no plan meets, lengths the calibration set
-//!   lacks, a profile of another model, an empty calibration file) is a clear error.
+//!   lacks, a profile of another model, an empty calibration file) is a clear error;
+//! - `make` (the whole pipeline in one call, on the tiny model with a word-level
+//!   tokenizer) writes its work files and a valid plan within the density, and a second
+//!   call reuses every stage's file and chooses the same plan.
 #![allow(clippy::unwrap_used)]
 
 use moac::geometry::{CacheGeometry, Dtype};
 use moac::plan::{ModelShape, Settings};
+use moac_model::chat::{ChatTemplate, CHATML};
 use moac_model::llama::{Llama, LlamaConfig, RopeStyle};
 use moac_model::pipeline::calib::{CalibHeader, CalibSample, CalibSet, FORMAT};
+use moac_model::pipeline::make::{make, MakeOptions, Reused};
 use moac_model::pipeline::optimize::{optimize, Influence, Needle, OptimizeOptions};
 use moac_model::pipeline::profile::{self, Profile};
+use moac_model::pipeline::stages::Quiet;
+use moac_model::pipeline::tasks::Family;
+use moac_model::tokenizer::Tokenizer;
+use moac_model::Model;
 use moac_runtime::reference::check::Rng;
 use std::path::Path;
 
@@ -792,4 +801,169 @@ fn the_needle_term_counts_attention_or_influence_as_asked() {
         .needle_from(&p, 0, Needle::Influence)
         .head_loss(&p, 0, 1, 2, 256);
     assert_eq!(asked, attention);
+}
+
+/// A tiny random Llama as a [`Model`] (head_dim 64: the kernels' smallest, which the
+/// dense answers and validation run through): a word-level tokenizer of 50 ids (every word it
+/// does not know is `<unk>`), the ChatML template, no stop ids (answers run to their
+/// full length).
+fn tiny_model(dir: &Path) -> Model {
+    let mut vocab = serde_json::Map::new();
+    let words = [
+        "<unk>",
+        "<s>",
+        "the",
+        "of",
+        "is",
+        "a",
+        "in",
+        "and",
+        "to",
+        "what",
+        "key",
+        "value",
+        "record",
+        "town",
+        "name",
+        "number",
+        "answer",
+        "question",
+        "user",
+        "assistant",
+        ":",
+        ",",
+        ".",
+        "?",
+        "\"",
+        "{",
+        "}",
+        "<|",
+        "|>",
+        "im_start",
+        "im_end",
+    ];
+    for (i, w) in words.iter().enumerate() {
+        vocab.insert(w.to_string(), serde_json::json!(i));
+    }
+    for d in 0..10 {
+        vocab.insert(d.to_string(), serde_json::json!(words.len() + d));
+    }
+    let tok = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"},
+    });
+    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+    let tokenizer = Tokenizer::from_hf_dir(dir).unwrap();
+    assert!(tokenizer.vocab_size() <= 50);
+    Model {
+        path: dir.join("tiny.gguf"),
+        llama: Llama::random(
+            LlamaConfig {
+                num_layers: 2,
+                hidden: 64,
+                head_dim: 64,
+                ..tiny_config(2, RopeStyle::HalfSplit)
+            },
+            64,
+            11,
+        )
+        .unwrap(),
+        tokenizer,
+        chat: ChatTemplate::new(CHATML.into(), "ChatML", "<s>".into(), String::new()),
+    }
+}
+
+#[test]
+fn make_writes_a_valid_plan_and_a_second_call_resumes_from_the_work_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let output = dir.path().join("out").join("made.json");
+    let mut opts = MakeOptions::new(0.5, &output);
+    opts.lengths = vec![384];
+    opts.samples = vec![3];
+    opts.families = vec![Family::Kv, Family::Needle, Family::Town];
+    opts.max_answer = 32;
+    opts.validate_samples = 3;
+    opts.validate_plans = 2;
+    opts.constraint_lengths = vec![384, 512, 1024];
+    let first = make(&model, &opts, &mut Quiet).unwrap();
+    let work = dir.path().join("out").join("made.json.work");
+    assert_eq!(first.work, work);
+    assert_eq!(first.reused, Reused::default(), "nothing to reuse at first");
+    for f in [
+        "calib.jsonl",
+        "validate.jsonl",
+        "profile.safetensors",
+        "plans/summary.json",
+        "plans/front.svg",
+        "plans/uniform.json",
+    ] {
+        assert!(work.join(f).is_file(), "{f}");
+    }
+    assert!(!work.join("profile.safetensors.parts").exists());
+    // The held-out samples run at 1.25 times the profiled length, on 64-token blocks.
+    let v = first.validation.as_ref().unwrap();
+    assert_eq!((v.length, v.samples), (512, 3));
+    // Dense, uniform, and the two plans of least predicted loss (one length: the front
+    // may hold a single plan).
+    assert_eq!(v.rows.len(), 2 + first.optimized.plans.len().min(2));
+    assert_eq!(
+        (v.rows[0].name.as_str(), v.rows[1].name.as_str()),
+        ("dense", "uniform")
+    );
+    assert!(v.rows.iter().all(|r| r.loss.is_finite() && r.loss > 0.0));
+    assert!(first.chosen.starts_with(work.join("plans")));
+    // The output is the chosen plan's file, and a valid plan for the model within the
+    // density at every constraint length.
+    let bytes = std::fs::read(&output).unwrap();
+    assert_eq!(bytes, std::fs::read(&first.chosen).unwrap());
+    let plan =
+        moac::plan::load_for_model(&output, model.llama.config.shape(), &model.path).unwrap();
+    model.llama.check_plan(&plan).unwrap();
+    let made = first.plan().unwrap();
+    assert!(made.density.iter().all(|&d| d <= 0.5), "{:?}", made.density);
+    for (i, &n) in first.optimized.constraint_lengths.iter().enumerate() {
+        let geo = CacheGeometry::new(&plan, n as u64 - 128, 128).unwrap();
+        assert_eq!(geo.kv_bytes(Dtype::F16, 1), made.kv_bytes[i], "N = {n}");
+    }
+    // A second call reuses every stage's file and makes the same plan.
+    let calib_time = std::fs::metadata(work.join("calib.jsonl"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    std::fs::remove_file(&output).unwrap();
+    let second = make(&model, &opts, &mut Quiet).unwrap();
+    assert_eq!(
+        second.reused,
+        Reused {
+            calibration: true,
+            profile: true,
+            profile_samples: 0,
+            held_out: true,
+        }
+    );
+    let modified = std::fs::metadata(work.join("calib.jsonl"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert_eq!(modified, calib_time);
+    assert_eq!(second.chosen, first.chosen);
+    assert_eq!(second.validation, first.validation);
+    assert_eq!(std::fs::read(&output).unwrap(), bytes);
+    // Another density reuses the calibration and the profile, and solves again.
+    opts.density = 0.75;
+    opts.validate_plans = 0;
+    let third = make(&model, &opts, &mut Quiet).unwrap();
+    assert!(third.reused.calibration && third.reused.profile);
+    assert!(third.validation.is_none());
+    assert_eq!(
+        std::fs::read(&output).unwrap(),
+        std::fs::read(&third.chosen).unwrap()
+    );
+    // A density out of (0, 1] is refused before anything runs.
+    opts.density = 1.5;
+    let e = make(&model, &opts, &mut Quiet).unwrap_err().to_string();
+    assert!(e.contains("density"), "{e}");
 }

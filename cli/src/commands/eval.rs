@@ -281,7 +281,7 @@ fn run_retrieval(a: RetrievalArgs) -> Result<()> {
     }
     bar.finish_and_clear();
     if let Some(svg) = &a.svg {
-        let text = crate::tools::svg::accuracy_plot(
+        let text = moac_model::svg::accuracy_plot(
             &format!("{} retrieval, {}", a.task.name(), model.path.display()),
             &a.lengths,
             &series

@@ -7,9 +7,10 @@ use clap::Args;
 use moac::geometry::Dtype;
 use moac::ValidPlan;
 use moac_model::attention::Engine;
+use moac_model::pipeline::stages::AttentionOptions;
 use moac_model::weights::WeightMode;
 use moac_model::Model;
-use moac_runtime::{Artifact, Backend, PrefillMode, Runtime};
+use moac_runtime::{Backend, PrefillMode, Runtime};
 use std::path::{Path, PathBuf};
 
 /// The model and how its attention runs.
@@ -53,24 +54,27 @@ impl ModelArgs {
     /// A runtime for `plan` on the chosen backend (the artifact is lowered in memory;
     /// emu builds it with g++, cuda with NVRTC, both cached).
     pub fn runtime(&self, plan: &ValidPlan) -> Result<Runtime> {
-        let art = Artifact::from_plan(plan, self.dtype, None)?;
-        Ok(Runtime::new(art, self.backend)?)
+        Ok(self.attention().runtime(plan)?)
+    }
+
+    /// The backend, dtype and prefill mask, as the library's pipeline takes them.
+    pub fn attention(&self) -> AttentionOptions {
+        AttentionOptions {
+            backend: self.backend,
+            dtype: self.dtype,
+            prefill_mode: self.prefill_mode,
+        }
     }
 
     pub fn engine<'a>(&self, rt: &'a Runtime) -> Engine<'a> {
-        Engine::Moac {
-            runtime: rt,
-            mode: self.prefill_mode,
-        }
+        self.attention().engine(rt)
     }
 }
 
 /// Reads a plan for `model`: a moac plan file or an official MoA plan (whose geometry
 /// comes from the model), checked against the model's attention shape.
 pub fn plan_for(model: &Model, plan: &Path) -> Result<ValidPlan> {
-    let p = moac::plan::load_for_model(plan, model.llama.config.shape(), &model.path)?;
-    model.llama.check_plan(&p)?;
-    Ok(p)
+    Ok(moac_model::pipeline::stages::plan_for(model, plan)?)
 }
 
 /// `--plan P` or `--dense` (exactly one): the plan, named for reports.

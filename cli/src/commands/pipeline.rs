@@ -5,15 +5,17 @@ use super::model::{progress_bar, ModelArgs};
 use crate::{CliError, Result};
 use clap::Args;
 use moac::plan::Settings;
-use moac_model::attention::Engine;
-use moac_model::pipeline::calib::{self, CalibOptions, CalibSample, CalibSet};
+use moac_model::pipeline::calib::{CalibOptions, CalibSample, CalibSet};
+use moac_model::pipeline::make::{
+    Made, MakeOptions, HELD_OUT_SEED, MAX_ANSWER, VALIDATE_PLANS, VALIDATE_SAMPLES,
+};
 use moac_model::pipeline::optimize::{
     optimize, Influence, MadePlan, Needle, OptimizeOptions, Optimized, NEEDLE, POOL_INFLUENCE,
     RETRIEVAL_WEIGHT,
 };
-use moac_model::pipeline::profile::{self, Profile};
+use moac_model::pipeline::profile::Profile;
+use moac_model::pipeline::stages::{self, Progress, ValidateOptions, Validated, Validation};
 use moac_model::pipeline::tasks::{Family, DEFAULT_MIX};
-use moac_model::pipeline::validate::response_losses;
 use moac_model::weights::WeightMode;
 use moac_model::Model;
 use std::path::{Path, PathBuf};
@@ -160,7 +162,7 @@ pub struct ValidateArgs {
     #[arg(long, default_value_t = 2)]
     pub samples: usize,
     /// Seed of the held-out samples.
-    #[arg(long, default_value_t = 1_000_003)]
+    #[arg(long, default_value_t = HELD_OUT_SEED)]
     pub seed: u64,
     /// Use these samples instead of making them (a calibration file).
     #[arg(long)]
@@ -203,7 +205,7 @@ pub struct MakeArgs {
     #[arg(long, value_parser = lengths_arg)]
     pub validate_length: Option<usize>,
     /// Held-out samples at the validation length (the families in turn, another seed).
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = VALIDATE_SAMPLES)]
     pub validate_samples: usize,
     /// Score only the made plans at validation, not dense and uniform beside them.
     #[arg(long)]
@@ -215,7 +217,7 @@ pub struct MakeArgs {
     /// Validate the K plans of least predicted loss (summed over the profiled lengths,
     /// each normalized); the best of them by validation loss is the plan (0: no
     /// validation, the plan of least predicted loss).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = VALIDATE_PLANS)]
     pub validate_plans: usize,
     /// Real text (UTF-8) for calibration (default: models/text/factbook.txt beside the
     /// model, from scripts/setup-calib-text.sh, when it is there).
@@ -224,7 +226,7 @@ pub struct MakeArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// The longest answer of calibration and held-out samples (tokens).
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = MAX_ANSWER)]
     pub max_answer: usize,
     /// Lengths where the density must hold (default: the profiled lengths, then
     /// doublings up to the model's context).
@@ -260,49 +262,47 @@ pub struct MakeArgs {
     pub output: PathBuf,
 }
 
-/// The calibration text files: those given, else the default beside the model (none
-/// when it is not there: the mix then uses generated prose, with a note).
-fn read_sources(paths: &[PathBuf], model: &Path) -> Result<Vec<(String, String)>> {
-    let given = !paths.is_empty();
-    let paths: Vec<PathBuf> = if given {
-        paths.to_vec()
-    } else {
-        let d = calib::default_source(model);
-        if d.is_file() {
-            vec![d]
-        } else {
-            eprintln!(
-                "note: no calibration text ({} not found; run scripts/setup-calib-text.sh): retrieval haystacks are generated records, no fact or summary questions on real text",
-                d.display()
-            );
-            Vec::new()
+/// The pipeline's progress on the terminal: a bar per counted stage (drawn only on a
+/// terminal), messages and the solve's table on stderr.
+#[derive(Default)]
+struct Terminal {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Progress for Terminal {
+    fn start(&mut self, what: &str) {
+        self.bar = Some(progress_bar(true, what));
+    }
+
+    fn advance(&mut self, done: usize, total: usize) {
+        if let Some(bar) = &self.bar {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
         }
-    };
-    paths.iter().map(|p| Ok(calib::read_source(p)?)).collect()
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+
+    fn message(&mut self, text: &str) {
+        eprintln!("{text}");
+    }
+
+    fn optimized(&mut self, out: &Optimized) {
+        print_optimized(out);
+    }
 }
 
-fn model_name(path: &Path) -> String {
-    path.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| path.display().to_string())
-}
-
-/// Makes a calibration set with the dense model.
-fn make_calib(
-    model: &Model,
-    args: &ModelArgs,
-    opts: &CalibOptions,
-    what: &str,
-) -> Result<CalibSet> {
-    let dense = model.llama.dense_plan(Path::new("dense"))?;
-    let rt = args.runtime(&dense)?;
-    let bar = progress_bar(true, what);
-    bar.set_length(opts.total() as u64);
-    let set = calib::make(model, args.engine(&rt), opts, &mut |d, _| {
-        bar.set_position(d as u64)
-    })?;
-    bar.finish_and_clear();
-    Ok(set)
+/// The calibration texts of `--source`, or the default beside the model.
+fn sources(model: &ModelArgs, given: &[PathBuf]) -> Result<Vec<(String, String)>> {
+    Ok(stages::read_sources(
+        given,
+        model.path()?,
+        &mut Terminal::default(),
+    )?)
 }
 
 pub fn calibrate(a: CalibrateArgs) -> Result<()> {
@@ -314,11 +314,17 @@ pub fn calibrate(a: CalibrateArgs) -> Result<()> {
         samples_at: Vec::new(),
         seed: a.seed,
         max_answer: a.max_answer,
-        sources: read_sources(&a.source, a.model.path()?)?,
+        sources: sources(&a.model, &a.source)?,
         families: a.families.clone(),
         batch: a.batch,
     };
-    let set = make_calib(&model, &a.model, &opts, "calibrate")?;
+    let set = stages::calibrate(
+        &model,
+        &a.model.attention(),
+        &opts,
+        "calibrate",
+        &mut Terminal::default(),
+    )?;
     set.write(&a.output)?;
     eprintln!(
         "wrote {} ({} samples at lengths {:?}, {:.0} s)",
@@ -328,46 +334,6 @@ pub fn calibrate(a: CalibrateArgs) -> Result<()> {
         t.elapsed().as_secs_f64()
     );
     Ok(())
-}
-
-fn run_profile(
-    model: &Model,
-    set: &CalibSet,
-    lengths: &[usize],
-    sink: u64,
-    output: &Path,
-    keep_parts: bool,
-) -> Result<Profile> {
-    let bar = progress_bar(true, "profile");
-    let mut resumed = 0;
-    let p = profile::run(
-        &model.llama,
-        &model_name(&model.path),
-        set,
-        lengths,
-        sink,
-        output,
-        &mut |done, total, r| {
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
-            resumed += r as usize;
-        },
-    )?;
-    bar.finish_and_clear();
-    if resumed > 0 {
-        eprintln!(
-            "resumed {resumed} samples from {}",
-            profile::parts_dir(output).display()
-        );
-    }
-    p.write(output)?;
-    // The parts are a resume point (the profile holds everything), and with
-    // --keep-parts the material of ablations: a profile of a subset of the samples
-    // (`moac profile --families/--max-samples` on the same calibration file) reuses them.
-    if !keep_parts {
-        let _ = std::fs::remove_dir_all(profile::parts_dir(output));
-    }
-    Ok(p)
 }
 
 pub fn profile(a: ProfileArgs) -> Result<()> {
@@ -393,7 +359,15 @@ pub fn profile(a: ProfileArgs) -> Result<()> {
             a.calib.display()
         )));
     }
-    let p = run_profile(&model, &set, &a.lengths, a.sink, &a.output, a.keep_parts)?;
+    let (p, _) = stages::profile(
+        &model,
+        &set,
+        &a.lengths,
+        a.sink,
+        &a.output,
+        a.keep_parts,
+        &mut Terminal::default(),
+    )?;
     eprintln!(
         "wrote {} (lengths {:?}, {} samples, {:.0} s)",
         a.output.display(),
@@ -401,55 +375,6 @@ pub fn profile(a: ProfileArgs) -> Result<()> {
         p.levels.iter().map(|l| l.samples).sum::<usize>(),
         t.elapsed().as_secs_f64()
     );
-    Ok(())
-}
-
-/// The default constraint lengths: the profiled ones, then doublings up to the model's
-/// context.
-fn default_constraints(profiled: &[usize], context: usize) -> Vec<usize> {
-    let mut v = profiled.to_vec();
-    let mut n = profiled.iter().copied().max().unwrap_or(context);
-    while n < context {
-        n = (n * 2).min(context);
-        v.push(n);
-    }
-    v.sort_unstable();
-    v.dedup();
-    v
-}
-
-fn write_optimized(out: &Optimized, dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| CliError::Usage(format!("{}: {e}", dir.display())))?;
-    let json = |v: &serde_json::Value| -> Result<Vec<u8>> {
-        let mut s = serde_json::to_string_pretty(v).map_err(|e| CliError::Usage(e.to_string()))?;
-        s.push('\n');
-        Ok(s.into_bytes())
-    };
-    for p in out.plans.iter().chain(std::iter::once(&out.uniform)) {
-        moac::fsutil::write_atomic(
-            &dir.join(format!("{}.json", p.name)),
-            &json(&p.to_moa_json())?,
-        )?;
-    }
-    let summary = serde_json::to_value(out).map_err(|e| CliError::Usage(e.to_string()))?;
-    moac::fsutil::write_atomic(&dir.join("summary.json"), &json(&summary)?)?;
-    let (first, last) = (0, out.profile_lengths.len() - 1);
-    let points: Vec<(String, f64, f64)> = out
-        .plans
-        .iter()
-        .chain(std::iter::once(&out.uniform))
-        .map(|p| (p.name.clone(), p.loss[first], p.loss[last]))
-        .collect();
-    let svg = crate::tools::svg::scatter_plot(
-        &format!(
-            "{} at density {}: predicted loss of each plan",
-            out.model, out.density
-        ),
-        &format!("loss at N = {}", out.profile_lengths[first]),
-        &format!("loss at N = {}", out.profile_lengths[last]),
-        &points,
-    );
-    moac::fsutil::write_atomic(&dir.join("front.svg"), svg.as_bytes())?;
     Ok(())
 }
 
@@ -487,17 +412,19 @@ fn print_optimized(out: &Optimized) {
     row(&out.uniform);
 }
 
-fn run_optimize(profile: &Profile, a: &OptimizeArgs, context: usize) -> Result<Optimized> {
-    let constraint = if a.constraint_lengths.is_empty() {
-        default_constraints(&profile.lengths(), context)
-    } else {
-        a.constraint_lengths.clone()
-    };
+pub fn optimize_cmd(a: OptimizeArgs) -> Result<()> {
+    let cfg = moac_model::weights::model_config(&a.model)?;
+    let profile = Profile::read(&a.profile)?;
+    profile.check(&a.profile, &cfg.shape())?;
     let out = optimize(
-        profile,
+        &profile,
         &OptimizeOptions {
             density: a.density,
-            constraint_lengths: constraint,
+            constraint_lengths: stages::constraint_lengths(
+                &a.constraint_lengths,
+                &profile.lengths(),
+                cfg.context_len,
+            ),
             max_rules_per_layer: a.max_rules_per_layer,
             alpha_step: a.alpha_step,
             intervals: a.intervals,
@@ -512,161 +439,29 @@ fn run_optimize(profile: &Profile, a: &OptimizeArgs, context: usize) -> Result<O
             },
         },
     )?;
-    write_optimized(&out, &a.output)?;
+    stages::write_optimized(&out, &a.output)?;
     print_optimized(&out);
-    Ok(out)
-}
-
-pub fn optimize_cmd(a: OptimizeArgs) -> Result<()> {
-    let cfg = moac_model::weights::model_config(&a.model)?;
-    let profile = Profile::read(&a.profile)?;
-    profile.check(&a.profile, &cfg.shape())?;
-    run_optimize(&profile, &a, cfg.context_len)?;
     eprintln!("wrote {}", a.output.display());
     Ok(())
 }
 
-/// The plans of an optimize folder: plan-NN.json, then uniform.json when present.
-fn plan_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let rd =
-        std::fs::read_dir(dir).map_err(|e| CliError::Usage(format!("{}: {e}", dir.display())))?;
-    let mut v: Vec<PathBuf> = rd
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("plan-") && n.ends_with(".json"))
-        })
-        .collect();
-    v.sort();
-    if v.is_empty() {
-        return Err(CliError::Usage(format!(
-            "{}: no plan-NN.json files (the output folder of moac optimize)",
-            dir.display()
-        )));
-    }
-    Ok(v)
-}
-
-/// One plan's validation: its mean response loss over the held-out samples, and per
-/// task family (the synthetic retrieval families apart from the model-answered ones).
-pub struct Validated {
-    pub name: String,
-    pub loss: f64,
-    /// (family, mean loss) in the order families first appear.
-    pub by_family: Vec<(String, f64)>,
-}
-
-/// The family of a sample's task label (`kv-json` -> `kv`, `source` -> `summary`).
-fn family_of(task: &str) -> String {
-    Family::of_task(task).map_or_else(|| task.to_string(), |f| f.name().to_string())
-}
-
-/// Validates every plan of `dir` (and dense and uniform for reference) on `samples`;
-/// writes the best plan (least mean loss) to `output`.
-#[allow(clippy::too_many_arguments)]
-fn run_validate(
-    model: &Model,
-    args: &ModelArgs,
-    dir: &Path,
-    only: Option<&[String]>,
-    samples: &[&CalibSample],
-    max_answer: usize,
-    baselines: bool,
-    output: &Path,
-) -> Result<(Vec<Validated>, PathBuf)> {
-    let mut rows = Vec::new();
-    let mut best: Option<(f64, PathBuf)> = None;
-    let mut files = plan_files(dir)?;
-    if let Some(names) = only {
-        files.retain(|f| names.iter().any(|n| f.ends_with(format!("{n}.json"))));
-    }
-    let uniform = dir.join("uniform.json");
-    let mut runs: Vec<(String, Option<PathBuf>)> = Vec::new();
-    if baselines {
-        runs.push(("dense".into(), None));
-    }
-    if baselines && uniform.is_file() {
-        runs.push(("uniform".into(), Some(uniform)));
-    }
-    runs.extend(files.drain(..).map(|p| {
-        (
-            model_name(&p).trim_end_matches(".json").to_string(),
-            Some(p),
-        )
-    }));
-    let mut families: Vec<String> = Vec::new();
-    for s in samples {
-        let f = family_of(&s.task);
-        if !families.contains(&f) {
-            families.push(f);
-        }
-    }
-    let bar = progress_bar(true, "validate");
-    bar.set_length((runs.len() * samples.len()) as u64);
-    for (i, (name, file)) in runs.iter().enumerate() {
-        let plan = match file {
-            Some(f) => super::model::plan_for(model, f)?,
-            None => model.llama.dense_plan(Path::new("dense"))?,
-        };
-        let rt = args.runtime(&plan)?;
-        let engine: Engine<'_> = args.engine(&rt);
-        let losses = response_losses(&model.llama, engine, samples, max_answer, 4, &mut |d, _| {
-            bar.set_position((i * samples.len() + d) as u64)
-        })?;
-        let mean = losses.iter().sum::<f64>() / losses.len() as f64;
-        let by_family = families
-            .iter()
-            .map(|f| {
-                let v: Vec<f64> = samples
-                    .iter()
-                    .zip(&losses)
-                    .filter(|(s, _)| family_of(&s.task) == *f)
-                    .map(|(_, l)| *l)
-                    .collect();
-                (f.clone(), v.iter().sum::<f64>() / v.len().max(1) as f64)
-            })
-            .collect();
-        if let (Some(f), true) = (file, name.starts_with("plan-")) {
-            if best.as_ref().is_none_or(|(b, _)| mean < *b) {
-                best = Some((mean, f.clone()));
-            }
-        }
-        rows.push(Validated {
-            name: name.clone(),
-            loss: mean,
-            by_family,
-        });
-    }
-    bar.finish_and_clear();
-    let (_, chosen) = best.ok_or_else(|| CliError::Usage("no plan to choose from".into()))?;
-    let bytes = std::fs::read(&chosen)
-        .map_err(|e| CliError::Usage(format!("{}: {e}", chosen.display())))?;
-    if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| CliError::Usage(format!("{}: {e}", dir.display())))?;
-    }
-    moac::fsutil::write_atomic(output, &bytes)?;
-    let counts: Vec<String> = families
-        .iter()
-        .map(|f| {
-            let n = samples.iter().filter(|s| family_of(&s.task) == *f).count();
-            format!("{f} {n}")
-        })
-        .collect();
+/// The validation's report: the held-out samples, then each plan's mean loss and its
+/// loss per family, the chosen plan marked; then what was written.
+fn print_validation(v: &Validation, output: &Path) {
+    let counts: Vec<String> = v.families.iter().map(|(f, n)| format!("{f} {n}")).collect();
     eprintln!(
         "validation: response loss on {} held-out samples at N = {} ({})",
-        samples.len(),
-        samples.iter().map(|s| s.length).max().unwrap_or(0),
+        v.samples,
+        v.length,
         counts.join(", ")
     );
     let mut head = format!("  {:10} {:>8}", "plan", "all");
-    for f in &families {
+    for (f, _) in &v.families {
         head.push_str(&format!(" {f:>8}"));
     }
     eprintln!("{head}");
-    for r in &rows {
-        let mark = if chosen.ends_with(format!("{}.json", r.name)) {
+    for r in &v.rows {
+        let mark = if v.chosen.ends_with(format!("{}.json", r.name)) {
             "  <- chosen"
         } else {
             ""
@@ -677,56 +472,31 @@ fn run_validate(
         }
         eprintln!("{line}{mark}");
     }
-    eprintln!("wrote {} (from {})", output.display(), chosen.display());
-    Ok((rows, chosen))
-}
-
-/// Held-out samples: the calibration's families and texts, another seed.
-#[allow(clippy::too_many_arguments)]
-fn held_out(
-    model: &Model,
-    args: &ModelArgs,
-    length: usize,
-    samples: usize,
-    seed: u64,
-    max_answer: usize,
-    families: &[Family],
-    sources: Vec<(String, String)>,
-) -> Result<CalibSet> {
-    make_calib(
-        model,
-        args,
-        &CalibOptions {
-            lengths: vec![length],
-            samples,
-            samples_at: Vec::new(),
-            seed,
-            max_answer,
-            sources,
-            families: families.to_vec(),
-            batch: 4,
-        },
-        "held-out samples",
-    )
+    eprintln!("wrote {} (from {})", output.display(), v.chosen.display());
 }
 
 pub fn validate(a: ValidateArgs) -> Result<()> {
     let model = a.model.load()?;
+    let attention = a.model.attention();
     let set = match &a.calib {
         Some(p) => {
             let s = CalibSet::read(p)?;
             s.check_model(p, &model)?;
             s
         }
-        None => held_out(
+        None => stages::calibrate(
             &model,
-            &a.model,
-            a.length,
-            a.samples,
-            a.seed,
-            a.max_answer,
-            &DEFAULT_MIX,
-            read_sources(&a.source, a.model.path()?)?,
+            &attention,
+            &stages::held_out_options(
+                a.length,
+                a.samples,
+                a.seed,
+                a.max_answer,
+                &DEFAULT_MIX,
+                sources(&a.model, &a.source)?,
+            ),
+            "held-out samples",
+            &mut Terminal::default(),
         )?,
     };
     let samples: Vec<&CalibSample> = set
@@ -740,45 +510,51 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
             a.length
         )));
     }
-    run_validate(
+    let v = stages::validate(
         &model,
-        &a.model,
-        &a.plans,
-        None,
+        &attention,
         &samples,
-        a.max_answer,
-        !a.no_baselines,
-        &a.output,
+        &ValidateOptions {
+            plans: &a.plans,
+            only: None,
+            max_answer: a.max_answer,
+            baselines: !a.no_baselines,
+            output: &a.output,
+        },
+        &mut Terminal::default(),
     )?;
+    print_validation(&v, &a.output);
     Ok(())
 }
 
 /// The closing report of `plan make`: per constraint length the KV bytes of the chosen
 /// plan, the uniform plan and dense; the validation loss of each; and per layer, the
 /// span each KV head of the chosen plan got at the longest constraint length.
-fn print_made(out: &Optimized, chosen: &Path, validated: &[Validated]) {
-    let name = model_name(chosen).trim_end_matches(".json").to_string();
-    let Some(made) = out.plans.iter().find(|p| p.name == name) else {
+fn print_made(made: &Made) {
+    let out = &made.optimized;
+    let Some(plan) = made.plan() else {
         return;
     };
+    let name = &plan.name;
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
     eprintln!(
         "plan {name} ({}) against uniform (alpha 0, beta {}) and dense, KV bytes of one sequence:",
-        made.objective, out.density
+        plan.objective, out.density
     );
     eprintln!(
         "  {:>7} {:>12} {:>12} {:>12}",
         "N", "made MiB", "uniform MiB", "dense MiB"
     );
     for (j, &n) in out.constraint_lengths.iter().enumerate() {
-        let dense = made.kv_bytes[j] as f64 / made.density[j].max(1e-12);
+        let dense = plan.kv_bytes[j] as f64 / plan.density[j].max(1e-12);
         eprintln!(
             "  {n:>7} {:>12.2} {:>12.2} {:>12.2}",
-            mib(made.kv_bytes[j]),
+            mib(plan.kv_bytes[j]),
             mib(out.uniform.kv_bytes[j]),
             dense / (1u64 << 20) as f64
         );
     }
+    let validated: &[Validated] = made.validation.as_ref().map_or(&[], |v| &v.rows);
     let loss = |n: &str| {
         validated
             .iter()
@@ -788,15 +564,15 @@ fn print_made(out: &Optimized, chosen: &Path, validated: &[Validated]) {
     };
     eprintln!(
         "  validation loss: made {}   uniform {}   dense {}",
-        loss(&name),
+        loss(name),
         loss("uniform"),
         loss("dense")
     );
-    let g = made.rules.first().map_or(1, |l| l.len()) / out.kv_heads.max(1);
+    let g = plan.rules.first().map_or(1, |l| l.len()) / out.kv_heads.max(1);
     let n = out.constraint_lengths.iter().copied().max().unwrap_or(0);
     let settings = Settings::default();
     eprintln!("  spans per layer at N = {n} (KV heads; * = at least 3/4 of N):");
-    for (l, layer) in made.rules.iter().enumerate() {
+    for (l, layer) in plan.rules.iter().enumerate() {
         let cells: Vec<String> = layer
             .chunks(g.max(1))
             .map(|kv| {
@@ -817,196 +593,57 @@ fn print_made(out: &Optimized, chosen: &Path, validated: &[Validated]) {
     }
 }
 
-/// `moac plan make`: calibrate, profile, optimize and validate with defaults for the
-/// model; every stage's file is kept in the work folder and reused by a rerun.
+/// `moac plan make`: the flags as [`MakeOptions`], then [`moac_model::pipeline::make`]
+/// (calibrate, profile, optimize and validate; every stage's file kept in the work
+/// folder and reused by a rerun), then its report.
 pub fn make(a: MakeArgs) -> Result<()> {
     let total = Instant::now();
-    if !(a.density > 0.0 && a.density <= 1.0) {
-        return Err(CliError::Usage(format!(
-            "--density {}: it must be in (0, 1] (the fraction of the dense cache's bytes)",
-            a.density
-        )));
-    }
-    let model = Model::load(a.model.path()?, WeightMode::F32)?;
-    let context = model.llama.config.context_len;
-    let lengths = if a.lengths.is_empty() {
-        vec![
-            (context / 8).max(512),
-            (context / 4).max(1024),
-            (context / 2).max(2048),
-        ]
-    } else {
-        a.lengths.clone()
-    };
-    let longest = lengths.iter().copied().max().unwrap_or(0);
-    let val_len = a
-        .validate_length
-        .unwrap_or((longest * 5 / 4).div_ceil(64) * 64)
-        .min(context);
-    if lengths.iter().any(|&l| l >= val_len) {
-        eprintln!("note: the validation length {val_len} is not longer than every profiled length");
-    }
-    let work = a.work_dir.clone().unwrap_or_else(|| {
-        let mut s = a.output.as_os_str().to_owned();
-        s.push(".work");
-        PathBuf::from(s)
-    });
-    std::fs::create_dir_all(&work)
-        .map_err(|e| CliError::Usage(format!("{}: {e}", work.display())))?;
-    let mut times = Vec::new();
-    // 1. Calibration (reused when the file there was made the same way).
-    let t = Instant::now();
-    let calib_path = work.join("calib.jsonl");
-    let sources = read_sources(&a.source, a.model.path()?)?;
-    let (samples, samples_at) = match a.samples.as_slice() {
-        [] if a.lengths.is_empty() => (0, vec![28, 24, 12]),
-        [] => (22, Vec::new()),
-        [one] => (*one, Vec::new()),
-        many => (0, many.to_vec()),
-    };
-    let opts = CalibOptions {
-        lengths: lengths.clone(),
-        samples,
-        samples_at,
+    let opts = MakeOptions {
+        density: a.density,
+        output: a.output.clone(),
+        work_dir: a.work_dir.clone(),
+        lengths: a.lengths.clone(),
+        samples: a.samples.clone(),
+        families: a.families.clone(),
+        sources: a.source.clone(),
         seed: a.seed,
         max_answer: a.max_answer,
-        sources: sources.clone(),
-        families: a.families.clone(),
-        batch: 4,
+        keep_parts: a.keep_parts,
+        constraint_lengths: a.constraint_lengths.clone(),
+        max_rules_per_layer: a.max_rules_per_layer,
+        retrieval_weight: a.retrieval_weight,
+        influence: a.influence,
+        pool_influence: a.pool_influence,
+        needle: a.needle,
+        validate_length: a.validate_length,
+        validate_samples: a.validate_samples,
+        validate_plans: a.validate_plans,
+        validate_baselines: !a.no_validate_baselines,
+        attention: a.model.attention(),
     };
-    let made_as = |h: &calib::CalibHeader, seed: u64| {
-        h.seed == seed && h.max_answer == a.max_answer && h.sources == calib::header_sources(&opts)
-    };
-    let set = match CalibSet::read(&calib_path) {
-        Ok(s)
-            if made_as(&s.header, a.seed)
-                && s.lengths() == lengths
-                && s.samples.len() == opts.total() =>
-        {
-            s
-        }
-        _ => {
-            let s = make_calib(&model, &a.model, &opts, "calibrate")?;
-            s.write(&calib_path)?;
-            s
-        }
-    };
-    times.push(("calibrate", t.elapsed().as_secs_f64()));
-    // 2. Profile.
-    let t = Instant::now();
-    let profile_path = work.join("profile.safetensors");
-    let sink = Settings::default().sink;
-    let prof = match Profile::read(&profile_path) {
-        Ok(p)
-            if p.lengths() == lengths
-                && p.shape == model.llama.config.shape()
-                && p.levels
-                    .iter()
-                    .all(|l| l.needle.is_some() && l.needle_influence.is_some()) =>
-        {
-            p
-        }
-        _ => run_profile(&model, &set, &lengths, sink, &profile_path, a.keep_parts)?,
-    };
-    times.push(("profile", t.elapsed().as_secs_f64()));
-    // 3. Optimize.
-    let t = Instant::now();
-    let plans_dir = work.join("plans");
-    let optimized = run_optimize(
-        &prof,
-        &OptimizeArgs {
-            profile: profile_path.clone(),
-            model: a.model.path()?.to_path_buf(),
-            density: a.density,
-            constraint_lengths: a.constraint_lengths.clone(),
-            max_rules_per_layer: a.max_rules_per_layer,
-            alpha_step: None,
-            intervals: 4,
-            retrieval_weight: a.retrieval_weight,
-            influence: a.influence,
-            pool_influence: a.pool_influence,
-            needle: a.needle,
-            output: plans_dir.clone(),
-        },
-        context,
-    )?;
-    times.push(("optimize", t.elapsed().as_secs_f64()));
-    // 4. Validate on held-out samples at a longer length.
-    // The plans of least predicted loss summed over the lengths (each normalized) are
-    // the ones worth running: Pareto plans differ little, and each costs a full run.
-    let mut ranked: Vec<&MadePlan> = optimized.plans.iter().collect();
-    ranked.sort_by(|x, y| {
-        x.loss
-            .iter()
-            .sum::<f64>()
-            .total_cmp(&y.loss.iter().sum::<f64>())
-    });
-    let t = Instant::now();
-    let (validated, chosen) = if a.validate_plans == 0 {
-        // No validation: the plan of least summed predicted loss.
-        let best = ranked
-            .first()
-            .ok_or_else(|| CliError::Usage("no plan to choose from".into()))?;
-        let file = plans_dir.join(format!("{}.json", best.name));
-        let bytes = std::fs::read(&file)
-            .map_err(|e| CliError::Usage(format!("{}: {e}", file.display())))?;
-        moac::fsutil::write_atomic(&a.output, &bytes)?;
-        eprintln!(
+    // The density is checked before the model is loaded.
+    opts.check()?;
+    let model = Model::load(a.model.path()?, WeightMode::F32)?;
+    let made = moac_model::pipeline::make(&model, &opts, &mut Terminal::default())?;
+    match &made.validation {
+        Some(v) => print_validation(v, &a.output),
+        None => eprintln!(
             "wrote {} (from {}: least predicted loss; not validated, --validate-plans 0)",
             a.output.display(),
-            file.display()
-        );
-        (Vec::new(), file)
-    } else {
-        let val_path = work.join("validate.jsonl");
-        let val = match CalibSet::read(&val_path) {
-            Ok(s)
-                if made_as(&s.header, a.seed + 1_000_003)
-                    && s.lengths() == vec![val_len]
-                    && s.samples.len() == a.validate_samples =>
-            {
-                s
-            }
-            _ => {
-                let s = held_out(
-                    &model,
-                    &a.model,
-                    val_len,
-                    a.validate_samples,
-                    a.seed + 1_000_003,
-                    a.max_answer,
-                    &a.families,
-                    sources.clone(),
-                )?;
-                s.write(&val_path)?;
-                s
-            }
-        };
-        let samples: Vec<&CalibSample> = val.samples.iter().collect();
-        let top: Vec<String> = ranked
-            .iter()
-            .take(a.validate_plans.max(1))
-            .map(|p| p.name.clone())
-            .collect();
-        run_validate(
-            &model,
-            &a.model,
-            &plans_dir,
-            Some(&top),
-            &samples,
-            a.max_answer,
-            !a.no_validate_baselines,
-            &a.output,
-        )?
-    };
-    times.push(("validate", t.elapsed().as_secs_f64()));
-    print_made(&optimized, &chosen, &validated);
-    let line: Vec<String> = times.iter().map(|(s, t)| format!("{s} {t:.0} s")).collect();
+            made.chosen.display()
+        ),
+    }
+    print_made(&made);
+    let line: Vec<String> = made
+        .times
+        .iter()
+        .map(|(s, t)| format!("{s} {t:.0} s"))
+        .collect();
     eprintln!(
         "plan make: {} (total {:.0} s; work files in {})",
         line.join(", "),
         total.elapsed().as_secs_f64(),
-        work.display()
+        made.work.display()
     );
     Ok(())
 }

@@ -1,6 +1,6 @@
-//! The tools behind `moac verify`, `moac tune` and `moac run`, and the retrieval plot.
+//! The tools behind `moac verify`, `moac tune` and `moac run` (the retrieval plot is
+//! `moac_model::svg`).
 
 pub mod run;
-pub mod svg;
 pub mod sweep;
 pub mod verify;

@@ -3,7 +3,8 @@
 //! chat template ([`chat`]) ([`model::Model`] bundles them); [`llama`] is the forward
 //! pass, whose attention goes through [`attention::Attention`]: moac's compacted cache
 //! on any backend, or the plain dense reference. [`generate`] samples text, [`eval`]
-//! measures perplexity and [`retrieval`] makes MoA's retrieval tasks.
+//! measures perplexity and [`retrieval`] makes MoA's retrieval tasks ([`svg`] draws
+//! charts). [`pipeline`] makes MoA plans for a model ([`pipeline::make`] in one call).
 
 pub mod attention;
 pub mod chat;
@@ -16,6 +17,7 @@ pub mod llama;
 pub mod model;
 pub mod pipeline;
 pub mod retrieval;
+pub mod svg;
 pub mod tokenizer;
 pub mod weights;
 

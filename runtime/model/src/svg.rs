@@ -1,4 +1,6 @@
-//! A small SVG line chart: accuracy (0-100%) against input length, one line per series.
+//! Small SVG charts: accuracy (0-100%) against input length, one line per series (the
+//! retrieval evaluation), and a scatter plot of labelled points (the plan pipeline's
+//! predicted losses, `front.svg`).
 
 /// Colors of the series, in order (dense first).
 const COLORS: [&str; 8] = [
