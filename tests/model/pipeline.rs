@@ -103,6 +103,7 @@ fn options(density: f64, constraint: Vec<usize>) -> OptimizeOptions {
         constraint_lengths: constraint,
         max_rules_per_layer: None,
         alpha_step: Some(128),
+        mip_gap: 0.0,
         intervals: 4,
         min_use: false,
         retrieval_weight: 0.0,

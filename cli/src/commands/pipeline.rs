@@ -10,8 +10,8 @@ use moac_model::pipeline::make::{
     Made, MakeOptions, HELD_OUT_SEED, MAX_ANSWER, VALIDATE_PLANS, VALIDATE_SAMPLES,
 };
 use moac_model::pipeline::optimize::{
-    optimize, Influence, MadePlan, Needle, OptimizeOptions, Optimized, NEEDLE, POOL_INFLUENCE,
-    RETRIEVAL_WEIGHT,
+    optimize, Influence, MadePlan, Needle, OptimizeOptions, Optimized, MIP_GAP, NEEDLE,
+    POOL_INFLUENCE, RETRIEVAL_WEIGHT,
 };
 use moac_model::pipeline::profile::Profile;
 use moac_model::pipeline::stages::{self, Progress, ValidateOptions, Validated, Validation};
@@ -29,6 +29,14 @@ fn weight_arg(s: &str) -> std::result::Result<f64, String> {
     match s.parse::<f64>() {
         Ok(w) if (0.0..=1.0).contains(&w) => Ok(w),
         Ok(w) => Err(format!("{w} is not a weight in [0, 1]")),
+        Err(e) => Err(format!("{s:?}: {e}")),
+    }
+}
+
+fn gap_arg(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(g) if g.is_finite() && g >= 0.0 => Ok(g),
+        Ok(g) => Err(format!("{g} is not a relative gap (a finite number >= 0)")),
         Err(e) => Err(format!("{s:?}: {e}")),
     }
 }
@@ -143,6 +151,10 @@ pub struct OptimizeArgs {
     /// of version 3).
     #[arg(long, value_parser = super::parse::<Needle>, default_value_t = NEEDLE)]
     pub needle: Needle,
+    /// Each MILP solve stops once its plan is proven within this relative gap of the
+    /// optimum (0 = prove the optimum; the gap reached is reported per plan).
+    #[arg(long, default_value_t = MIP_GAP, value_parser = gap_arg)]
+    pub mip_gap: f64,
     /// Output folder: plan-NN.json (official MoA format), summary.json, front.svg.
     #[arg(short, long)]
     pub output: PathBuf,
@@ -253,6 +265,10 @@ pub struct MakeArgs {
     /// of version 3).
     #[arg(long, value_parser = super::parse::<Needle>, default_value_t = NEEDLE)]
     pub needle: Needle,
+    /// Each MILP solve stops once its plan is proven within this relative gap of the
+    /// optimum (0 = prove the optimum; the gap reached is reported per plan).
+    #[arg(long, default_value_t = MIP_GAP, value_parser = gap_arg)]
+    pub mip_gap: f64,
     /// Where the intermediate files go (kept, and reused by a rerun; default:
     /// <output>.work/).
     #[arg(long)]
@@ -433,6 +449,7 @@ pub fn optimize_cmd(a: OptimizeArgs) -> Result<()> {
             influence: a.influence,
             pool_influence: a.pool_influence,
             needle: a.needle,
+            mip_gap: a.mip_gap,
             settings: Settings {
                 sink: profile.sink,
                 ..Settings::default()
@@ -615,6 +632,7 @@ pub fn make(a: MakeArgs) -> Result<()> {
         influence: a.influence,
         pool_influence: a.pool_influence,
         needle: a.needle,
+        mip_gap: a.mip_gap,
         validate_length: a.validate_length,
         validate_samples: a.validate_samples,
         validate_plans: a.validate_plans,

@@ -19,8 +19,8 @@
 
 use super::calib::{self, CalibHeader, CalibOptions, CalibSample, CalibSet};
 use super::optimize::{
-    optimize, Influence, MadePlan, Needle, OptimizeOptions, Optimized, NEEDLE, POOL_INFLUENCE,
-    RETRIEVAL_WEIGHT,
+    optimize, Influence, MadePlan, Needle, OptimizeOptions, Optimized, MIP_GAP, NEEDLE,
+    POOL_INFLUENCE, RETRIEVAL_WEIGHT,
 };
 use super::profile::Profile;
 use super::stages::{self, AttentionOptions, Progress, ValidateOptions, Validation};
@@ -86,6 +86,9 @@ pub struct MakeOptions {
     pub pool_influence: f64,
     /// What the needle term counts at the copy steps.
     pub needle: Needle,
+    /// Each MILP solve stops within this relative gap of the optimum (see
+    /// [`OptimizeOptions::mip_gap`]).
+    pub mip_gap: f64,
     /// Validation length (`None`: 1.25 times the longest profiled, rounded up to 64, at
     /// most the model's context).
     pub validate_length: Option<usize>,
@@ -121,6 +124,7 @@ impl MakeOptions {
             influence: Influence::Entries,
             pool_influence: POOL_INFLUENCE,
             needle: NEEDLE,
+            mip_gap: MIP_GAP,
             validate_length: None,
             validate_samples: VALIDATE_SAMPLES,
             validate_plans: VALIDATE_PLANS,
@@ -339,6 +343,7 @@ pub fn make(model: &Model, opts: &MakeOptions, progress: &mut dyn Progress) -> R
             max_rules_per_layer: opts.max_rules_per_layer,
             alpha_step: None,
             intervals: 4,
+            mip_gap: opts.mip_gap,
             min_use: false,
             retrieval_weight: opts.retrieval_weight,
             influence: opts.influence,
