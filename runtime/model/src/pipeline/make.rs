@@ -10,7 +10,7 @@
 //!   finished samples wait in `profile.safetensors.parts/` (a run cut short resumes
 //!   from them);
 //! - `plans/`: the solve's plans, `summary.json` and `front.svg` (solved again each
-//!   time: it takes seconds);
+//!   time: seconds to a few minutes, see [`MIP_GAP`]);
 //! - `validate.jsonl`: the held-out samples (seed + 1 000 003, one length), reused as
 //!   the calibration set is.
 //!
