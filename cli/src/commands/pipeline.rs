@@ -7,7 +7,7 @@ use clap::Args;
 use moac::plan::Settings;
 use moac_model::pipeline::calib::{CalibOptions, CalibSample, CalibSet};
 use moac_model::pipeline::make::{
-    Made, MakeOptions, HELD_OUT_SEED, MAX_ANSWER, VALIDATE_PLANS, VALIDATE_SAMPLES,
+    Made, MakeOptions, HELD_OUT_SEED, MAKE_INTERVALS, MAX_ANSWER, VALIDATE_PLANS, VALIDATE_SAMPLES,
 };
 use moac_model::pipeline::optimize::{
     optimize, Influence, MadePlan, Needle, OptimizeOptions, Optimized, MIP_GAP, NEEDLE,
@@ -269,6 +269,10 @@ pub struct MakeArgs {
     /// optimum (0 = prove the optimum; the gap reached is reported per plan).
     #[arg(long, default_value_t = MIP_GAP, value_parser = gap_arg)]
     pub mip_gap: f64,
+    /// Epsilon-constraint grid intervals per objective (1: the anchor of each length and
+    /// the plan of least summed loss; MoA's 4 draws the whole front, minutes longer).
+    #[arg(long, default_value_t = MAKE_INTERVALS)]
+    pub intervals: usize,
     /// Where the intermediate files go (kept, and reused by a rerun; default:
     /// <output>.work/).
     #[arg(long)]
@@ -633,6 +637,7 @@ pub fn make(a: MakeArgs) -> Result<()> {
         pool_influence: a.pool_influence,
         needle: a.needle,
         mip_gap: a.mip_gap,
+        intervals: a.intervals,
         validate_length: a.validate_length,
         validate_samples: a.validate_samples,
         validate_plans: a.validate_plans,

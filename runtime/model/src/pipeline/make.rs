@@ -10,7 +10,7 @@
 //!   finished samples wait in `profile.safetensors.parts/` (a run cut short resumes
 //!   from them);
 //! - `plans/`: the solve's plans, `summary.json` and `front.svg` (solved again each
-//!   time: seconds to a few minutes, see [`MIP_GAP`]);
+//!   time: about 20 s at the defaults, see [`MAKE_INTERVALS`]);
 //! - `validate.jsonl`: the held-out samples (seed + 1 000 003, one length), reused as
 //!   the calibration set is.
 //!
@@ -40,6 +40,13 @@ pub const VALIDATE_PLANS: usize = 3;
 /// The longest answer of calibration and held-out samples, in tokens (the default of
 /// [`MakeOptions::max_answer`]).
 pub const MAX_ANSWER: usize = 128;
+
+/// Epsilon-constraint intervals per objective of `make`'s solve (the default of
+/// [`MakeOptions::intervals`]): 1, the anchor of each length and the plan of least
+/// summed loss, which validation then chooses among. With the default objective
+/// (pooled influence) one such solve takes about 20 s on SmolLM2, while MoA's 4-interval
+/// front ran past 12 minutes; `moac optimize` still draws the whole front by default.
+pub const MAKE_INTERVALS: usize = 1;
 
 /// The seed of the held-out samples is the calibration's plus this.
 pub const HELD_OUT_SEED: u64 = 1_000_003;
@@ -89,6 +96,8 @@ pub struct MakeOptions {
     /// Each MILP solve stops within this relative gap of the optimum (see
     /// [`OptimizeOptions::mip_gap`]).
     pub mip_gap: f64,
+    /// Epsilon-constraint grid intervals per objective ([`MAKE_INTERVALS`]).
+    pub intervals: usize,
     /// Validation length (`None`: 1.25 times the longest profiled, rounded up to 64, at
     /// most the model's context).
     pub validate_length: Option<usize>,
@@ -125,6 +134,7 @@ impl MakeOptions {
             pool_influence: POOL_INFLUENCE,
             needle: NEEDLE,
             mip_gap: MIP_GAP,
+            intervals: MAKE_INTERVALS,
             validate_length: None,
             validate_samples: VALIDATE_SAMPLES,
             validate_plans: VALIDATE_PLANS,
@@ -342,7 +352,7 @@ pub fn make(model: &Model, opts: &MakeOptions, progress: &mut dyn Progress) -> R
             ),
             max_rules_per_layer: opts.max_rules_per_layer,
             alpha_step: None,
-            intervals: 4,
+            intervals: opts.intervals,
             mip_gap: opts.mip_gap,
             min_use: false,
             retrieval_weight: opts.retrieval_weight,
