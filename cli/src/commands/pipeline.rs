@@ -109,6 +109,34 @@ pub struct ProfileArgs {
     pub output: PathBuf,
 }
 
+/// The optimizer's objective, shared by `moac optimize` and `moac plan make`.
+#[derive(Args, Debug, Clone)]
+pub struct ObjectiveArgs {
+    /// Share of each length's objective given to the needle term (what a plan drops at
+    /// the copy steps of the calibration; the rest: the attention influence); 0 =
+    /// influence only.
+    #[arg(long, default_value_t = RETRIEVAL_WEIGHT, value_parser = weight_arg)]
+    pub retrieval_weight: f64,
+    /// How a span's influence adds up: entries (MoA's sum of every entry's |E|; the
+    /// default) or rows (each row's dropped entries taken together).
+    #[arg(long, value_parser = super::parse::<Influence>, default_value = "entries")]
+    pub influence: Influence,
+    /// Share of each head's influence replaced by the mean over all heads at the same
+    /// span (0 = each head's own, MoA's; 1 = one curve for all: the needle term alone
+    /// tells heads apart).
+    #[arg(long, default_value_t = POOL_INFLUENCE, value_parser = weight_arg)]
+    pub pool_influence: f64,
+    /// What the needle term counts at the copy steps: attention (the attention on the
+    /// needle) or influence (what masking the needle costs the answer; needs a profile
+    /// of version 3).
+    #[arg(long, value_parser = super::parse::<Needle>, default_value_t = NEEDLE)]
+    pub needle: Needle,
+    /// Each MILP solve stops once its plan is proven within this relative gap of the
+    /// optimum (0 = prove the optimum; the gap reached is reported per plan).
+    #[arg(long, default_value_t = MIP_GAP, value_parser = gap_arg)]
+    pub mip_gap: f64,
+}
+
 #[derive(Args, Clone)]
 pub struct OptimizeArgs {
     /// The profile of `moac profile`.
@@ -133,28 +161,8 @@ pub struct OptimizeArgs {
     /// Grid intervals per objective of the epsilon-constraint method.
     #[arg(long, default_value_t = 4)]
     pub intervals: usize,
-    /// Share of each length's objective given to the needle attention a plan drops at
-    /// the copy steps of the calibration (the rest: MoA's influence); 0 = influence only.
-    #[arg(long, default_value_t = RETRIEVAL_WEIGHT, value_parser = weight_arg)]
-    pub retrieval_weight: f64,
-    /// How a span's influence adds up: entries (MoA's sum of every entry's |E|; the
-    /// default) or rows (each row's dropped entries taken together).
-    #[arg(long, value_parser = super::parse::<Influence>, default_value = "entries")]
-    pub influence: Influence,
-    /// Share of each head's influence replaced by the mean over all heads at the same
-    /// span (0 = each head's own, MoA's; 1 = one curve for all: the needle term alone
-    /// tells heads apart).
-    #[arg(long, default_value_t = POOL_INFLUENCE, value_parser = weight_arg)]
-    pub pool_influence: f64,
-    /// What the needle term counts at the copy steps: attention (the attention on the
-    /// needle) or influence (what masking the needle costs the answer; needs a profile
-    /// of version 3).
-    #[arg(long, value_parser = super::parse::<Needle>, default_value_t = NEEDLE)]
-    pub needle: Needle,
-    /// Each MILP solve stops once its plan is proven within this relative gap of the
-    /// optimum (0 = prove the optimum; the gap reached is reported per plan).
-    #[arg(long, default_value_t = MIP_GAP, value_parser = gap_arg)]
-    pub mip_gap: f64,
+    #[command(flatten)]
+    pub objective: ObjectiveArgs,
     /// Output folder: plan-NN.json (official MoA format), summary.json, front.svg.
     #[arg(short, long)]
     pub output: PathBuf,
@@ -247,28 +255,8 @@ pub struct MakeArgs {
     /// At most R distinct rules per layer (MoA's kernels' limit; moac has none).
     #[arg(long)]
     pub max_rules_per_layer: Option<usize>,
-    /// Share of each length's objective given to the needle attention a plan drops
-    /// (the rest: MoA's influence); 0 = influence only.
-    #[arg(long, default_value_t = RETRIEVAL_WEIGHT, value_parser = weight_arg)]
-    pub retrieval_weight: f64,
-    /// How a span's influence adds up: entries (MoA's sum of every entry's |E|; the
-    /// default) or rows (each row's dropped entries taken together).
-    #[arg(long, value_parser = super::parse::<Influence>, default_value = "entries")]
-    pub influence: Influence,
-    /// Share of each head's influence replaced by the mean over all heads at the same
-    /// span (0 = each head's own, MoA's; 1 = one curve for all: the needle term alone
-    /// tells heads apart).
-    #[arg(long, default_value_t = POOL_INFLUENCE, value_parser = weight_arg)]
-    pub pool_influence: f64,
-    /// What the needle term counts at the copy steps: attention (the attention on the
-    /// needle) or influence (what masking the needle costs the answer; needs a profile
-    /// of version 3).
-    #[arg(long, value_parser = super::parse::<Needle>, default_value_t = NEEDLE)]
-    pub needle: Needle,
-    /// Each MILP solve stops once its plan is proven within this relative gap of the
-    /// optimum (0 = prove the optimum; the gap reached is reported per plan).
-    #[arg(long, default_value_t = MIP_GAP, value_parser = gap_arg)]
-    pub mip_gap: f64,
+    #[command(flatten)]
+    pub objective: ObjectiveArgs,
     /// Epsilon-constraint grid intervals per objective (1: the anchor of each length and
     /// the plan of least summed loss; MoA's 4 draws the whole front, minutes longer).
     #[arg(long, default_value_t = MAKE_INTERVALS)]
@@ -449,11 +437,11 @@ pub fn optimize_cmd(a: OptimizeArgs) -> Result<()> {
             alpha_step: a.alpha_step,
             intervals: a.intervals,
             min_use: false,
-            retrieval_weight: a.retrieval_weight,
-            influence: a.influence,
-            pool_influence: a.pool_influence,
-            needle: a.needle,
-            mip_gap: a.mip_gap,
+            retrieval_weight: a.objective.retrieval_weight,
+            influence: a.objective.influence,
+            pool_influence: a.objective.pool_influence,
+            needle: a.objective.needle,
+            mip_gap: a.objective.mip_gap,
             settings: Settings {
                 sink: profile.sink,
                 ..Settings::default()
@@ -632,11 +620,11 @@ pub fn make(a: MakeArgs) -> Result<()> {
         keep_parts: a.keep_parts,
         constraint_lengths: a.constraint_lengths.clone(),
         max_rules_per_layer: a.max_rules_per_layer,
-        retrieval_weight: a.retrieval_weight,
-        influence: a.influence,
-        pool_influence: a.pool_influence,
-        needle: a.needle,
-        mip_gap: a.mip_gap,
+        retrieval_weight: a.objective.retrieval_weight,
+        influence: a.objective.influence,
+        pool_influence: a.objective.pool_influence,
+        needle: a.objective.needle,
+        mip_gap: a.objective.mip_gap,
         intervals: a.intervals,
         validate_length: a.validate_length,
         validate_samples: a.validate_samples,

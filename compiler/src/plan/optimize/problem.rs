@@ -249,20 +249,17 @@ impl Problem {
     }
 
     pub(super) fn objective_values(&self, choice: &[usize]) -> Vec<f64> {
-        self.loss
-            .iter()
-            .map(|row| {
-                choice
-                    .iter()
-                    .enumerate()
-                    .map(|(k, &c)| row[self.at(k, c)])
-                    .sum()
-            })
-            .collect()
+        self.row_sums(&self.loss, choice)
     }
 
     fn cost_sums(&self, choice: &[usize]) -> Vec<u64> {
-        self.cost
+        self.row_sums(&self.cost, choice)
+    }
+
+    /// Per row of `table` (losses or costs, unit-major), the sum over units of the
+    /// chosen candidate's entry.
+    fn row_sums<T: Copy + std::iter::Sum<T>>(&self, table: &[Vec<T>], choice: &[usize]) -> Vec<T> {
+        table
             .iter()
             .map(|row| {
                 choice
