@@ -394,7 +394,7 @@ fn needle_sums_are_the_needle_attention_of_the_copy_steps_under_each_mask() {
     if !only_sink {
         return;
     }
-    for s in inf.needle.iter().flatten() {
+    for s in inf.needle.iter().chain(&inf.needle_influence).flatten() {
         assert!(s.total > 0.0);
         assert!((s.sink - s.total).abs() <= 1e-12 * s.total);
         for capacity in [128u64, 192, 384] {
