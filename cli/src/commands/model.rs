@@ -29,10 +29,10 @@ pub struct ModelArgs {
     /// The prefill mask: moa-block64 (MoA's own) or token (exactly the decode windows).
     #[arg(long, value_parser = parse::<PrefillMode>, default_value = "moa-block64")]
     pub prefill_mode: PrefillMode,
-    /// How GGUF matrices are held: f32 (exact products), q8 (block types without a fast
-    /// CPU kernel re-quantized to Q8_0), native (the file's types); auto: f32 up to
-    /// 2 GiB of dequantized weights, else q8. Quantized matmuls round activations to 8
-    /// bits.
+    /// How GGUF matrices are held: native (the file's block types; a decode step rounds
+    /// its activations to 8 bits, prompts and the LM head run unrounded), f32 (all
+    /// dequantized: exact products, 4 bytes a weight), q8 (Q5_0/Q5_1 re-quantized to
+    /// Q8_0, others native); auto = native.
     #[arg(long, value_parser = parse::<WeightMode>, default_value = "auto")]
     pub weights: WeightMode,
 }

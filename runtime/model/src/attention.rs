@@ -7,8 +7,9 @@ use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, D};
 use moac_runtime::{DecodeOptions, KvCache, PrefillMode, PrefillOptions, Runtime};
 
-/// Attention with its own KV cache, layer by layer.
-pub trait Attention {
+/// Attention with its own KV cache, layer by layer (`Send`: a model step runs on a
+/// worker of the thread pool, see [`crate::llama::Llama::decode`]).
+pub trait Attention: Send {
     /// Prefill of one layer: q [B,P,Hq,D], k/v [B,P,Hkv,D], rows right-padded to P
     /// (`lens`); returns [B,P,Hq,D] and keeps each row's K/V.
     fn prefill(

@@ -16,6 +16,7 @@ pub mod gguf;
 pub mod llama;
 pub mod model;
 pub mod pipeline;
+pub mod quant;
 pub mod retrieval;
 pub mod svg;
 pub mod tokenizer;

@@ -2,13 +2,16 @@
 //! compacted cache through `moac-runtime`, or the plain dense reference):
 //! embeddings, RMSNorm, Q/K/V with RoPE (interleaved for GGUF's permuted llama weights,
 //! half-split for Hugging Face weights; per-row positions), SwiGLU MLP, tied or separate
-//! LM head. Quantized GGUF matrices stay quantized (candle's `QMatMul`) unless f32
-//! weights are asked for; Hugging Face weights are held in f32.
+//! LM head. Quantized GGUF matrices stay quantized ([`crate::quant`]: moac's kernels
+//! for Q4_0/Q4_1/Q8_0, candle's `QMatMul` for other block types) unless f32 weights are
+//! asked for; Hugging Face weights are held in f32. A step runs on a worker of rayon's
+//! pool ([`on_pool`]), its matrices that share an input as one product group.
 
 use crate::attention::Attention;
+use crate::quant::Linear;
 use crate::{Error, Result};
 use candle_core::quantized::QMatMul;
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 use moac::plan::{ModelShape, Settings, ValidPlan};
 use std::path::Path;
 
@@ -52,14 +55,14 @@ impl LlamaConfig {
 
 pub(crate) struct Layer {
     pub attn_norm: Tensor,
-    pub wq: QMatMul,
-    pub wk: QMatMul,
-    pub wv: QMatMul,
-    pub wo: QMatMul,
+    pub wq: Linear,
+    pub wk: Linear,
+    pub wv: Linear,
+    pub wo: Linear,
     pub ffn_norm: Tensor,
-    pub gate: QMatMul,
-    pub up: QMatMul,
-    pub down: QMatMul,
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
 }
 
 /// A model's weights, as a loader ([`crate::weights`]) or [`Llama::random`] makes them.
@@ -67,7 +70,7 @@ pub(crate) struct Weights {
     pub embed: Tensor,
     pub layers: Vec<Layer>,
     pub norm: Tensor,
-    pub lm_head: QMatMul,
+    pub lm_head: Linear,
 }
 
 /// A loaded model.
@@ -76,7 +79,7 @@ pub struct Llama {
     pub(crate) embed: Tensor,
     pub(crate) layers: Vec<Layer>,
     pub(crate) norm: Tensor,
-    pub(crate) lm_head: QMatMul,
+    pub(crate) lm_head: Linear,
     /// RoPE's inverse frequencies, theta^(-2i/D) for i < D/2 (the cos / sin tables
     /// are made for the positions a call needs: a context length from a file is
     /// never allocated up front).
@@ -102,19 +105,19 @@ impl Llama {
         for _ in 0..c.num_layers {
             layers.push(Layer {
                 attn_norm: Tensor::ones(c.hidden, DType::F32, &Device::Cpu)?,
-                wq: QMatMul::Tensor(matrix(q, c.hidden)?),
-                wk: QMatMul::Tensor(matrix(kv, c.hidden)?),
-                wv: QMatMul::Tensor(matrix(kv, c.hidden)?),
-                wo: QMatMul::Tensor(matrix(c.hidden, q)?),
+                wq: Linear::from(QMatMul::Tensor(matrix(q, c.hidden)?)),
+                wk: Linear::from(QMatMul::Tensor(matrix(kv, c.hidden)?)),
+                wv: Linear::from(QMatMul::Tensor(matrix(kv, c.hidden)?)),
+                wo: Linear::from(QMatMul::Tensor(matrix(c.hidden, q)?)),
                 ffn_norm: Tensor::ones(c.hidden, DType::F32, &Device::Cpu)?,
-                gate: QMatMul::Tensor(matrix(intermediate, c.hidden)?),
-                up: QMatMul::Tensor(matrix(intermediate, c.hidden)?),
-                down: QMatMul::Tensor(matrix(c.hidden, intermediate)?),
+                gate: Linear::from(QMatMul::Tensor(matrix(intermediate, c.hidden)?)),
+                up: Linear::from(QMatMul::Tensor(matrix(intermediate, c.hidden)?)),
+                down: Linear::from(QMatMul::Tensor(matrix(c.hidden, intermediate)?)),
             });
         }
         let embed = matrix(c.vocab_size, c.hidden)?;
         let w = Weights {
-            lm_head: QMatMul::Tensor(embed.clone()),
+            lm_head: QMatMul::Tensor(embed.clone()).into(),
             embed,
             layers,
             norm: Tensor::ones(c.hidden, DType::F32, &Device::Cpu)?,
@@ -249,13 +252,13 @@ impl Llama {
         let mut x = self.embed.index_select(&ids, 0)?;
         for (l, w) in self.layers.iter().enumerate() {
             let h = self.rms_norm(&x, &w.attn_norm)?;
-            let q = w.wq.forward(&h)?.reshape((b, t, c.num_heads, c.head_dim))?;
-            let k =
-                w.wk.forward(&h)?
-                    .reshape((b, t, c.num_kv_heads, c.head_dim))?;
-            let v =
-                w.wv.forward(&h)?
-                    .reshape((b, t, c.num_kv_heads, c.head_dim))?;
+            let mut qkv = Linear::forward_group(&[&w.wq, &w.wk, &w.wv], &h)?.into_iter();
+            let (Some(q), Some(k), Some(v)) = (qkv.next(), qkv.next(), qkv.next()) else {
+                return Err(Error::Usage("a product group lost a matrix".into()));
+            };
+            let q = q.reshape((b, t, c.num_heads, c.head_dim))?;
+            let k = k.reshape((b, t, c.num_kv_heads, c.head_dim))?;
+            let v = v.reshape((b, t, c.num_kv_heads, c.head_dim))?;
             let q = self.rope(&q, &cos, &sin)?;
             let k = self.rope(&k, &cos, &sin)?;
             let attn = attend(l, q, k, v)?
@@ -263,8 +266,11 @@ impl Llama {
                 .reshape((b * t, c.num_heads * c.head_dim))?;
             x = (x + w.wo.forward(&attn)?)?;
             let h = self.rms_norm(&x, &w.ffn_norm)?;
-            let gate = w.gate.forward(&h)?;
-            x = (x + w.down.forward(&(gate.silu()? * w.up.forward(&h)?)?)?)?;
+            let mut gu = Linear::forward_group(&[&w.gate, &w.up], &h)?.into_iter();
+            let (Some(gate), Some(up)) = (gu.next(), gu.next()) else {
+                return Err(Error::Usage("a product group lost a matrix".into()));
+            };
+            x = (x + w.down.forward(&(gate.silu()? * up)?)?)?;
         }
         Ok(self.rms_norm(&x, &self.norm)?.reshape((b, t, c.hidden))?)
     }
@@ -298,8 +304,10 @@ impl Llama {
             tokens.resize(tokens.len() + p - row.len(), 0);
             positions.extend(0..p);
         }
-        self.run_layers(&tokens, b, &positions, &mut |l, q, k, v| {
-            attn.prefill(l, &q, &k, &v, &lens)
+        on_pool(|| {
+            self.run_layers(&tokens, b, &positions, &mut |l, q, k, v| {
+                attn.prefill(l, &q, &k, &v, &lens)
+            })
         })
     }
 
@@ -319,10 +327,12 @@ impl Llama {
             )));
         }
         let b = tokens.len();
-        let h = self.run_layers(tokens, b, positions, &mut |l, q, k, v| {
-            Ok(attn
-                .decode(l, &q.squeeze(1)?, &k.squeeze(1)?, &v.squeeze(1)?)?
-                .unsqueeze(1)?)
+        let h = on_pool(|| {
+            self.run_layers(tokens, b, positions, &mut |l, q, k, v| {
+                Ok(attn
+                    .decode(l, &q.squeeze(1)?, &k.squeeze(1)?, &v.squeeze(1)?)?
+                    .unsqueeze(1)?)
+            })
         })?;
         Ok(h.squeeze(1)?)
     }
@@ -336,17 +346,21 @@ impl Llama {
         if let Some(last) = out_dims.last_mut() {
             *last = self.config.vocab_size;
         }
-        Ok(self.lm_head.forward(&flat)?.reshape(out_dims)?)
+        Ok(on_pool(|| self.lm_head.forward(&flat))?.reshape(out_dims)?)
     }
 }
 
+/// Runs `f` on a worker of rayon's pool. The parallel parts of a model step (matrix
+/// products, attention) then start from inside the pool: a worker hands out work
+/// without the cross-thread wake-up and wait a call from outside the pool costs each
+/// time (about 150 of those a decode step).
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
+}
+
 /// A weight matrix in f32, whatever way it is held (quantized blocks dequantized).
-pub(crate) fn dense_matrix(w: &QMatMul) -> Result<Tensor> {
-    Ok(match w {
-        QMatMul::QTensor(q) => q.dequantize(&Device::Cpu)?,
-        QMatMul::Tensor(t) => t.to_dtype(DType::F32)?,
-        QMatMul::TensorF16(t) => t.to_dtype(DType::F32)?,
-    })
+pub(crate) fn dense_matrix(w: &Linear) -> Result<Tensor> {
+    w.dense()
 }
 
 /// A StreamingLLM-style plan: every head of every layer gets S = alpha + beta * N.

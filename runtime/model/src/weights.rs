@@ -8,6 +8,7 @@
 
 use crate::gguf::GgufMetadata;
 use crate::llama::{Layer, Llama, LlamaConfig, RopeStyle, Weights};
+use crate::quant::{Linear, QuantMatrix};
 use crate::{Error, Result};
 use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{DType, Device, Tensor};
@@ -46,21 +47,21 @@ const GGUF_TYPES: [GgmlDType; 11] = [
 /// How GGUF matrices are held for the CPU matmuls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum WeightMode {
-    /// f32 when the dequantized matrices take at most [`AUTO_F32_BYTES`], else `q8`.
+    /// `native` (a GGUF file's own block types; Hugging Face weights are f32 in every
+    /// mode).
     #[default]
     Auto,
     /// Dequantized to f32: exact products, 4 bytes a weight.
     F32,
-    /// Block types without a SIMD CPU kernel in candle (Q4_1, Q5_0, Q5_1) re-quantized
-    /// to Q8_0 (which has one); others kept. Like `native`, candle's quantized matmul
-    /// rounds the activations to 8 bits.
+    /// Block types without a fast CPU kernel (Q5_0, Q5_1) re-quantized to Q8_0, which
+    /// moac's kernels run; others as in `native`.
     Q8,
-    /// The file's own types, as they are.
+    /// The file's own types, as they are: Q4_0, Q4_1 and Q8_0 through moac's kernels
+    /// ([`crate::quant`]: activations rounded to 8 bits for one input row, dequantized
+    /// f32 products for a prompt, the LM head with unrounded inputs), other block types
+    /// through candle's quantized matmul.
     Native,
 }
-
-/// The largest dequantized size `auto` runs in f32.
-pub const AUTO_F32_BYTES: u64 = 2 << 30;
 
 impl std::str::FromStr for WeightMode {
     type Err = String;
@@ -87,7 +88,7 @@ impl std::fmt::Display for WeightMode {
 }
 
 /// Block types re-quantized to Q8_0 in `q8` mode.
-const SLOW_ON_CPU: [GgmlDType; 3] = [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1];
+const SLOW_ON_CPU: [GgmlDType; 2] = [GgmlDType::Q5_0, GgmlDType::Q5_1];
 
 fn format_err(path: &Path, message: impl std::fmt::Display) -> Error {
     Error::Format {
@@ -449,19 +450,7 @@ impl Weights {
         match src {
             WeightsSource::Gguf { meta, file } => {
                 let mode = match mode {
-                    WeightMode::Auto => {
-                        let weights: usize = meta
-                            .content()
-                            .tensor_infos
-                            .values()
-                            .map(|t| t.shape.elem_count())
-                            .sum();
-                        if weights as u64 * 4 <= AUTO_F32_BYTES {
-                            WeightMode::F32
-                        } else {
-                            WeightMode::Q8
-                        }
-                    }
+                    WeightMode::Auto => WeightMode::Native,
                     m => m,
                 };
                 read_gguf(&path, meta, file, c, mode)
@@ -511,20 +500,32 @@ impl GgufReader<'_> {
             .map_err(|e| format_err(path, format!("tensor {name}: {e}")))
     }
 
-    fn matrix(&mut self, name: &str, rows: usize, cols: usize) -> Result<QMatMul> {
+    fn matrix(&mut self, name: &str, rows: usize, cols: usize) -> Result<Linear> {
         let t = self.qtensor(name, &[rows, cols])?;
-        let err = |e: candle_core::Error| format_err(self.path, format!("{name}: {e}"));
+        let path = self.path;
+        let err = |e: candle_core::Error| format_err(path, format!("{name}: {e}"));
+        let quant = |t: &candle_core::quantized::QTensor| -> Result<Option<Linear>> {
+            Ok(QuantMatrix::from_qtensor(t)
+                .map_err(|e| format_err(path, format!("{name}: {e}")))?
+                .map(Linear::Quant))
+        };
         match self.mode {
             WeightMode::F32 | WeightMode::Auto => {
-                Ok(QMatMul::Tensor(t.dequantize(&Device::Cpu).map_err(err)?))
+                Ok(QMatMul::Tensor(t.dequantize(&Device::Cpu).map_err(err)?).into())
             }
             WeightMode::Q8 if SLOW_ON_CPU.contains(&t.dtype()) => {
                 let f = t.dequantize(&Device::Cpu).map_err(err)?;
                 let q =
                     candle_core::quantized::QTensor::quantize(&f, GgmlDType::Q8_0).map_err(err)?;
-                QMatMul::from_qtensor(q).map_err(err)
+                match quant(&q)? {
+                    Some(l) => Ok(l),
+                    None => Ok(QMatMul::from_qtensor(q).map_err(err)?.into()),
+                }
             }
-            _ => QMatMul::from_qtensor(t).map_err(err),
+            _ => match quant(&t)? {
+                Some(l) => Ok(l),
+                None => Ok(QMatMul::from_qtensor(t).map_err(err)?.into()),
+            },
         }
     }
 
@@ -577,9 +578,13 @@ fn read_gguf(
     let lm_head = if content.tensor_infos.contains_key("output.weight") {
         r.matrix("output.weight", c.vocab_size, c.hidden)?
     } else if mode == WeightMode::F32 {
-        QMatMul::Tensor(embed.clone())
+        QMatMul::Tensor(embed.clone()).into()
     } else {
         r.matrix("token_embd.weight", c.vocab_size, c.hidden)?
+    };
+    let lm_head = match lm_head {
+        Linear::Quant(q) => Linear::Quant(q.with_float_inputs()),
+        other => other,
     };
     Ok(Weights {
         embed,
@@ -658,7 +663,7 @@ fn read_hf(
     for i in 0..c.num_layers {
         let p = |n: &str| format!("model.layers.{i}.{n}.weight");
         let mut m =
-            |n: &str, r, k| -> Result<QMatMul> { Ok(QMatMul::Tensor(take(&p(n), &[r, k])?)) };
+            |n: &str, r, k| -> Result<Linear> { Ok(QMatMul::Tensor(take(&p(n), &[r, k])?).into()) };
         layers.push(Layer {
             wq: m("self_attn.q_proj", h, c.hidden)?,
             wk: m("self_attn.k_proj", kv, c.hidden)?,
@@ -678,8 +683,8 @@ fn read_hf(
         .and_then(|v| v.as_bool())
         .unwrap_or(false);
     let lm_head = match take("lm_head.weight", &[c.vocab_size, c.hidden]) {
-        Ok(t) => QMatMul::Tensor(t),
-        Err(_) if tied => QMatMul::Tensor(embed.clone()),
+        Ok(t) => QMatMul::Tensor(t).into(),
+        Err(_) if tied => QMatMul::Tensor(embed.clone()).into(),
         Err(e) => return Err(e),
     };
     Ok(Weights {

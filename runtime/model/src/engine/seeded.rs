@@ -108,14 +108,14 @@ pub fn seeded_llama(config: LlamaConfig, ff: usize, seed: u64, dtype: Dtype) -> 
         let gu_t = t(gu.0, gu.1, gu.2)?;
         layers.push(Layer {
             attn_norm: Tensor::new(seeded_norm(seed, 8 * l as u64 + 1000, h), &Device::Cpu)?,
-            wq: QMatMul::Tensor(wqkv.narrow(0, 0, q)?.contiguous()?),
-            wk: QMatMul::Tensor(wqkv.narrow(0, q, kv)?.contiguous()?),
-            wv: QMatMul::Tensor(wqkv.narrow(0, q + kv, kv)?.contiguous()?),
-            wo: QMatMul::Tensor(t(wo.0, wo.1, wo.2)?),
+            wq: QMatMul::Tensor(wqkv.narrow(0, 0, q)?.contiguous()?).into(),
+            wk: QMatMul::Tensor(wqkv.narrow(0, q, kv)?.contiguous()?).into(),
+            wv: QMatMul::Tensor(wqkv.narrow(0, q + kv, kv)?.contiguous()?).into(),
+            wo: QMatMul::Tensor(t(wo.0, wo.1, wo.2)?).into(),
             ffn_norm: Tensor::new(seeded_norm(seed, 8 * l as u64 + 1001, h), &Device::Cpu)?,
-            gate: QMatMul::Tensor(gu_t.narrow(0, 0, ff)?.contiguous()?),
-            up: QMatMul::Tensor(gu_t.narrow(0, ff, ff)?.contiguous()?),
-            down: QMatMul::Tensor(t(down.0, down.1, down.2)?),
+            gate: QMatMul::Tensor(gu_t.narrow(0, 0, ff)?.contiguous()?).into(),
+            up: QMatMul::Tensor(gu_t.narrow(0, ff, ff)?.contiguous()?).into(),
+            down: QMatMul::Tensor(t(down.0, down.1, down.2)?).into(),
         });
     }
     let embed_scale = 1.7 / (c.hidden as f32).sqrt();
@@ -131,7 +131,7 @@ pub fn seeded_llama(config: LlamaConfig, ff: usize, seed: u64, dtype: Dtype) -> 
         c.hidden,
     )?;
     let w = Weights {
-        lm_head: QMatMul::Tensor(embed.clone()),
+        lm_head: QMatMul::Tensor(embed.clone()).into(),
         embed,
         layers,
         norm: Tensor::new(seeded_norm(seed, 2, c.hidden), &Device::Cpu)?,

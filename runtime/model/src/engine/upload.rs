@@ -5,6 +5,7 @@
 
 use super::{usage, weight_bytes, DeviceEngine};
 use crate::llama::{dense_matrix, Llama, LlamaConfig, RopeStyle};
+use crate::quant::Linear;
 use crate::Result;
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Tensor};
@@ -68,7 +69,7 @@ impl DeviceEngine {
             gpu.upload(&mut b, 0, &v)?;
             Ok(b)
         };
-        let tied = matches!(&llama.lm_head, QMatMul::Tensor(t) if t.id() == llama.embed.id());
+        let tied = matches!(&llama.lm_head, Linear::Candle(QMatMul::Tensor(t)) if t.id() == llama.embed.id());
         check_weights(&gpu, &c, ff, tied)?;
         let mut layers = Vec::with_capacity(llama.layers.len());
         for l in &llama.layers {

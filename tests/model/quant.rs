@@ -1,0 +1,251 @@
+//! moac's quantized matrix products (`moac_model::quant`) on fresh random inputs:
+//! - the blocks read from candle's quantizer dequantize to exactly candle's f32 values
+//!   (Q4_0, Q4_1, Q8_0);
+//! - activation rounding stays within half a step of its block's scale;
+//! - every dot-product kernel (the SIMD ones this CPU runs, one row and four, and the
+//!   portable one) equals
+//!   the float64 dot product of the dequantized weights and the rounded activations, to
+//!   f32 summation error;
+//! - a group product equals the float64 product of the dequantized weights and the
+//!   exact inputs within the activation-rounding bound, for row counts that are and are
+//!   not multiples of the 4-row kernel, one input row, a few, and more than a tile;
+//! - from 32 input rows on, the product equals candle's f32 matmul of the dequantized
+//!   weights;
+//! - a matrix marked for float inputs (the LM head) multiplies the unrounded inputs:
+//!   the float64 product to f32 summation error;
+//! - bad shapes are errors.
+#![allow(clippy::unwrap_used)]
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use moac_model::quant::{matmul_group, quantize_row, Linear, QuantMatrix, BLOCK, QUANT_TYPES};
+use moac_runtime::reference::check::Rng;
+
+/// A random matrix with blocks of very different magnitudes, exact zeros and one
+/// all-zero block, so scales span orders of magnitude.
+fn matrix(rng: &mut Rng, rows: usize, cols: usize) -> Vec<f32> {
+    let mut v: Vec<f32> = Vec::with_capacity(rows * cols);
+    for b in 0..rows * cols / BLOCK {
+        let scale = [1.0f32, 0.01, 30.0, 0.0][(rng.below(4) as usize + b) % 4];
+        for _ in 0..BLOCK {
+            let x = rng.uniform() * scale;
+            v.push(if rng.below(20) == 0 { 0.0 } else { x });
+        }
+    }
+    v
+}
+
+fn tensor(v: &[f32], rows: usize, cols: usize) -> Tensor {
+    Tensor::from_vec(v.to_vec(), (rows, cols), &Device::Cpu).unwrap()
+}
+
+fn quantized(rng: &mut Rng, rows: usize, cols: usize, dtype: GgmlDType) -> QuantMatrix {
+    let w = tensor(&matrix(rng, rows, cols), rows, cols);
+    QuantMatrix::quantize(&w, dtype).unwrap()
+}
+
+fn rows_of(t: &Tensor) -> Vec<Vec<f32>> {
+    t.to_vec2::<f32>().unwrap()
+}
+
+#[test]
+fn blocks_dequantize_to_candles_values() {
+    let mut rng = Rng::fresh("dequantize");
+    for dtype in QUANT_TYPES {
+        let (rows, cols) = (37, 96);
+        let w = tensor(&matrix(&mut rng, rows, cols), rows, cols);
+        let q = QTensor::quantize(&w, dtype).unwrap();
+        let ours = QuantMatrix::from_qtensor(&q).unwrap().unwrap();
+        assert_eq!(
+            (ours.rows(), ours.cols(), ours.dtype()),
+            (rows, cols, dtype)
+        );
+        assert_eq!(ours.bytes(), q.storage_size_in_bytes());
+        let a = rows_of(&ours.dequantize().unwrap());
+        let b = rows_of(&q.dequantize(&Device::Cpu).unwrap());
+        assert_eq!(a, b, "{dtype:?}");
+    }
+    // Types the kernels do not run are left to candle.
+    let w = tensor(&matrix(&mut rng, 4, 256), 4, 256);
+    let k = QTensor::quantize(&w, GgmlDType::Q4K).unwrap();
+    assert!(QuantMatrix::from_qtensor(&k).unwrap().is_none());
+}
+
+#[test]
+fn activation_rounding_is_within_half_a_step() {
+    let mut rng = Rng::fresh("activations");
+    let x = matrix(&mut rng, 8, 128);
+    let mut blocks = Vec::new();
+    quantize_row(&x, &mut blocks);
+    assert_eq!(blocks.len(), x.len() / BLOCK);
+    for (b, chunk) in blocks.iter().zip(x.chunks(BLOCK)) {
+        let amax = chunk.iter().fold(0f32, |a, v| a.max(v.abs()));
+        assert_eq!(b.d, amax / 127.0);
+        let mut sum = 0i32;
+        for (&q, &v) in b.qs.iter().zip(chunk) {
+            assert!(q.unsigned_abs() <= 127);
+            let err = (v as f64 - b.d as f64 * q as f64).abs();
+            assert!(
+                err <= b.d as f64 * 0.5 * (1.0 + 1e-5),
+                "{v} rounded to {q} x {}",
+                b.d
+            );
+            sum += q as i32;
+        }
+        assert_eq!(b.s, b.d * sum as f32);
+        if amax > 0.0 {
+            assert_eq!(b.qs.iter().map(|q| q.unsigned_abs()).max(), Some(127));
+        } else {
+            assert!(b.qs.iter().all(|&q| q == 0));
+        }
+    }
+}
+
+#[test]
+fn kernels_equal_the_float64_dot_of_the_rounded_inputs() {
+    let mut rng = Rng::fresh("kernels");
+    for dtype in QUANT_TYPES {
+        for cols in [64, 576, 1536] {
+            let rows = 9;
+            let q = quantized(&mut rng, rows, cols, dtype);
+            let w = rows_of(&q.dequantize().unwrap());
+            let x = matrix(&mut rng, 1, cols);
+            let mut act = Vec::new();
+            quantize_row(&x, &mut act);
+            let xr: Vec<f64> = act
+                .iter()
+                .flat_map(|b| b.qs.iter().map(move |&v| b.d as f64 * v as f64))
+                .collect();
+            for (r, wr) in w.iter().enumerate() {
+                let exact: f64 = wr.iter().zip(&xr).map(|(&a, b)| a as f64 * b).sum();
+                let mag: f64 = wr.iter().zip(&xr).map(|(&a, b)| (a as f64 * b).abs()).sum();
+                let four = q.dot_four_rows(r.min(rows - 4), &act)[r - r.min(rows - 4)];
+                for (kernel, got) in [
+                    ("simd", q.dot_row(r, &act)),
+                    ("four rows", four),
+                    ("portable", q.dot_portable(r, &act)),
+                ] {
+                    let err = (got as f64 - exact).abs();
+                    // f32 sums over `cols` terms: a few ulps of the magnitude.
+                    assert!(
+                        err <= 1e-5 * mag + 1e-30,
+                        "{dtype:?} cols {cols} row {r} {kernel}: {got} vs {exact} (magnitude {mag})"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn group_products_are_within_the_activation_rounding_bound() {
+    let mut rng = Rng::fresh("group");
+    let cols = 192;
+    for dtype in QUANT_TYPES {
+        // Row counts: a multiple of 4, a remainder of 1 and of 3 (the 4-row kernel's tail).
+        let ms = [
+            quantized(&mut rng, 64, cols, dtype),
+            quantized(&mut rng, 37, cols, dtype),
+            quantized(&mut rng, 7, cols, dtype),
+        ];
+        let refs: Vec<&QuantMatrix> = ms.iter().collect();
+        let ws: Vec<Vec<Vec<f32>>> = ms
+            .iter()
+            .map(|m| rows_of(&m.dequantize().unwrap()))
+            .collect();
+        for m in [1usize, 3, 70] {
+            let x = matrix(&mut rng, m, cols);
+            let ys = matmul_group(&refs, &x, m).unwrap();
+            for (i, (y, w)) in ys.iter().zip(&ws).enumerate() {
+                assert_eq!(y.len(), m * w.len());
+                for t in 0..m {
+                    let xt = &x[t * cols..(t + 1) * cols];
+                    let mut act = Vec::new();
+                    quantize_row(xt, &mut act);
+                    for (r, wr) in w.iter().enumerate() {
+                        let exact: f64 =
+                            wr.iter().zip(xt).map(|(&a, &b)| a as f64 * b as f64).sum();
+                        // Each activation moves by at most half its block's step.
+                        let bound: f64 = wr
+                            .iter()
+                            .enumerate()
+                            .map(|(j, &a)| (a as f64).abs() * act[j / BLOCK].d as f64 * 0.5)
+                            .sum();
+                        let mag: f64 = wr
+                            .iter()
+                            .zip(xt)
+                            .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                            .sum();
+                        let got = y[t * w.len() + r] as f64;
+                        assert!(
+                            (got - exact).abs() <= bound * (1.0 + 1e-4) + 1e-5 * mag + 1e-30,
+                            "{dtype:?} matrix {i} input {t} row {r}: {got} vs {exact} (bound {bound})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn many_input_rows_run_the_dequantized_f32_product() {
+    let mut rng = Rng::fresh("prefill rows");
+    let (rows, cols, m) = (40, 96, 33);
+    for dtype in QUANT_TYPES {
+        let q = quantized(&mut rng, rows, cols, dtype);
+        let w = q.dequantize().unwrap();
+        let x = tensor(&matrix(&mut rng, m, cols), m, cols);
+        let got = rows_of(&Linear::Quant(q).forward(&x).unwrap());
+        let want = rows_of(&x.matmul(&w.t().unwrap()).unwrap());
+        for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+            assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "{g} vs {w}");
+        }
+    }
+}
+
+#[test]
+fn bad_shapes_are_errors() {
+    let mut rng = Rng::fresh("bad shapes");
+    let a = quantized(&mut rng, 8, 64, GgmlDType::Q8_0);
+    let b = quantized(&mut rng, 8, 96, GgmlDType::Q8_0);
+    let x = vec![0f32; 64];
+    assert!(matmul_group(&[&a, &b], &x, 1).is_err());
+    assert!(matmul_group(&[&a], &x, 2).is_err());
+    assert!(matmul_group(&[], &x, 1).unwrap().is_empty());
+    let three = QTensor::quantize(
+        &Tensor::zeros((2, 2, 32), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        GgmlDType::Q8_0,
+    )
+    .unwrap();
+    assert!(QuantMatrix::from_qtensor(&three).is_err());
+}
+
+#[test]
+fn float_input_products_equal_the_float64_product() {
+    let mut rng = Rng::fresh("float inputs");
+    let (rows, cols, m) = (13, 160, 2);
+    for dtype in QUANT_TYPES {
+        let q = quantized(&mut rng, rows, cols, dtype).with_float_inputs();
+        assert!(q.float_inputs());
+        let w = rows_of(&q.dequantize().unwrap());
+        let x = matrix(&mut rng, m, cols);
+        let y = matmul_group(&[&q], &x, m).unwrap().remove(0);
+        for t in 0..m {
+            let xt = &x[t * cols..(t + 1) * cols];
+            for (r, wr) in w.iter().enumerate() {
+                let exact: f64 = wr.iter().zip(xt).map(|(&a, &b)| a as f64 * b as f64).sum();
+                let mag: f64 = wr
+                    .iter()
+                    .zip(xt)
+                    .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                    .sum();
+                let got = y[t * rows + r] as f64;
+                assert!(
+                    (got - exact).abs() <= 1e-5 * mag + 1e-30,
+                    "{dtype:?} input {t} row {r}: {got} vs {exact}"
+                );
+            }
+        }
+    }
+}
