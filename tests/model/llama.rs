@@ -14,7 +14,7 @@
 use moac::plan::Settings;
 use moac_model::attention::{Attention, DenseReference, Engine};
 use moac_model::eval::{perplexity, PplMode, PplOptions};
-use moac_model::generate::{generate, log_softmax, GenerateOptions};
+use moac_model::generate::{argmax, generate, log_softmax, GenerateOptions};
 use moac_model::llama::uniform_plan;
 use moac_model::weights::WeightMode;
 use moac_model::Model;
@@ -386,25 +386,40 @@ fn quantized_products_answer_paris_and_track_the_f32_logits() {
     // The golden greedy answer of the f32 forward (model notes), decode steps through
     // the 8-bit-activation products.
     assert_eq!(out.rows[0].tokens, [504, 3575, 282, 4649, 314, 7042, 30, 2]);
-    let steps = 6;
-    let mut a = engine.open(1, PROMPT.len(), steps).unwrap();
-    let mut b = engine.open(1, PROMPT.len(), steps).unwrap();
-    let q = run(&native, a.as_mut(), &[&PROMPT], steps);
-    let f = run(&f32w, b.as_mut(), &[&PROMPT], steps);
-    // The prompt (37 rows) runs the dequantized f32 product: the same logits.
+    // Teacher-forced through the answer: the prompt's logits, then a decode step per
+    // answer token, both models fed the same tokens.
+    let answer = [504u32, 3575, 282, 4649, 314, 7042, 30];
+    let forced = |model: &Model| -> Vec<Vec<f32>> {
+        let mut attn = engine.open(1, PROMPT.len(), answer.len()).unwrap();
+        let m = &model.llama;
+        let h = m.prefill(attn.as_mut(), &[&PROMPT]).unwrap();
+        let last = h.get(0).unwrap().get(PROMPT.len() - 1).unwrap();
+        let mut rows = vec![m.logits(&last).unwrap().to_vec1::<f32>().unwrap()];
+        for (i, &id) in answer.iter().enumerate() {
+            let h = m.decode(attn.as_mut(), &[id], &[PROMPT.len() + i]).unwrap();
+            rows.extend(m.logits(&h).unwrap().to_vec2::<f32>().unwrap());
+        }
+        rows
+    };
+    let (q, f) = (forced(&native), forced(&f32w));
+    // The prompt (37 rows) runs the dequantized f32 products; the LM head rounds its
+    // one input row to 16-bit blocks (1/65534 of a block's largest value: for hidden
+    // values up to about 20 and LM-head weights of about 0.05 over 576 features, at
+    // most about 0.01 on a logit).
     let d0 = max_diff(&q[..1], &f[..1]);
     let d = max_diff(&q[1..], &f[1..]);
     eprintln!("quantized vs f32 products: prefill max |logit diff| {d0}, decode steps {d}");
-    assert!(d0 < 1e-3, "prefill logits moved by {d0}");
+    assert!(d0 < 1e-2, "prefill logits moved by {d0}");
     assert!(d > 0.0, "the decode steps did not run the 8-bit products");
-    // What the rounding of the activations to 8 bits costs, step by step: the KL
-    // divergence of the next-token distribution from the f32 products' (the steps feed
-    // fixed tokens, so near-tied top tokens may swap; the greedy answer above is the
-    // check on real text).
+    // What the rounding of the activations to 8 bits costs on real text, step by step:
+    // the KL divergence of the next-token distribution from the f32 products', and the
+    // next answer token still on top.
     for (s, (qs, fs)) in q.iter().zip(&f).enumerate().skip(1) {
         let (lq, lf) = (log_softmax(qs), log_softmax(fs));
         let kl: f64 = lf.iter().zip(&lq).map(|(a, b)| a.exp() * (a - b)).sum();
         eprintln!("step {s}: KL(f32 || quantized) = {kl:.2e} nats");
         assert!(kl < 1e-2, "step {s}: KL {kl}");
+        let golden = [504u32, 3575, 282, 4649, 314, 7042, 30, 2];
+        assert_eq!(argmax(qs), golden[s], "step {s}: top token");
     }
 }

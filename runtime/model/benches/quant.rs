@@ -52,7 +52,7 @@ fn main() {
         }
         for (dtype, float) in kinds {
             let q = QuantMatrix::quantize(&w, dtype).expect("quantized");
-            let q = if float { q.with_float_inputs() } else { q };
+            let q = if float { q.with_wide_inputs() } else { q };
             let dtype = format!("{dtype:?}{}", if float { " float inputs" } else { "" });
             let wq = q.dequantize().expect("dequantized");
             let lin = Linear::Quant(q.clone());

@@ -11,6 +11,7 @@ pub mod chat;
 pub mod engine;
 mod error;
 pub mod eval;
+pub mod fused;
 pub mod generate;
 pub mod gguf;
 pub mod llama;

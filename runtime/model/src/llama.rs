@@ -8,6 +8,7 @@
 //! pool ([`on_pool`]), its matrices that share an input as one product group.
 
 use crate::attention::Attention;
+use crate::fused;
 use crate::quant::Linear;
 use crate::{Error, Result};
 use candle_core::quantized::QMatMul;
@@ -183,6 +184,16 @@ impl Llama {
     /// cos / sin for `positions` laid out [rows, T, 1, D/2] (`positions` is rows * T
     /// long, row-major).
     pub(crate) fn rope_tables(&self, positions: &[usize], rows: usize) -> Result<(Tensor, Tensor)> {
+        let t = positions.len() / rows.max(1);
+        let half = self.config.head_dim / 2;
+        let (cos, sin) = self.rope_angles(positions)?;
+        let cos = Tensor::from_vec(cos, (rows, t, 1, half), &Device::Cpu)?;
+        let sin = Tensor::from_vec(sin, (rows, t, 1, half), &Device::Cpu)?;
+        Ok((cos, sin))
+    }
+
+    /// cos / sin of every position's RoPE angles, [positions, D/2] row-major.
+    pub(crate) fn rope_angles(&self, positions: &[usize]) -> Result<(Vec<f32>, Vec<f32>)> {
         let limit = self.config.context_len;
         if let Some(&p) = positions.iter().find(|&&p| p >= limit) {
             return Err(Error::TooLong {
@@ -191,7 +202,6 @@ impl Llama {
                 max: limit,
             });
         }
-        let t = positions.len() / rows.max(1);
         let half = self.config.head_dim / 2;
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
@@ -202,8 +212,6 @@ impl Llama {
                 sin.push(a.sin() as f32);
             }
         }
-        let cos = Tensor::from_vec(cos, (rows, t, 1, half), &Device::Cpu)?;
-        let sin = Tensor::from_vec(sin, (rows, t, 1, half), &Device::Cpu)?;
         Ok((cos, sin))
     }
 
@@ -247,32 +255,44 @@ impl Llama {
                 c.vocab_size
             )));
         }
-        let (cos, sin) = self.rope_tables(positions, b)?;
+        // The step on plain rows (fused elementwise work, one allocation each); tensors
+        // only where the attention takes them.
+        let (cos, sin) = self.rope_angles(positions)?;
+        let m = tokens.len();
+        let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
         let ids = Tensor::new(tokens, &Device::Cpu)?;
-        let mut x = self.embed.index_select(&ids, 0)?;
+        let mut x: Vec<f32> = self.embed.index_select(&ids, 0)?.flatten_all()?.to_vec1()?;
+        let vec_of = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(DType::F32)?.to_vec1()?) };
+        let eps = c.rms_eps;
         for (l, w) in self.layers.iter().enumerate() {
-            let h = self.rms_norm(&x, &w.attn_norm)?;
-            let mut qkv = Linear::forward_group(&[&w.wq, &w.wk, &w.wv], &h)?.into_iter();
-            let (Some(q), Some(k), Some(v)) = (qkv.next(), qkv.next(), qkv.next()) else {
+            let h = fused::rms_norm(&x, &vec_of(&w.attn_norm)?, eps);
+            let mut qkv = Linear::forward_rows(&[&w.wq, &w.wk, &w.wv], &h, m)?.into_iter();
+            let (Some(mut q), Some(mut k), Some(v)) = (qkv.next(), qkv.next(), qkv.next()) else {
                 return Err(Error::Usage("a product group lost a matrix".into()));
             };
-            let q = q.reshape((b, t, c.num_heads, c.head_dim))?;
-            let k = k.reshape((b, t, c.num_kv_heads, c.head_dim))?;
-            let v = v.reshape((b, t, c.num_kv_heads, c.head_dim))?;
-            let q = self.rope(&q, &cos, &sin)?;
-            let k = self.rope(&k, &cos, &sin)?;
-            let attn = attend(l, q, k, v)?
+            fused::rope(&mut q, c.head_dim, &cos, &sin, c.rope);
+            fused::rope(&mut k, c.head_dim, &cos, &sin, c.rope);
+            let q = Tensor::from_vec(q, (b, t, c.num_heads, c.head_dim), &Device::Cpu)?;
+            let k = Tensor::from_vec(k, (b, t, c.num_kv_heads, c.head_dim), &Device::Cpu)?;
+            let v = Tensor::from_vec(v, (b, t, c.num_kv_heads, c.head_dim), &Device::Cpu)?;
+            debug_assert_eq!(kvd * m, k.elem_count());
+            let attn: Vec<f32> = attend(l, q, k, v)?
                 .to_dtype(DType::F32)?
-                .reshape((b * t, c.num_heads * c.head_dim))?;
-            x = (x + w.wo.forward(&attn)?)?;
-            let h = self.rms_norm(&x, &w.ffn_norm)?;
-            let mut gu = Linear::forward_group(&[&w.gate, &w.up], &h)?.into_iter();
+                .flatten_all()?
+                .to_vec1()?;
+            let o = Linear::forward_rows(&[&w.wo], &attn, m)?;
+            fused::add_into(&mut x, &o[0]);
+            let h = fused::rms_norm(&x, &vec_of(&w.ffn_norm)?, eps);
+            let mut gu = Linear::forward_rows(&[&w.gate, &w.up], &h, m)?.into_iter();
             let (Some(gate), Some(up)) = (gu.next(), gu.next()) else {
                 return Err(Error::Usage("a product group lost a matrix".into()));
             };
-            x = (x + w.down.forward(&(gate.silu()? * up)?)?)?;
+            let d = Linear::forward_rows(&[&w.down], &fused::swiglu(&gate, &up), m)?;
+            fused::add_into(&mut x, &d[0]);
+            debug_assert_eq!(qd * m, attn.len());
         }
-        Ok(self.rms_norm(&x, &self.norm)?.reshape((b, t, c.hidden))?)
+        let out = fused::rms_norm(&x, &vec_of(&self.norm)?, eps);
+        Ok(Tensor::from_vec(out, (b, t, c.hidden), &Device::Cpu)?)
     }
 
     /// Prefill of a batch of prompts (different lengths allowed; each at positions

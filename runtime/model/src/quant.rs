@@ -34,6 +34,14 @@ pub struct ActBlock {
     pub qs: [i8; BLOCK],
 }
 
+/// One block of activations rounded to 16 bits: `qs[i] * d`; `s` is `d * sum(qs)`.
+#[derive(Clone, Copy, Debug)]
+pub struct WideBlock {
+    pub d: f32,
+    pub s: f32,
+    pub qs: [i16; BLOCK],
+}
+
 /// Q4_0: `d * (q - 8)`, q the 4-bit value (low nibbles are weights 0..16, high 16..32).
 #[derive(Clone, Copy, Debug)]
 struct Q40 {
@@ -69,9 +77,10 @@ pub struct QuantMatrix {
     rows: usize,
     cols: usize,
     blocks: Blocks,
-    /// Multiply with the f32 inputs as they are, not rounded to 8 bits (the LM head:
-    /// logits of near-tied tokens must not flip on the activations' rounding).
-    float_inputs: bool,
+    /// Multiply with inputs rounded to 16 bits, not 8 (the LM head: logits of
+    /// near-tied tokens must not flip on the activations' rounding). 16-bit blocks
+    /// keep 1/65534 of the block's largest value: about 250 times finer than 8 bits.
+    wide_inputs: bool,
 }
 
 /// The block types [`QuantMatrix`] runs.
@@ -157,7 +166,7 @@ impl QuantMatrix {
             rows,
             cols,
             blocks,
-            float_inputs: false,
+            wide_inputs: false,
         }))
     }
 
@@ -168,16 +177,31 @@ impl QuantMatrix {
             .ok_or_else(|| Error::Usage(format!("moac's quantized products do not run {dtype:?}")))
     }
 
-    /// The same matrix multiplied with unrounded f32 inputs (each weight converted to
-    /// f32 in the product): exact up to f32 sums, about as fast while the weights'
-    /// bytes, not the arithmetic, bound the product (one input row).
-    pub fn with_float_inputs(mut self) -> QuantMatrix {
-        self.float_inputs = true;
+    /// The same matrix multiplied with inputs rounded to 16-bit blocks (x86 with AVX2;
+    /// elsewhere the f32 inputs as they are, each weight converted to f32).
+    pub fn with_wide_inputs(mut self) -> QuantMatrix {
+        self.wide_inputs = true;
         self
     }
 
-    pub fn float_inputs(&self) -> bool {
-        self.float_inputs
+    pub fn wide_inputs(&self) -> bool {
+        self.wide_inputs
+    }
+
+    /// Row `r` times one row of 16-bit input blocks.
+    #[cfg(target_arch = "x86_64")]
+    fn dot_wide(&self, r: usize, x: &[WideBlock]) -> f32 {
+        let per = self.cols / BLOCK;
+        let range = r * per..(r + 1) * per;
+        // SAFETY: called only where `avx2::available()` holds (see `matmul_group`):
+        // the CPU runs AVX2 and FMA, the kernels' only features.
+        unsafe {
+            match &self.blocks {
+                Blocks::Q4_0(bs) => avx2::wide_q4_0(&bs[range], x),
+                Blocks::Q4_1(bs) => avx2::wide_q4_1(&bs[range], x),
+                Blocks::Q8_0(bs) => avx2::wide_q8_0(&bs[range], x),
+            }
+        }
     }
 
     /// Row `r` times an f32 input row (`cols` long).
@@ -339,7 +363,7 @@ impl QuantMatrix {
 /// block with the product of the scales.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{ActBlock, Q40, Q41, Q80};
+    use super::{ActBlock, WideBlock, Q40, Q41, Q80};
     use std::arch::x86_64::*;
     use std::sync::OnceLock;
 
@@ -454,6 +478,60 @@ mod avx2 {
         |_: &Q80, _: &ActBlock| 0.0
     );
 
+    /// Two halves of 16 i16 weights times a 16-bit input block: `madd` sums pairs
+    /// into 32 bits (at most 4 x 127 x 32767 a lane: no overflow).
+    #[target_feature(enable = "avx2,fma")]
+    fn wide_sum(acc: __m256, lo: __m256i, hi: __m256i, a: &WideBlock, scale: f32) -> __m256 {
+        // SAFETY: unaligned loads of exactly the 32 i16 (64 bytes) of `a.qs`.
+        let (x0, x1) = unsafe {
+            let p = a.qs.as_ptr() as *const __m256i;
+            (_mm256_loadu_si256(p), _mm256_loadu_si256(p.add(1)))
+        };
+        let p = _mm256_add_epi32(_mm256_madd_epi16(lo, x0), _mm256_madd_epi16(hi, x1));
+        _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(p), acc)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub fn wide_q8_0(w: &[Q80], x: &[WideBlock]) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        for (b, a) in w.iter().zip(x) {
+            let v = load32(&b.qs);
+            let lo = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(v));
+            let hi = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(v, 1));
+            acc = wide_sum(acc, lo, hi, a, b.d.to_f32() * a.d);
+        }
+        hsum(acc)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub fn wide_q4_1(w: &[Q41], x: &[WideBlock]) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        let mut offset = 0f32;
+        for (b, a) in w.iter().zip(x) {
+            let v = nibbles(&b.qs);
+            let lo = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(v));
+            let hi = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(v, 1));
+            acc = wide_sum(acc, lo, hi, a, b.d.to_f32() * a.d);
+            offset += b.m.to_f32() * a.s;
+        }
+        hsum(acc) + offset
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub fn wide_q4_0(w: &[Q40], x: &[WideBlock]) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        let mut offset = 0f32;
+        for (b, a) in w.iter().zip(x) {
+            let v = nibbles(&b.qs);
+            let lo = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(v));
+            let hi = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(v, 1));
+            let d = b.d.to_f32();
+            acc = wide_sum(acc, lo, hi, a, d * a.d);
+            offset -= 8.0 * d * a.s;
+        }
+        hsum(acc) + offset
+    }
+
     /// Signed by signed: |w| times x with w's sign moved onto x.
     #[target_feature(enable = "avx2,fma")]
     pub fn dot_q8_0(w: &[Q80], x: &[ActBlock]) -> f32 {
@@ -511,6 +589,27 @@ pub fn quantize_row(x: &[f32], out: &mut Vec<ActBlock>) {
             sum += r as i32;
         }
         out.push(ActBlock {
+            d,
+            s: d * sum as f32,
+            qs,
+        });
+    }
+}
+
+/// Rounds one row of activations to 16-bit blocks (`x.len()` a multiple of 32).
+pub fn quantize_row_wide(x: &[f32], out: &mut Vec<WideBlock>) {
+    for chunk in x.chunks_exact(BLOCK) {
+        let amax = chunk.iter().fold(0f32, |a, &v| a.max(v.abs()));
+        let d = amax / 32767.0;
+        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let mut qs = [0i16; BLOCK];
+        let mut sum = 0i32;
+        for (q, &v) in qs.iter_mut().zip(chunk) {
+            let r = (v * inv).round().clamp(-32767.0, 32767.0) as i16;
+            *q = r;
+            sum += r as i32;
+        }
+        out.push(WideBlock {
             d,
             s: d * sum as f32,
             qs,
@@ -608,11 +707,22 @@ pub fn matmul_group(ws: &[&QuantMatrix], x: &[f32], m: usize) -> Result<Vec<Vec<
     }
     let per = k / BLOCK;
     let mut act = Vec::with_capacity(m * per);
-    if ws.iter().any(|w| !w.float_inputs) {
+    if ws.iter().any(|w| !w.wide_inputs) {
         for row in x.chunks_exact(k) {
             quantize_row(row, &mut act);
         }
     }
+    #[cfg(target_arch = "x86_64")]
+    let wide = {
+        let mut wide = Vec::new();
+        if avx2::available() && ws.iter().any(|w| w.wide_inputs) {
+            wide.reserve(m * per);
+            for row in x.chunks_exact(k) {
+                quantize_row_wide(row, &mut wide);
+            }
+        }
+        wide
+    };
     // Chunks of output rows: enough to keep every thread busy, at least 16 rows.
     let total: usize = ws.iter().map(|w| w.rows).sum();
     let threads = rayon::current_num_threads().max(1);
@@ -632,9 +742,14 @@ pub fn matmul_group(ws: &[&QuantMatrix], x: &[f32], m: usize) -> Result<Vec<Vec<
             let w = ws[i];
             let n = r1 - r0;
             let mut out = vec![0f32; m * n];
-            if w.float_inputs {
+            if w.wide_inputs {
                 for r in r0..r1 {
                     for t in 0..m {
+                        #[cfg(target_arch = "x86_64")]
+                        if !wide.is_empty() {
+                            out[t * n + r - r0] = w.dot_wide(r, &wide[t * per..(t + 1) * per]);
+                            continue;
+                        }
                         out[t * n + r - r0] = w.dot_float(r, &x[t * k..(t + 1) * k]);
                     }
                 }
@@ -698,6 +813,26 @@ impl Linear {
     /// The products of several matrices with one input; the quantized ones (all of
     /// them, with one column count) as one group.
     pub fn forward_group(ws: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+        let dims = x.dims().to_vec();
+        let k = dims.last().copied().unwrap_or(0);
+        let m = x.elem_count() / k.max(1);
+        let flat: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let outs = Linear::forward_rows(ws, &flat, m)?;
+        outs.into_iter()
+            .zip(ws)
+            .map(|(y, w)| {
+                let mut shape = dims.clone();
+                if let Some(last) = shape.last_mut() {
+                    *last = w.rows()?;
+                }
+                Ok(Tensor::from_vec(y, shape, &Device::Cpu)?)
+            })
+            .collect()
+    }
+
+    /// [`Linear::forward_group`] on plain rows: x is `m` rows of the matrices' column
+    /// count; returns each product [m, rows_i] row-major.
+    pub fn forward_rows(ws: &[&Linear], x: &[f32], m: usize) -> Result<Vec<Vec<f32>>> {
         let quant: Option<Vec<&QuantMatrix>> = ws
             .iter()
             .map(|w| match w {
@@ -705,35 +840,25 @@ impl Linear {
                 Linear::Candle(_) => None,
             })
             .collect();
-        let dims = x.dims().to_vec();
-        let k = dims.last().copied().unwrap_or(0);
-        let m = x.elem_count() / k.max(1);
         match quant {
-            Some(qs) if !qs.is_empty() && m < DEQUANTIZED_ROWS => {
-                let flat: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-                let outs = matmul_group(&qs, &flat, m)?;
-                outs.into_iter()
-                    .zip(&qs)
-                    .map(|(y, w)| {
-                        let mut shape = dims.clone();
-                        if let Some(last) = shape.last_mut() {
-                            *last = w.rows;
-                        }
-                        Ok(Tensor::from_vec(y, shape, &Device::Cpu)?)
+            Some(qs) if !qs.is_empty() && m < DEQUANTIZED_ROWS => matmul_group(&qs, x, m),
+            _ => {
+                let k = x.len() / m.max(1);
+                let xt = Tensor::from_slice(x, (m, k), &Device::Cpu)?;
+                ws.iter()
+                    .map(|w| {
+                        let y = match w {
+                            Linear::Candle(c) => candle_core::Module::forward(c, &xt)?,
+                            Linear::Quant(q) if m >= DEQUANTIZED_ROWS => {
+                                let f = QMatMul::Tensor(q.dequantize()?);
+                                candle_core::Module::forward(&f, &xt)?
+                            }
+                            Linear::Quant(q) => return Ok(matmul_group(&[q], x, m)?.remove(0)),
+                        };
+                        Ok(y.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
                     })
                     .collect()
             }
-            _ => ws
-                .iter()
-                .map(|w| match w {
-                    Linear::Candle(c) => Ok(candle_core::Module::forward(c, x)?),
-                    Linear::Quant(q) if m >= DEQUANTIZED_ROWS => {
-                        let f = QMatMul::Tensor(q.dequantize()?);
-                        Ok(candle_core::Module::forward(&f, x)?)
-                    }
-                    Linear::Quant(_) => Linear::forward_group(&[w], x).map(|mut v| v.remove(0)),
-                })
-                .collect(),
         }
     }
 
@@ -751,7 +876,7 @@ impl Linear {
     pub fn rows(&self) -> Result<usize> {
         Ok(match self {
             Linear::Quant(q) => q.rows,
-            Linear::Candle(QMatMul::QTensor(q)) => q.shape().dims()[0],
+            Linear::Candle(QMatMul::QTensor(q)) => q.shape().dims().first().copied().unwrap_or(0),
             Linear::Candle(QMatMul::Tensor(t)) | Linear::Candle(QMatMul::TensorF16(t)) => {
                 t.dim(0)?
             }

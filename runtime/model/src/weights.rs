@@ -583,7 +583,7 @@ fn read_gguf(
         r.matrix("token_embd.weight", c.vocab_size, c.hidden)?
     };
     let lm_head = match lm_head {
-        Linear::Quant(q) => Linear::Quant(q.with_float_inputs()),
+        Linear::Quant(q) => Linear::Quant(q.with_wide_inputs()),
         other => other,
     };
     Ok(Weights {
