@@ -4,8 +4,11 @@
 //! keys and values are widened to f32 a block of 64 positions at a time (prefill: the
 //! whole prompt once per call; decode: each block of the window straight from the
 //! cache's slot runs), every block serves all query heads of its KV head (GQA), scores
-//! are 64-wide multiply-adds the compiler vectorizes, and each query row keeps an online
-//! softmax in f32 rescaled once per block. Blocks no head of a group sees are skipped,
+//! are 64-wide multiply-adds the compiler vectorizes over a transposed key block
+//! (prefill, where a block serves up to 64 query rows per head) or, in decode, 8-wide
+//! multiply-adds along each key row summed across by an AVX2 add tree (no transpose for
+//! the few query heads of a group), and each query row keeps an online softmax in f32
+//! rescaled once per block. Blocks no head of a group sees are skipped,
 //! blocks partly seen are masked element by element with the rules of
 //! [`crate::reference::semantics`]. Work runs on rayon's pool (RAYON_NUM_THREADS, by
 //! default one thread per core) by (row, KV head, block of 64 queries) in prefill and by
@@ -139,6 +142,67 @@ fn block_scores(q: &[f32], kt: &[f32], s: &mut [f32; BLOCK]) {
         }
     }
     *s = acc;
+}
+
+/// Scores of one query row against a block of key rows held as they are (`k` is
+/// [BLOCK][D], D a multiple of 8): eight keys at a time, each an 8-lane multiply-add
+/// over D, the eight lane vectors summed across by one add tree. No transpose of the
+/// block, which in decode (a block serves only the few query heads of one group) costs
+/// more than the scores. `None` where the CPU lacks AVX2 and FMA.
+#[inline]
+fn block_scores_rows(q: &[f32], k: &[f32], nk: usize, s: &mut [f32; BLOCK]) -> Option<()> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let has = *HAS
+            .get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"));
+        let d = q.len();
+        if has && d.is_multiple_of(8) && k.len() >= BLOCK * d {
+            // SAFETY: AVX2 and FMA were detected just above; the slices hold the
+            // lengths the kernel reads (checked above: q is D long, k BLOCK x D).
+            unsafe { rows_avx2::scores(q, k, nk, s) };
+            return Some(());
+        }
+    }
+    let _ = (q, k, nk, s);
+    None
+}
+
+#[cfg(target_arch = "x86_64")]
+mod rows_avx2 {
+    use super::BLOCK;
+    use std::arch::x86_64::*;
+
+    /// s[c] = q . k[c] for the groups of eight keys that hold any of the first `nk`.
+    #[target_feature(enable = "avx2,fma")]
+    pub fn scores(q: &[f32], k: &[f32], nk: usize, s: &mut [f32; BLOCK]) {
+        let d = q.len();
+        for c0 in (0..nk.min(BLOCK)).step_by(8) {
+            let mut v = [_mm256_setzero_ps(); 8];
+            for (r, acc) in v.iter_mut().enumerate() {
+                let row = &k[(c0 + r) * d..(c0 + r + 1) * d];
+                for (qc, kc) in q.chunks_exact(8).zip(row.chunks_exact(8)) {
+                    // SAFETY: unaligned loads of exactly the eight floats of each chunk.
+                    let (a, b) =
+                        unsafe { (_mm256_loadu_ps(qc.as_ptr()), _mm256_loadu_ps(kc.as_ptr())) };
+                    *acc = _mm256_fmadd_ps(a, b, *acc);
+                }
+            }
+            // Sum each vector's eight lanes: pairwise adds leave key r's partial sums in
+            // lane r of each 128-bit half; the halves are then added.
+            let h01 = _mm256_hadd_ps(v[0], v[1]);
+            let h23 = _mm256_hadd_ps(v[2], v[3]);
+            let h45 = _mm256_hadd_ps(v[4], v[5]);
+            let h67 = _mm256_hadd_ps(v[6], v[7]);
+            let h0123 = _mm256_hadd_ps(h01, h23);
+            let h4567 = _mm256_hadd_ps(h45, h67);
+            let lo = _mm256_permute2f128_ps(h0123, h4567, 0x20);
+            let hi = _mm256_permute2f128_ps(h0123, h4567, 0x31);
+            let sum = _mm256_add_ps(lo, hi);
+            // SAFETY: c0 + 8 <= BLOCK: eight floats of `s` from c0.
+            unsafe { _mm256_storeu_ps(s[c0..c0 + 8].as_mut_ptr(), sum) };
+        }
+    }
 }
 
 /// One query row's online softmax: running max `m`, running sum `l`, and the weighted
@@ -487,11 +551,9 @@ impl CpuLayer {
         let mut block = |p0: usize, nk: usize, slot0: usize| {
             let rows = (base + slot0) * d..(base + slot0 + nk) * d;
             widen(&cache.k[rows.clone()], dtype, &mut krow[..nk * d]);
-            for (c, kr) in krow[..nk * d].chunks_exact(d).enumerate() {
-                for (i, &x) in kr.iter().enumerate() {
-                    kt[i * BLOCK + c] = x;
-                }
-            }
+            // Rows past nk keep an earlier block's finite values (or zeros): their
+            // scores are masked below.
+            let mut transposed = false;
             widen(&cache.v[rows], dtype, &mut vb[..nk * d]);
             for (x, &local) in locals.iter().enumerate() {
                 let sees = |pos: usize| decode_sees(t, sink, local, pos);
@@ -499,7 +561,18 @@ impl CpuLayer {
                 if !full && !(p0..p0 + nk).any(sees) {
                     continue;
                 }
-                block_scores(&qt[x * d..(x + 1) * d], &kt, &mut sc);
+                let qx = &qt[x * d..(x + 1) * d];
+                if block_scores_rows(qx, &krow, nk, &mut sc).is_none() {
+                    if !transposed {
+                        for (c, kr) in krow[..nk * d].chunks_exact(d).enumerate() {
+                            for (i, &x) in kr.iter().enumerate() {
+                                kt[i * BLOCK + c] = x;
+                            }
+                        }
+                        transposed = true;
+                    }
+                    block_scores(qx, &kt, &mut sc);
+                }
                 mask_scores(&mut sc, nk, !full, |c| sees(p0 + c));
                 softmax_block(&mut sc, &vb, nk, acc.row(x));
             }
