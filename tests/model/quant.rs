@@ -283,3 +283,63 @@ fn wide_rounding_is_within_half_a_step() {
         assert_eq!(b.s, b.d * sum as f32);
     }
 }
+
+#[test]
+fn embedding_rows_are_the_dequantized_rows() {
+    let mut rng = Rng::fresh("embedding rows");
+    for dtype in QUANT_TYPES {
+        let q = quantized(&mut rng, 20, 64, dtype);
+        let w = rows_of(&q.dequantize().unwrap());
+        let ids = [3u32, 0, 19, 3];
+        let got = q.rows_f32(&ids).unwrap();
+        let want: Vec<f32> = ids.iter().flat_map(|&i| w[i as usize].clone()).collect();
+        assert_eq!(got, want);
+        assert!(q.rows_f32(&[20]).is_err());
+        let lin = Linear::Quant(q.clone());
+        assert_eq!(lin.rows_f32(&ids).unwrap(), want);
+        // The wide-input copy (a tied LM head) shares the blocks.
+        let head = Linear::Quant(q.with_wide_inputs());
+        assert!(head.shares_storage(&lin));
+        assert!(!head.shares_storage(&Linear::Quant(quantized(&mut rng, 20, 64, dtype))));
+    }
+}
+
+#[test]
+fn a_long_prompt_runs_its_mlp_in_chunks_with_the_same_rows() {
+    use moac_model::attention::DenseReference;
+    use moac_model::llama::{Llama, LlamaConfig, RopeStyle};
+    // 1100 tokens: the MLP takes rows 0..512, 512..1024 and 1024..1100 in turn. A row's
+    // hidden state must not depend on how the rows were cut: row 1050 of the 1100-token
+    // prompt against the same row of a 1051-token prompt (other chunk ends), and row
+    // 700 against a 701-token prompt.
+    let config = LlamaConfig {
+        num_layers: 2,
+        hidden: 64,
+        num_heads: 2,
+        num_kv_heads: 1,
+        head_dim: 32,
+        vocab_size: 97,
+        rope_theta: 10000.0,
+        rms_eps: 1e-5,
+        context_len: 2048,
+        rope: RopeStyle::HalfSplit,
+    };
+    let model = Llama::random(config, 96, 3).unwrap();
+    let mut rng = Rng::fresh("chunked mlp");
+    let tokens: Vec<u32> = (0..1100).map(|_| rng.below(97) as u32).collect();
+    let hidden = |n: usize| -> Vec<Vec<f32>> {
+        let mut attn = DenseReference::new(1, n);
+        let h = model.prefill(&mut attn, &[&tokens[..n]]).unwrap();
+        h.get(0).unwrap().to_vec2::<f32>().unwrap()
+    };
+    let full = hidden(1100);
+    for row in [1050usize, 700] {
+        let part = hidden(row + 1);
+        for (a, b) in full[row].iter().zip(&part[row]) {
+            assert!(
+                (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+                "row {row}: {a} vs {b}"
+            );
+        }
+    }
+}

@@ -346,7 +346,9 @@ pub fn calibrate(a: CalibrateArgs) -> Result<()> {
 
 pub fn profile(a: ProfileArgs) -> Result<()> {
     let t = Instant::now();
-    let model = Model::load(&a.model, WeightMode::F32)?;
+    // The file's blocks: the backward pass dequantizes each layer to f32 as it goes
+    // (the same f32 values as f32 weights, without holding them all).
+    let model = Model::load(&a.model, WeightMode::Native)?;
     let mut set = CalibSet::read(&a.calib)?;
     set.check_model(&a.calib, &model)?;
     if !a.families.is_empty() {
@@ -634,7 +636,9 @@ pub fn make(a: MakeArgs) -> Result<()> {
     };
     // The density is checked before the model is loaded.
     opts.check()?;
-    let model = Model::load(a.model.path()?, WeightMode::F32)?;
+    // Quantized products for the calibration's answers and the validation (the
+    // profile dequantizes each layer to f32 itself).
+    let model = Model::load(a.model.path()?, WeightMode::Native)?;
     let made = moac_model::pipeline::make(&model, &opts, &mut Terminal::default())?;
     match &made.validation {
         Some(v) => print_validation(v, &a.output),

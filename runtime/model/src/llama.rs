@@ -68,7 +68,7 @@ pub(crate) struct Layer {
 
 /// A model's weights, as a loader ([`crate::weights`]) or [`Llama::random`] makes them.
 pub(crate) struct Weights {
-    pub embed: Tensor,
+    pub embed: Linear,
     pub layers: Vec<Layer>,
     pub norm: Tensor,
     pub lm_head: Linear,
@@ -77,7 +77,7 @@ pub(crate) struct Weights {
 /// A loaded model.
 pub struct Llama {
     pub config: LlamaConfig,
-    pub(crate) embed: Tensor,
+    pub(crate) embed: Linear,
     pub(crate) layers: Vec<Layer>,
     pub(crate) norm: Tensor,
     pub(crate) lm_head: Linear,
@@ -119,7 +119,7 @@ impl Llama {
         let embed = matrix(c.vocab_size, c.hidden)?;
         let w = Weights {
             lm_head: QMatMul::Tensor(embed.clone()).into(),
-            embed,
+            embed: QMatMul::Tensor(embed).into(),
             layers,
             norm: Tensor::ones(c.hidden, DType::F32, &Device::Cpu)?,
         };
@@ -260,8 +260,7 @@ impl Llama {
         let (cos, sin) = self.rope_angles(positions)?;
         let m = tokens.len();
         let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-        let ids = Tensor::new(tokens, &Device::Cpu)?;
-        let mut x: Vec<f32> = self.embed.index_select(&ids, 0)?.flatten_all()?.to_vec1()?;
+        let mut x: Vec<f32> = self.embed.rows_f32(tokens)?;
         let vec_of = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(DType::F32)?.to_vec1()?) };
         let eps = c.rms_eps;
         for (l, w) in self.layers.iter().enumerate() {
@@ -282,13 +281,20 @@ impl Llama {
                 .to_vec1()?;
             let o = Linear::forward_rows(&[&w.wo], &attn, m)?;
             fused::add_into(&mut x, &o[0]);
-            let h = fused::rms_norm(&x, &vec_of(&w.ffn_norm)?, eps);
-            let mut gu = Linear::forward_rows(&[&w.gate, &w.up], &h, m)?.into_iter();
-            let (Some(gate), Some(up)) = (gu.next(), gu.next()) else {
-                return Err(Error::Usage("a product group lost a matrix".into()));
-            };
-            let d = Linear::forward_rows(&[&w.down], &fused::swiglu(&gate, &up), m)?;
-            fused::add_into(&mut x, &d[0]);
+            // The MLP, row-wise, in chunks of rows: a long prompt's [rows, ffn]
+            // intermediates stay small (a quantized matrix dequantized once for all).
+            let ffn_norm = vec_of(&w.ffn_norm)?;
+            let (gate, up, down) = (w.gate.for_rows(m)?, w.up.for_rows(m)?, w.down.for_rows(m)?);
+            for xc in x.chunks_mut(MLP_ROWS * c.hidden) {
+                let rows = xc.len() / c.hidden;
+                let h = fused::rms_norm(xc, &ffn_norm, eps);
+                let mut gu = Linear::forward_rows(&[&*gate, &*up], &h, rows)?.into_iter();
+                let (Some(g), Some(u)) = (gu.next(), gu.next()) else {
+                    return Err(Error::Usage("a product group lost a matrix".into()));
+                };
+                let d = Linear::forward_rows(&[&*down], &fused::swiglu(&g, &u), rows)?;
+                fused::add_into(xc, &d[0]);
+            }
             debug_assert_eq!(qd * m, attn.len());
         }
         let out = fused::rms_norm(&x, &vec_of(&self.norm)?, eps);
@@ -369,6 +375,9 @@ impl Llama {
         Ok(on_pool(|| self.lm_head.forward(&flat))?.reshape(out_dims)?)
     }
 }
+
+/// Rows of a prompt the MLP takes at a time.
+const MLP_ROWS: usize = 512;
 
 /// Runs `f` on a worker of rayon's pool. The parallel parts of a model step (matrix
 /// products, attention) then start from inside the pool: a worker hands out work

@@ -21,6 +21,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor};
 use half::f16;
 use rayon::prelude::*;
+use std::sync::Arc;
 
 /// Weights (and activations) a block holds.
 pub const BLOCK: usize = 32;
@@ -76,7 +77,8 @@ enum Blocks {
 pub struct QuantMatrix {
     rows: usize,
     cols: usize,
-    blocks: Blocks,
+    /// Shared: a tied embedding and LM head hold one copy.
+    blocks: Arc<Blocks>,
     /// Multiply with inputs rounded to 16 bits, not 8 (the LM head: logits of
     /// near-tied tokens must not flip on the activations' rounding). 16-bit blocks
     /// keep 1/65534 of the block's largest value: about 250 times finer than 8 bits.
@@ -165,7 +167,7 @@ impl QuantMatrix {
         Ok(Some(QuantMatrix {
             rows,
             cols,
-            blocks,
+            blocks: Arc::new(blocks),
             wide_inputs: false,
         }))
     }
@@ -196,7 +198,7 @@ impl QuantMatrix {
         // SAFETY: called only where `avx2::available()` holds (see `matmul_group`):
         // the CPU runs AVX2 and FMA, the kernels' only features.
         unsafe {
-            match &self.blocks {
+            match &*self.blocks {
                 Blocks::Q4_0(bs) => avx2::wide_q4_0(&bs[range], x),
                 Blocks::Q4_1(bs) => avx2::wide_q4_1(&bs[range], x),
                 Blocks::Q8_0(bs) => avx2::wide_q8_0(&bs[range], x),
@@ -210,7 +212,7 @@ impl QuantMatrix {
         let range = r * per..(r + 1) * per;
         let xs = x.chunks_exact(BLOCK);
         let mut acc = [0f32; 8];
-        match &self.blocks {
+        match &*self.blocks {
             Blocks::Q8_0(bs) => {
                 for (b, xb) in bs[range].iter().zip(xs) {
                     let mut w = [0f32; BLOCK];
@@ -249,7 +251,7 @@ impl QuantMatrix {
     }
 
     pub fn dtype(&self) -> GgmlDType {
-        match self.blocks {
+        match *self.blocks {
             Blocks::Q4_0(_) => GgmlDType::Q4_0,
             Blocks::Q4_1(_) => GgmlDType::Q4_1,
             Blocks::Q8_0(_) => GgmlDType::Q8_0,
@@ -264,29 +266,56 @@ impl QuantMatrix {
     /// The weights in f32 [rows, cols], block by block as the format defines them.
     pub fn dequantize(&self) -> Result<Tensor> {
         let mut out = Vec::with_capacity(self.rows * self.cols);
-        match &self.blocks {
+        self.dequantize_blocks(0..self.rows * self.cols / BLOCK, &mut out);
+        Ok(Tensor::from_vec(out, (self.rows, self.cols), &Device::Cpu)?)
+    }
+
+    /// Rows `ids` in f32, one after another (an embedding lookup); an id past the rows
+    /// is an error.
+    pub fn rows_f32(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let per = self.cols / BLOCK;
+        let mut out = Vec::with_capacity(ids.len() * self.cols);
+        for &id in ids {
+            let r = id as usize;
+            if r >= self.rows {
+                return Err(Error::Usage(format!(
+                    "row {r} of a matrix of {} rows",
+                    self.rows
+                )));
+            }
+            self.dequantize_blocks(r * per..(r + 1) * per, &mut out);
+        }
+        Ok(out)
+    }
+
+    /// Whether `other` holds the same blocks (a tied embedding and LM head).
+    pub fn shares_blocks(&self, other: &QuantMatrix) -> bool {
+        Arc::ptr_eq(&self.blocks, &other.blocks)
+    }
+
+    fn dequantize_blocks(&self, range: std::ops::Range<usize>, out: &mut Vec<f32>) {
+        match &*self.blocks {
             Blocks::Q4_0(bs) => {
-                for b in bs {
+                for b in &bs[range] {
                     let d = b.d.to_f32();
                     out.extend(b.qs.iter().map(|&q| d * ((q & 15) as f32 - 8.0)));
                     out.extend(b.qs.iter().map(|&q| d * ((q >> 4) as f32 - 8.0)));
                 }
             }
             Blocks::Q4_1(bs) => {
-                for b in bs {
+                for b in &bs[range] {
                     let (d, m) = (b.d.to_f32(), b.m.to_f32());
                     out.extend(b.qs.iter().map(|&q| d * (q & 15) as f32 + m));
                     out.extend(b.qs.iter().map(|&q| d * (q >> 4) as f32 + m));
                 }
             }
             Blocks::Q8_0(bs) => {
-                for b in bs {
+                for b in &bs[range] {
                     let d = b.d.to_f32();
                     out.extend(b.qs.iter().map(|&q| d * q as f32));
                 }
             }
         }
-        Ok(Tensor::from_vec(out, (self.rows, self.cols), &Device::Cpu)?)
     }
 
     /// The dot product of row `r` with one quantized input row.
@@ -299,14 +328,14 @@ impl QuantMatrix {
             // SAFETY: `available` checked that this CPU runs AVX2 and FMA, the only
             // features the kernels are compiled for.
             return unsafe {
-                match &self.blocks {
+                match &*self.blocks {
                     Blocks::Q4_0(bs) => avx2::dot_q4_0(&bs[range], x),
                     Blocks::Q4_1(bs) => avx2::dot_q4_1(&bs[range], x),
                     Blocks::Q8_0(bs) => avx2::dot_q8_0(&bs[range], x),
                 }
             };
         }
-        match &self.blocks {
+        match &*self.blocks {
             Blocks::Q4_0(bs) => dot_q4_0(&bs[range], x),
             Blocks::Q4_1(bs) => dot_q4_1(&bs[range], x),
             Blocks::Q8_0(bs) => dot_q8_0(&bs[range], x),
@@ -323,7 +352,7 @@ impl QuantMatrix {
             // SAFETY: `available` checked that this CPU runs AVX2 and FMA, the only
             // features the kernels are compiled for.
             return unsafe {
-                match &self.blocks {
+                match &*self.blocks {
                     Blocks::Q4_0(bs) => avx2::dot4_q4_0([0, 1, 2, 3].map(|i| &bs[row(i)]), x),
                     Blocks::Q4_1(bs) => avx2::dot4_q4_1([0, 1, 2, 3].map(|i| &bs[row(i)]), x),
                     Blocks::Q8_0(bs) => avx2::dot4_q8_0([0, 1, 2, 3].map(|i| &bs[row(i)]), x),
@@ -338,7 +367,7 @@ impl QuantMatrix {
     pub fn dot_portable(&self, r: usize, x: &[ActBlock]) -> f32 {
         let per = self.cols / BLOCK;
         let range = r * per..(r + 1) * per;
-        match &self.blocks {
+        match &*self.blocks {
             Blocks::Q4_0(bs) => dot_q4_0(&bs[range], x),
             Blocks::Q4_1(bs) => dot_q4_1(&bs[range], x),
             Blocks::Q8_0(bs) => dot_q8_0(&bs[range], x),
@@ -858,6 +887,44 @@ impl Linear {
                         Ok(y.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
                     })
                     .collect()
+            }
+        }
+    }
+
+    /// The matrix as products of `m` input rows run it: from [`DEQUANTIZED_ROWS`] rows
+    /// on, a quantized matrix dequantized once (for a caller that runs several chunks
+    /// of rows through it); otherwise itself.
+    pub fn for_rows(&self, m: usize) -> Result<std::borrow::Cow<'_, Linear>> {
+        Ok(match self {
+            Linear::Quant(q) if m >= DEQUANTIZED_ROWS => {
+                std::borrow::Cow::Owned(Linear::Candle(QMatMul::Tensor(q.dequantize()?)))
+            }
+            _ => std::borrow::Cow::Borrowed(self),
+        })
+    }
+
+    /// Whether both are the same storage (a tied embedding and LM head).
+    pub fn shares_storage(&self, other: &Linear) -> bool {
+        match (self, other) {
+            (Linear::Quant(a), Linear::Quant(b)) => a.shares_blocks(b),
+            (Linear::Candle(QMatMul::Tensor(a)), Linear::Candle(QMatMul::Tensor(b))) => {
+                a.id() == b.id()
+            }
+            _ => false,
+        }
+    }
+
+    /// Rows `ids` of the matrix in f32, one after another (an embedding lookup).
+    pub fn rows_f32(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        match self {
+            Linear::Quant(q) => q.rows_f32(ids),
+            other => {
+                let ids = Tensor::new(ids, &Device::Cpu)?;
+                Ok(other
+                    .dense()?
+                    .index_select(&ids, 0)?
+                    .flatten_all()?
+                    .to_vec1()?)
             }
         }
     }

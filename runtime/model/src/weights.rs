@@ -573,12 +573,24 @@ fn read_gguf(
             down: r.matrix(&t("ffn_down"), c.hidden, ff)?,
         });
     }
-    let embed = r.dense("token_embd.weight", &[c.vocab_size, c.hidden])?;
+    // The embedding stays in the file's blocks where moac's kernels read them (a
+    // lookup dequantizes its rows), else f32; a tied LM head shares the blocks.
+    let embed = match mode {
+        WeightMode::F32 => None,
+        _ => match r.matrix("token_embd.weight", c.vocab_size, c.hidden)? {
+            Linear::Quant(q) => Some(Linear::Quant(q)),
+            Linear::Candle(_) => None,
+        },
+    };
+    let embed = match embed {
+        Some(e) => e,
+        None => QMatMul::Tensor(r.dense("token_embd.weight", &[c.vocab_size, c.hidden])?).into(),
+    };
     let norm = r.dense("output_norm.weight", &[c.hidden])?;
     let lm_head = if content.tensor_infos.contains_key("output.weight") {
         r.matrix("output.weight", c.vocab_size, c.hidden)?
-    } else if mode == WeightMode::F32 {
-        QMatMul::Tensor(embed.clone()).into()
+    } else if matches!(embed, Linear::Quant(_)) || mode == WeightMode::F32 {
+        embed.clone()
     } else {
         r.matrix("token_embd.weight", c.vocab_size, c.hidden)?
     };
@@ -688,7 +700,7 @@ fn read_hf(
         Err(e) => return Err(e),
     };
     Ok(Weights {
-        embed,
+        embed: QMatMul::Tensor(embed).into(),
         layers,
         norm,
         lm_head,

@@ -132,7 +132,7 @@ pub fn seeded_llama(config: LlamaConfig, ff: usize, seed: u64, dtype: Dtype) -> 
     )?;
     let w = Weights {
         lm_head: QMatMul::Tensor(embed.clone()).into(),
-        embed,
+        embed: QMatMul::Tensor(embed).into(),
         layers,
         norm: Tensor::new(seeded_norm(seed, 2, c.hidden), &Device::Cpu)?,
     };

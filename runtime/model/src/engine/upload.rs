@@ -5,9 +5,7 @@
 
 use super::{usage, weight_bytes, DeviceEngine};
 use crate::llama::{dense_matrix, Llama, LlamaConfig, RopeStyle};
-use crate::quant::Linear;
 use crate::Result;
-use candle_core::quantized::QMatMul;
 use candle_core::{DType, Tensor};
 use moac::geometry::Dtype;
 use moac::ir::PrefillMode;
@@ -69,7 +67,7 @@ impl DeviceEngine {
             gpu.upload(&mut b, 0, &v)?;
             Ok(b)
         };
-        let tied = matches!(&llama.lm_head, Linear::Candle(QMatMul::Tensor(t)) if t.id() == llama.embed.id());
+        let tied = llama.lm_head.shares_storage(&llama.embed);
         check_weights(&gpu, &c, ff, tied)?;
         let mut layers = Vec::with_capacity(llama.layers.len());
         for l in &llama.layers {
@@ -93,7 +91,7 @@ impl DeviceEngine {
         }
 
         let weights = DeviceWeights {
-            embed: upload_bits(&llama.embed)?,
+            embed: upload_bits(&llama.embed.dense()?)?,
             lm_head: if tied {
                 None
             } else {

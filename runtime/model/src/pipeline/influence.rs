@@ -279,8 +279,7 @@ impl Llama {
         let t = tokens.len();
         let positions: Vec<usize> = (0..t).collect();
         let (cos, sin) = self.rope_tables(&positions, 1)?;
-        let ids = Tensor::new(tokens, &Device::Cpu)?;
-        let mut x = self.embed.index_select(&ids, 0)?.to_dtype(DType::F32)?;
+        let mut x = Tensor::from_vec(self.embed.rows_f32(tokens)?, (t, c.hidden), &Device::Cpu)?;
         let (mut inputs, mut attn) = (Vec::new(), Vec::new());
         for (li, l) in self.layers.iter().enumerate() {
             let w = Dense::of(l)?;

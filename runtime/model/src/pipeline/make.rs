@@ -247,8 +247,9 @@ fn calib_file(
     }
 }
 
-/// Makes a plan for `model` (loaded with [`crate::weights::WeightMode::F32`]: the
-/// profile's backward pass is exact in f32): calibration, profile, the solve, and
+/// Makes a plan for `model` (any weight mode: the calibration's answers and the
+/// validation run the model's own products, the profile's backward pass dequantizes
+/// each layer to f32 and is exact in f32): calibration, profile, the solve, and
 /// validation of the plans of least predicted loss on held-out samples longer than any
 /// profiled; the winner is written to `opts.output`. Every stage's file is kept in the
 /// work folder and reused by a later call made the same way (see the module's doc).
