@@ -750,15 +750,15 @@ impl LayerBackend for CpuLayer {
             .map(|(b, j, range)| self.decode_part(q, seq_lens[*b], scale, (*b, *j), range.clone()))
             .collect();
         let mut out = vec![0f32; q.len()];
-        // A pair's query heads are contiguous in out.
-        out.par_chunks_mut((g * d).max(1))
-            .enumerate()
-            .for_each(|(pair, o)| {
-                let mine = &parts[first[pair]..first[pair + 1]];
-                for (x, ox) in o.chunks_exact_mut(d).enumerate() {
-                    Accum::merge(mine, x, ox);
-                }
-            });
+        // A pair's query heads are contiguous in out. The merge is a few multiply-adds
+        // per output: on this thread (a parallel pass would cost a wake-up of the pool
+        // per layer and step, more than the work).
+        for (pair, o) in out.chunks_mut((g * d).max(1)).enumerate() {
+            let mine = &parts[first[pair]..first[pair + 1]];
+            for (x, ox) in o.chunks_exact_mut(d).enumerate() {
+                Accum::merge(mine, x, ox);
+            }
+        }
         round_to(&mut out, self.dtype);
         Ok(out)
     }
