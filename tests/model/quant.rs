@@ -235,6 +235,20 @@ fn wide_input_products_are_within_the_16_bit_rounding_bound() {
         let y = matmul_group(&[&q], &x, m).unwrap().remove(0);
         for t in 0..m {
             let xt = &x[t * cols..(t + 1) * cols];
+            // The f32-input kernel (what runs without AVX2): exact inputs.
+            for (r, wr) in w.iter().enumerate() {
+                let exact: f64 = wr.iter().zip(xt).map(|(&a, &b)| a as f64 * b as f64).sum();
+                let mag: f64 = wr
+                    .iter()
+                    .zip(xt)
+                    .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                    .sum();
+                let got = q.dot_float(r, xt) as f64;
+                assert!(
+                    (got - exact).abs() <= 1e-5 * mag + 1e-30,
+                    "{dtype:?} f32 inputs row {r}"
+                );
+            }
             let mut wide = Vec::new();
             quantize_row_wide(xt, &mut wide);
             for (r, wr) in w.iter().enumerate() {

@@ -44,6 +44,9 @@ pub enum Error {
     /// A call that cannot be carried out as asked.
     #[error("{0}")]
     Usage(String),
+    /// An invariant moac keeps itself broke (a bug in moac, not the caller's doing).
+    #[error("internal error: {0}")]
+    Internal(String),
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
     #[error(transparent)]

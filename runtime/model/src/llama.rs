@@ -267,7 +267,7 @@ impl Llama {
             let h = fused::rms_norm(&x, &vec_of(&w.attn_norm)?, eps);
             let mut qkv = Linear::forward_rows(&[&w.wq, &w.wk, &w.wv], &h, m)?.into_iter();
             let (Some(mut q), Some(mut k), Some(v)) = (qkv.next(), qkv.next(), qkv.next()) else {
-                return Err(Error::Usage("a product group lost a matrix".into()));
+                return Err(Error::Internal("a product group lost a matrix".into()));
             };
             fused::rope(&mut q, c.head_dim, &cos, &sin, c.rope);
             fused::rope(&mut k, c.head_dim, &cos, &sin, c.rope);
@@ -290,7 +290,7 @@ impl Llama {
                 let h = fused::rms_norm(xc, &ffn_norm, eps);
                 let mut gu = Linear::forward_rows(&[&*gate, &*up], &h, rows)?.into_iter();
                 let (Some(g), Some(u)) = (gu.next(), gu.next()) else {
-                    return Err(Error::Usage("a product group lost a matrix".into()));
+                    return Err(Error::Internal("a product group lost a matrix".into()));
                 };
                 let d = Linear::forward_rows(&[&*down], &fused::swiglu(&g, &u), rows)?;
                 fused::add_into(xc, &d[0]);
