@@ -13,6 +13,10 @@ use std::process::ExitCode;
     about = "Compiler and tools for MoA (Mixture of Sparse Attention) plans"
 )]
 struct Cli {
+    /// Threads of the CPU work (attention, the model's matrix products, profiling);
+    /// default: RAYON_NUM_THREADS, else one per core.
+    #[arg(long, global = true)]
+    threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -54,7 +58,14 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let result = match Cli::parse().command {
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        if let Err(e) = moac_runtime::set_threads(n) {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let result = match cli.command {
         Command::Inspect(a) => inspect::run(a),
         Command::Compile(a) => compile::run(a),
         Command::Verify(a) => verify::run(a),

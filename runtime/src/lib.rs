@@ -39,6 +39,7 @@ mod runtime;
 mod shape;
 
 pub use artifact::{Artifact, UnitBinaries};
+pub use backend::cpu::set_threads;
 pub use backend::cuda::cuda_available;
 pub use backend::Backend;
 pub use error::{Error, Result};

@@ -253,3 +253,31 @@ fn imported_plan_gives_the_same_geometry() {
         );
     }
 }
+
+#[test]
+fn the_thread_count_is_one_global_flag() {
+    let (plan, config) = example_plans().remove(0);
+    let (plan, config) = (plan.to_str().unwrap(), config.to_str().unwrap());
+    // Before or after the subcommand; the result does not depend on it.
+    let base = [
+        "inspect",
+        plan,
+        "--config",
+        config,
+        "--prompt-len",
+        "100",
+        "--json",
+    ];
+    let one = moac!(&[&["--threads", "1"][..], &base[..]].concat());
+    assert!(one.status.success(), "{}", stderr(&one));
+    let two = moac!(&[&base[..], &["--threads", "2"][..]].concat());
+    assert!(two.status.success(), "{}", stderr(&two));
+    assert_eq!(one.stdout, two.stdout);
+    let zero = moac!(&[&["--threads", "0"][..], &base[..]].concat());
+    assert!(!zero.status.success());
+    assert!(
+        stderr(&zero).contains("--threads must be at least 1"),
+        "{}",
+        stderr(&zero)
+    );
+}

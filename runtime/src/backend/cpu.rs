@@ -26,6 +26,19 @@ use moac::geometry::Dtype;
 use moac::ir::PrefillMode;
 use rayon::prelude::*;
 
+/// Sets the number of threads of the pool the CPU work runs on (the cpu backend's
+/// attention, the model's products): once, before any parallel work. Without a call,
+/// `RAYON_NUM_THREADS` or one thread per core.
+pub fn set_threads(n: usize) -> Result<()> {
+    if n == 0 {
+        return Err(Error::Usage("--threads must be at least 1".into()));
+    }
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .map_err(|e| Error::Usage(format!("cannot set the thread count to {n}: {e}")))
+}
+
 /// The candle dtype of an element type.
 pub fn candle_dtype(d: Dtype) -> DType {
     match d {
