@@ -603,20 +603,28 @@ fn float_block(acc: &mut [f32; 8], scale: f32, offset: f32, w: &[f32; BLOCK], x:
     }
 }
 
+/// Rounds one block to integers of magnitude at most `max` (`max` the block's largest
+/// |x|): `put(i, q)` takes each; returns the scale and the integers' sum.
+#[inline]
+fn round_block(chunk: &[f32], max: f32, mut put: impl FnMut(usize, i32)) -> (f32, i32) {
+    let amax = chunk.iter().fold(0f32, |a, &v| a.max(v.abs()));
+    let d = amax / max;
+    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let mut sum = 0i32;
+    for (i, &v) in chunk.iter().enumerate() {
+        // |v * inv| <= max (up to rounding of inv); the clamp keeps it in range.
+        let r = (v * inv).round().clamp(-max, max) as i32;
+        put(i, r);
+        sum += r;
+    }
+    (d, sum)
+}
+
 /// Rounds one row of activations to 8-bit blocks (`x.len()` a multiple of 32).
 pub fn quantize_row(x: &[f32], out: &mut Vec<ActBlock>) {
     for chunk in x.chunks_exact(BLOCK) {
-        let amax = chunk.iter().fold(0f32, |a, &v| a.max(v.abs()));
-        let d = amax / 127.0;
-        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
         let mut qs = [0i8; BLOCK];
-        let mut sum = 0i32;
-        for (q, &v) in qs.iter_mut().zip(chunk) {
-            // |v * inv| <= 127 (up to rounding of inv); the clamp keeps it a valid i8.
-            let r = (v * inv).round().clamp(-127.0, 127.0) as i8;
-            *q = r;
-            sum += r as i32;
-        }
+        let (d, sum) = round_block(chunk, 127.0, |i, r| qs[i] = r as i8);
         out.push(ActBlock {
             d,
             s: d * sum as f32,
@@ -628,16 +636,8 @@ pub fn quantize_row(x: &[f32], out: &mut Vec<ActBlock>) {
 /// Rounds one row of activations to 16-bit blocks (`x.len()` a multiple of 32).
 pub fn quantize_row_wide(x: &[f32], out: &mut Vec<WideBlock>) {
     for chunk in x.chunks_exact(BLOCK) {
-        let amax = chunk.iter().fold(0f32, |a, &v| a.max(v.abs()));
-        let d = amax / 32767.0;
-        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
         let mut qs = [0i16; BLOCK];
-        let mut sum = 0i32;
-        for (q, &v) in qs.iter_mut().zip(chunk) {
-            let r = (v * inv).round().clamp(-32767.0, 32767.0) as i16;
-            *q = r;
-            sum += r as i32;
-        }
+        let (d, sum) = round_block(chunk, 32767.0, |i, r| qs[i] = r as i16);
         out.push(WideBlock {
             d,
             s: d * sum as f32,
