@@ -8,10 +8,17 @@
 //! The only rounding beyond the weights' own is the activations' (at most half a step
 //! of their block's scale per value) and the f32 sums.
 //!
+//! A matrix marked for wide inputs (the LM head) rounds them to 16 bits instead, about
+//! 250 times finer, so near-tied logits do not flip. From [`DEQUANTIZED_ROWS`] input
+//! rows on (a prompt) the products are compute-bound and candle's f32 GEMM outruns the
+//! 8-bit kernels: the matrix is dequantized for the call and multiplied in f32.
+//!
 //! Work runs on rayon's pool, split over chunks of output rows; matrices that read the
 //! same input (Q, K and V; gate and up) run as one group so the input is quantized once
 //! and the threads meet once. A decode step reads every weight once: for SmolLM2's Q4_1
-//! file that is about 0.63 bytes a weight, against 4 for f32.
+//! file that is about 0.63 bytes a weight, against 4 for f32. The kernels: AVX2 where
+//! the CPU has it (checked at run time), portable loops the compiler vectorizes
+//! elsewhere.
 
 // The lane loops index by lane on purpose: the indices are what the vectorizer maps.
 #![allow(clippy::needless_range_loop)]
