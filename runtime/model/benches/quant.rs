@@ -2,7 +2,7 @@
 //! over the same weights dequantized, side by side in one run, on SmolLM2-135M's
 //! matrix shapes: one input row (a decode step) and 256 rows (a prefill chunk).
 //! Prints milliseconds per product, the weight bytes each reads per second, and the
-//! time ratio. The LM head also with float inputs (its activations not rounded).
+//! time ratio. The LM head also with 16-bit inputs (as the model runs it).
 //!
 //! cargo bench -p moac-model --bench quant
 
@@ -53,7 +53,7 @@ fn main() {
         for (dtype, float) in kinds {
             let q = QuantMatrix::quantize(&w, dtype).expect("quantized");
             let q = if float { q.with_wide_inputs() } else { q };
-            let dtype = format!("{dtype:?}{}", if float { " float inputs" } else { "" });
+            let dtype = format!("{dtype:?}{}", if float { " 16-bit inputs" } else { "" });
             let wq = q.dequantize().expect("dequantized");
             let lin = Linear::Quant(q.clone());
             let dense = Linear::Candle(candle_core::quantized::QMatMul::Tensor(wq));
