@@ -4,13 +4,16 @@
 //! of the cpu reference, for a batch of rows with different prompt lengths (one shorter
 //! than the sink), query heads of one KV head with different windows, decode steps past
 //! the windows (ring wrap-around), f16 and bf16; undersized buffers and absent layers
-//! are refused by name.
+//! are refused by name. The host-buffer backend over the device API (`DeviceLayer`, the
+//! cuda backend's) gives on emu bit for bit what the emu backend gives.
 #![allow(clippy::unwrap_used)]
 
 use candle_core::{Device, Tensor};
+use moac::geometry::CacheGeometry;
 use moac::geometry::Dtype;
 use moac_runtime::backend::emu::EmuOptions;
-use moac_runtime::gpu::attention::DeviceAttention;
+use moac_runtime::backend::{BackendHandle, LayerBackend, LayerShape, Prompt};
+use moac_runtime::gpu::attention::{DeviceAttention, DeviceLayer};
 use moac_runtime::gpu::Gpu;
 use moac_runtime::{Artifact, Backend, DecodeOptions, PrefillMode, PrefillOptions, Runtime};
 use moac_test_support::{plan, tolerance, Rng};
@@ -180,5 +183,74 @@ fn an_impossible_allocation_is_out_of_memory() {
         }
         Err(e) => panic!("expected OutOfMemory, got {e:?}"),
         Ok(_) => panic!("allocated {bytes} bytes"),
+    }
+}
+
+/// `DeviceLayer` (the cuda backend's `LayerBackend`: uploads, poisoned outputs, the
+/// device API, downloads) run on emu against the emu backend: the same bits for the
+/// prefill, every decode step past the windows and the whole cache (NaN poison of the
+/// slots no row reached included), for rows of different prompt lengths (one inside
+/// the sink), f16 and bf16; a decode without a cache is refused.
+#[test]
+fn device_layer_matches_the_emu_backend() {
+    let (hq, hkv, d) = (4, 2, 64);
+    let rules = [(64.0, 0.25), (1e9, 0.0), (130.0, 0.0), (0.0, 0.5)];
+    let lens = [150i32, 30, 97];
+    let (b, p, max_new, steps) = (lens.len(), 150, 40, 40);
+    for dtype in Dtype::ALL {
+        let mut rng = Rng::new(0xd1ce + dtype as u64);
+        let art = Artifact::from_plan(&plan(hq, hkv, d, &rules), dtype, None).unwrap();
+        let geo = CacheGeometry::new(art.plan(), p as u64, max_new as u64).unwrap();
+        let shape = LayerShape::new(&geo, 0);
+        let setup = art.layer_setup(&shape).unwrap();
+        let gpu = Gpu::open(Backend::Emu, EmuOptions::default()).unwrap();
+        let mut dev = DeviceLayer::new(&gpu, &setup).unwrap();
+        let (qb, _) = rounded(&mut rng, b * p * hq * d, dtype);
+        let e = dev.decode(&qb[..b * hq * d], &[1, 1, 1], 0.125);
+        assert!(
+            e.unwrap_err().to_string().contains("no cache"),
+            "decode before new_cache"
+        );
+        dev.new_cache(b).unwrap();
+        let emu_handle = BackendHandle::open(Backend::Emu, EmuOptions::default()).unwrap();
+        let mut emu = emu_handle.open_layer(&setup, b).unwrap();
+        assert_eq!(
+            dev.cache_to_host().unwrap().k,
+            emu.cache_to_host().unwrap().k,
+            "{dtype}: a new cache is poisoned alike"
+        );
+        let (kb, _) = rounded(&mut rng, b * p * hkv * d, dtype);
+        let (vb, _) = rounded(&mut rng, b * p * hkv * d, dtype);
+        let pr = Prompt {
+            k: &kb,
+            v: &vb,
+            lens: &lens,
+            p,
+        };
+        let scale = 1.0 / (d as f32).sqrt();
+        let mode = PrefillMode::Block64;
+        let bits = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let got = dev.prefill_and_fill(&qb, &pr, mode, scale).unwrap();
+        let want = emu.prefill_and_fill(&qb, &pr, mode, scale).unwrap();
+        assert_eq!(bits(got), bits(want), "{dtype} prefill");
+        let mut held = lens.to_vec();
+        for step in 0..steps {
+            let (q1, _) = rounded(&mut rng, b * hq * d, dtype);
+            let (k1, _) = rounded(&mut rng, b * hkv * d, dtype);
+            let (v1, _) = rounded(&mut rng, b * hkv * d, dtype);
+            for h in held.iter_mut() {
+                *h += 1;
+            }
+            dev.append(&k1, &v1, &held).unwrap();
+            emu.append(&k1, &v1, &held).unwrap();
+            let got = dev.decode(&q1, &held, scale).unwrap();
+            let want = emu.decode(&q1, &held, scale).unwrap();
+            assert_eq!(bits(got), bits(want), "{dtype} decode step {step}");
+        }
+        let (c1, c2) = (dev.cache_to_host().unwrap(), emu.cache_to_host().unwrap());
+        assert_eq!((c1.k, c1.v), (c2.k, c2.v), "{dtype} cache after the steps");
+        // Steps past N are refused before any upload.
+        let too_long = vec![shape.n as i32 + 1; b];
+        assert!(dev.decode(&qb[..b * hq * d], &too_long, scale).is_err());
     }
 }

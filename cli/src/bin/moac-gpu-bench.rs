@@ -22,10 +22,10 @@ use moac::geometry::{CacheGeometry, Dtype};
 use moac::ir::KernelKind;
 use moac::plan::ValidPlan;
 use moac_cli::error::{CliError as Error, Result};
-use moac_runtime::backend::cuda::{
-    CudaDevice, CudaLayer, DeviceCache, DeviceDecodeScratch, DeviceLens,
-};
-use moac_runtime::backend::{bytes_moved, LayerBackend, LayerShape};
+use moac_runtime::backend::cuda::CudaDevice;
+use moac_runtime::backend::{bytes_moved, LayerShape};
+use moac_runtime::gpu::attention::{DecodeScratch, DeviceKv, LayerAttention};
+use moac_runtime::gpu::{Gpu, GpuBuf};
 use moac_runtime::Artifact;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -101,51 +101,50 @@ fn dense_plan(plan: &ValidPlan) -> Result<ValidPlan> {
 
 /// One plan's layers at one (prompt, batch), ready to launch.
 struct Setup {
-    layers: Vec<(CudaLayer, DeviceCache, DeviceLens)>,
-    q: Vec<CudaSlice<u16>>,
-    scratch: Vec<DeviceDecodeScratch>,
+    gpu: Arc<Gpu>,
+    batch: usize,
+    /// Each layer's kernels, cache and per-row lengths (i32 [batch]).
+    layers: Vec<(LayerAttention, DeviceKv, GpuBuf)>,
+    q: Vec<GpuBuf>,
+    scratch: Vec<DecodeScratch>,
+    /// Each layer's merged output [batch, Hq, D].
+    out: Vec<GpuBuf>,
     /// Bytes one decode step of all layers must move.
     bytes: u64,
     kv_bytes: u64,
     binary: String,
 }
 
-fn setup(
-    dev: &Arc<CudaDevice>,
-    art: &Artifact,
-    prompt: u64,
-    batch: usize,
-    o: &Opts,
-) -> Result<Setup> {
+fn setup(gpu: &Arc<Gpu>, art: &Artifact, prompt: u64, batch: usize, o: &Opts) -> Result<Setup> {
     let geo = CacheGeometry::new(art.plan(), prompt, o.max_new_tokens)?;
     let t = prompt as usize + 1;
     let es = o.dtype.size_bytes() as usize;
     let mut s = Setup {
+        gpu: gpu.clone(),
+        batch,
         layers: Vec::new(),
         q: Vec::new(),
         scratch: Vec::new(),
+        out: Vec::new(),
         bytes: 0,
         kv_bytes: geo.kv_bytes(o.dtype, batch as u64),
         binary: String::new(),
     };
     for l in art.layers() {
         let shape = LayerShape::new(&geo, l);
-        let layer = CudaLayer::new(dev, &art.layer_setup(&shape)?)?;
+        let layer = LayerAttention::new(gpu, &art.layer_setup(&shape)?)?;
         if s.binary.is_empty() {
-            s.binary = layer.binary().to_string();
+            s.binary = layer.binary();
         }
-        let n = batch * shape.total_slots * shape.head_dim;
         // Zeros: the timing does not depend on the values, and every slot is valid.
-        let cache = DeviceCache {
-            batch,
-            k: dev.zeros::<u16>(n)?,
-            v: dev.zeros::<u16>(n)?,
-        };
-        let lens = layer.seq_lens(&vec![t as i32; batch])?;
-        let scratch = layer.decode_scratch(batch)?;
+        let cache = layer.new_cache(batch)?;
+        let mut lens = gpu.alloc_of::<i32>(batch)?;
+        gpu.upload(&mut lens, 0, &vec![t as i32; batch])?;
+        let scratch = layer.scratch(batch)?;
         let (hq, d) = (shape.num_query_heads, shape.head_dim);
-        s.bytes += bytes_moved(&shape, KernelKind::Decode, batch, t, scratch.nsplit, es);
-        s.q.push(dev.zeros::<u16>(batch * hq * d)?);
+        s.bytes += bytes_moved(&shape, KernelKind::Decode, batch, t, layer.nsplit(), es);
+        s.q.push(gpu.alloc_of::<u16>(batch * hq * d)?);
+        s.out.push(gpu.alloc_of::<u16>(batch * hq * d)?);
         s.scratch.push(scratch);
         s.layers.push((layer, cache, lens));
     }
@@ -154,11 +153,18 @@ fn setup(
 
 /// Queues one decode step of every layer (`poison`: NaN-fill the outputs first).
 fn step(s: &mut Setup, poison: bool) -> Result<()> {
-    for ((layer, cache, lens), (q, scratch)) in
-        s.layers.iter().zip(s.q.iter().zip(s.scratch.iter_mut()))
+    for (((layer, cache, lens), q), (scratch, out)) in s
+        .layers
+        .iter()
+        .zip(&s.q)
+        .zip(s.scratch.iter_mut().zip(s.out.iter_mut()))
     {
+        if poison {
+            scratch.poison(&s.gpu)?;
+            s.gpu.fill_u16(out, layer.dtype().nan_bits())?;
+        }
         let scale = 1.0 / (layer.shape().head_dim as f32).sqrt();
-        layer.launch_decode(cache, q, lens, scratch, scale, poison)?;
+        layer.decode(q, cache, lens, s.batch, scratch, out, scale)?;
     }
     Ok(())
 }
@@ -172,9 +178,9 @@ fn time_step(
 ) -> Result<f64> {
     // One checked step first: every output must be written.
     step(s, true)?;
-    dev.synchronize()?;
-    for ((layer, _, _), scratch) in s.layers.iter().zip(&s.scratch) {
-        let out = dev.download(&scratch.out, scratch.out.len())?;
+    s.gpu.synchronize()?;
+    for ((layer, _, _), out) in s.layers.iter().zip(&s.out) {
+        let out = s.gpu.download::<u16>(out, 0, out.bytes() / 2)?;
         if out.iter().any(|&b| layer.dtype().from_bits(b).is_nan()) {
             return Err(Error::Failed(format!(
                 "layer {}: the decode output has unwritten (NaN) elements",
@@ -240,6 +246,7 @@ fn real_main() -> Result<()> {
         return Ok(());
     }
     let dev = CudaDevice::open()?;
+    let gpu = Gpu::kernels_only(&dev);
     println!(
         "moac-gpu-bench on {} ({}), {}, M = {}, median of {} repeats, L2 flushed per repeat",
         dev.name(),
@@ -280,11 +287,11 @@ fn real_main() -> Result<()> {
         }
         for &prompt in &prompts {
             for batch in [1, o.batch] {
-                let mut m = setup(&dev, &moac_art, prompt, batch, &o)?;
+                let mut m = setup(&gpu, &moac_art, prompt, batch, &o)?;
                 let moac_ms = time_step(&dev, &mut m, &mut flush, o.repeats)?;
                 let (mb, mkv, mbin) = (m.bytes, m.kv_bytes, m.binary.clone());
                 drop(m);
-                let mut d = setup(&dev, &dense_art, prompt, batch, &o)?;
+                let mut d = setup(&gpu, &dense_art, prompt, batch, &o)?;
                 let dense_ms = time_step(&dev, &mut d, &mut flush, o.repeats)?;
                 let (db, dkv) = (d.bytes, d.kv_bytes);
                 drop(d);

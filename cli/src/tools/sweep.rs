@@ -13,9 +13,11 @@ use moac::geometry::{CacheGeometry, Dtype};
 use moac::ir::{KernelKind, LaunchConfig, LowerOptions, PlantedBug, PrefillMode};
 use moac::plan::ValidPlan;
 use moac::tuning::{bucket, Entry, Environment, LaunchCandidate, TuningDb, TuningKey};
-use moac_runtime::backend::cuda::{CudaDevice, CudaLayer, DeviceCache, DevicePrompt};
+use moac_runtime::backend::cuda::CudaDevice;
 use moac_runtime::backend::emu::{EmuModule, EmuOptions};
 use moac_runtime::backend::{bytes_moved, Backend, LayerShape};
+use moac_runtime::gpu::attention::{DeviceKv, LayerAttention};
+use moac_runtime::gpu::{Gpu, GpuBuf, Plain};
 use moac_runtime::reference::check::Rng;
 use moac_runtime::Artifact;
 use std::collections::BTreeMap;
@@ -414,7 +416,8 @@ fn time(
     )?;
     let geo = CacheGeometry::new(plan, opts.prompt_len, opts.max_new_tokens)?;
     let shape = LayerShape::new(&geo, j.layer);
-    let layer = CudaLayer::new(dev, &art.layer_setup(&shape)?)?;
+    let gpu = Gpu::kernels_only(dev);
+    let layer = LayerAttention::new(&gpu, &art.layer_setup(&shape)?)?;
     let (b, p) = (opts.batch, opts.prompt_len as usize);
     let (hq, hkv, d) = (shape.num_query_heads, shape.num_kv_heads, shape.head_dim);
     let es = opts.dtype.size_bytes() as usize;
@@ -424,19 +427,18 @@ fn time(
     let scale = 1.0 / (d as f32).sqrt();
     let cache_elems = shape.cache_elems(b);
     let mut rng = Rng::new(opts.seed);
-    let mut upload = |n: usize, sets: usize| -> Result<Vec<_>> {
+    let put = |host: &[u16]| -> Result<GpuBuf> { Ok(upload_to(&gpu, host)?) };
+    let mut upload = |n: usize, sets: usize| -> Result<Vec<GpuBuf>> {
         let host = rng.bits(n, opts.dtype);
-        Ok((0..sets)
-            .map(|_| dev.upload(&host))
-            .collect::<moac_runtime::Result<_>>()?)
+        (0..sets).map(|_| put(&host)).collect()
     };
-    let caches = |sets: usize, host: &[u16]| -> Result<Vec<DeviceCache>> {
+    let caches = |sets: usize, host: &[u16]| -> Result<Vec<DeviceKv>> {
         let mut out = Vec::with_capacity(sets);
         for _ in 0..sets {
-            out.push(DeviceCache {
+            out.push(DeviceKv {
                 batch: b,
-                k: dev.upload(host)?,
-                v: dev.upload(host)?,
+                k: put(host)?,
+                v: put(host)?,
             });
         }
         Ok(out)
@@ -451,15 +453,16 @@ fn time(
     let (times, moved) = match j.kind {
         KernelKind::Decode | KernelKind::Merge => {
             let t = (p + 1).min(shape.n);
-            let moved = bytes(t, layer.nsplit()?);
+            let moved = bytes(t, layer.nsplit());
             let sets = sets_for(moved);
             let cs = caches(sets, &cache_host)?;
             let qs = upload(b * hq * d, sets)?;
-            let lens = layer.seq_lens(&vec![t as i32; b])?;
-            let mut scratch = layer.decode_scratch(b)?;
+            let lens = upload_to(&gpu, &vec![t as i32; b])?;
+            let mut scratch = layer.scratch(b)?;
+            let mut out = gpu.alloc_of::<u16>(b * hq * d)?;
             let times = dev.time_us(opts.warmup, opts.repeats, no_flush, |i| {
                 let s = i % sets;
-                layer.launch_decode(&cs[s], &qs[s], &lens, &mut scratch, scale, false)
+                layer.decode(&qs[s], &cs[s], &lens, b, &mut scratch, &mut out, scale)
             })?;
             (times, moved)
         }
@@ -469,10 +472,10 @@ fn time(
             let sets = sets_for(moved + (2 * cache_elems * es) as u64);
             let mut cs = caches(sets, &cache_host)?;
             let ks = upload(b * hkv * d, sets)?;
-            let lens = layer.seq_lens(&vec![t as i32; b])?;
+            let lens = upload_to(&gpu, &vec![t as i32; b])?;
             let times = dev.time_us(opts.warmup, opts.repeats, no_flush, |i| {
                 let s = i % sets;
-                layer.append_dev(&mut cs[s], &ks[s], &ks[s], &lens)
+                layer.append(&ks[s], &ks[s], &lens, b, &mut cs[s])
             })?;
             (times, moved)
         }
@@ -481,16 +484,10 @@ fn time(
             let sets = sets_for(moved);
             let mut cs = caches(sets, &cache_host)?;
             let ks = upload(b * p * hkv * d, sets)?;
-            let lens = layer.prompt_lens(&vec![p as i32; b], p)?;
+            let lens = upload_to(&gpu, &vec![p.min(shape.n) as i32; b])?;
             let times = dev.time_us(opts.warmup, opts.repeats, no_flush, |i| {
                 let s = i % sets;
-                let pr = DevicePrompt {
-                    k: &ks[s],
-                    v: &ks[s],
-                    lens: &lens,
-                    p,
-                };
-                layer.fill_dev(&mut cs[s], &pr)
+                layer.fill(&ks[s], &ks[s], &lens, (b, p), &mut cs[s])
             })?;
             (times, moved)
         }
@@ -499,22 +496,23 @@ fn time(
             let sets = sets_for(moved);
             let qs = upload(b * p * hq * d, sets)?;
             let ks = upload(b * p * hkv * d, sets)?;
-            let lens = layer.prompt_lens(&vec![p as i32; b], p)?;
-            let mut o = dev.zeros::<u16>(b * p * hq * d)?;
+            let lens = upload_to(&gpu, &vec![p.min(shape.n) as i32; b])?;
+            let mut o = gpu.alloc_of::<u16>(b * p * hq * d)?;
             let times = dev.time_us(opts.warmup, opts.repeats, no_flush, |i| {
                 let s = i % sets;
-                let pr = DevicePrompt {
-                    k: &ks[s],
-                    v: &ks[s],
-                    lens: &lens,
-                    p,
-                };
-                layer.prefill_into(&mut o, &qs[s], &pr, mode, scale)
+                layer.prefill(&qs[s], &ks[s], &ks[s], &lens, (b, p), &mut o, mode, scale)
             })?;
             (times, moved)
         }
     };
     Ok((median(times), moved))
+}
+
+/// A device copy of `host`.
+fn upload_to<T: Plain>(gpu: &Gpu, host: &[T]) -> moac_runtime::Result<GpuBuf> {
+    let mut buf = gpu.alloc_of::<T>(host.len())?;
+    gpu.upload(&mut buf, 0, host)?;
+    Ok(buf)
 }
 
 /// The winner of each kernel and the default heuristic's result, for the report.

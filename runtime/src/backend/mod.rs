@@ -232,12 +232,13 @@ pub struct LayerSetup<'a> {
     pub binaries: &'a [UnitBinaries],
 }
 
-/// An opened backend: the GPU for cuda, the build options for emu.
+/// An opened backend: the GPU for cuda (kernels only: no cuBLAS), the build options
+/// for emu.
 #[derive(Debug, Clone)]
 pub enum BackendHandle {
     Cpu,
     Emu(emu::EmuOptions),
-    Cuda(Arc<cuda::CudaDevice>),
+    Cuda(Arc<crate::gpu::Gpu>),
 }
 
 impl BackendHandle {
@@ -247,7 +248,9 @@ impl BackendHandle {
         Ok(match backend {
             Backend::Cpu => BackendHandle::Cpu,
             Backend::Emu => BackendHandle::Emu(emu),
-            Backend::Cuda => BackendHandle::Cuda(cuda::CudaDevice::open()?),
+            Backend::Cuda => {
+                BackendHandle::Cuda(crate::gpu::Gpu::kernels_only(&cuda::CudaDevice::open()?))
+            }
         })
     }
 
@@ -264,7 +267,9 @@ impl BackendHandle {
         let mut layer: Box<dyn LayerBackend> = match self {
             BackendHandle::Cpu => Box::new(cpu::CpuLayer::new(setup.shape.clone(), setup.dtype)?),
             BackendHandle::Emu(opts) => Box::new(emu::EmuLayer::new(setup, opts)?),
-            BackendHandle::Cuda(dev) => Box::new(cuda::CudaLayer::new(dev, setup)?),
+            BackendHandle::Cuda(gpu) => {
+                Box::new(crate::gpu::attention::DeviceLayer::new(gpu, setup)?)
+            }
         };
         layer.new_cache(batch)?;
         Ok(layer)

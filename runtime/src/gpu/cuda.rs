@@ -4,7 +4,8 @@
 //! graph capture and replay ([`GpuGraph`]), event timing. [`Gpu`](super::Gpu) checks
 //! ranges and pairs each call with this machine's buffers before it gets here.
 
-use super::{Captured, GpuModule};
+use super::{Captured, Fill, GpuModule};
+use crate::artifact::UnitBinaries;
 use crate::backend::cuda::CudaDevice;
 use crate::error::{Error, Result};
 use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, DevicePtrMut};
@@ -89,10 +90,10 @@ pub(super) fn gemm_dims(m: usize, n: usize, k: usize) -> Result<(i32, i32, i32)>
     }
 }
 
-/// A GPU on one stream, with cuBLAS bound to that stream.
+/// A GPU on one stream, with cuBLAS bound to that stream (none for kernels alone).
 pub(super) struct CudaGpu {
     dev: Arc<CudaDevice>,
-    blas: Blas,
+    blas: Option<Blas>,
 }
 
 impl CudaGpu {
@@ -137,11 +138,16 @@ impl CudaGpu {
         }
         Ok(CudaGpu {
             dev,
-            blas: Blas {
+            blas: Some(Blas {
                 handle,
                 _workspace: workspace,
-            },
+            }),
         })
+    }
+
+    /// The device without cuBLAS: kernels, copies and timing only.
+    pub(super) fn without_blas(dev: Arc<CudaDevice>) -> CudaGpu {
+        CudaGpu { dev, blas: None }
     }
 
     pub(super) fn device(&self) -> &Arc<CudaDevice> {
@@ -239,9 +245,36 @@ impl CudaGpu {
         p
     }
 
-    /// NVRTC (through moac's compile cache), then every entry's function.
-    pub(super) fn module(&self, name: &str, source: &str, entries: &[&str]) -> Result<GpuModule> {
-        let (module, _) = self.dev.module(name, source, None)?;
+    /// Sets the first `n` elements (16 or 32 bits, as `fill` says) of `buf`.
+    pub(super) fn fill(&self, buf: &mut CudaSlice<u8>, n: usize, fill: Fill) -> Result<()> {
+        let st = self.dev.stream();
+        self.dev
+            .context()
+            .bind_to_thread()
+            .map_err(Error::driver("bind context"))?;
+        let (p, _g) = buf.device_ptr_mut(st);
+        // SAFETY: `p` is a live allocation of at least `n` elements of the pattern's
+        // width in this context (the caller sized `n` from the buffer), queued on the
+        // stream every other use of the buffer goes through.
+        let rc = unsafe {
+            match fill {
+                Fill::U16(b) => cudarc::driver::sys::cuMemsetD16Async(p, b, n, st.cu_stream()),
+                Fill::U32(b) => cudarc::driver::sys::cuMemsetD32Async(p, b, n, st.cu_stream()),
+            }
+        };
+        rc.result().map_err(Error::driver("memset"))
+    }
+
+    /// The artifact's binary of the unit where one fits the GPU, else NVRTC (through
+    /// moac's compile cache); then every entry's function.
+    pub(super) fn module(
+        &self,
+        name: &str,
+        source: &str,
+        entries: &[&str],
+        binaries: Option<&UnitBinaries>,
+    ) -> Result<GpuModule> {
+        let (module, binary) = self.dev.module(name, source, binaries)?;
         let functions = entries
             .iter()
             .map(|e| {
@@ -254,6 +287,7 @@ impl CudaGpu {
         Ok(GpuModule::Cuda {
             _module: module,
             functions,
+            binary: binary.to_string(),
         })
     }
 
@@ -288,6 +322,9 @@ impl CudaGpu {
             Dtype::F16 => sys::cudaDataType::CUDA_R_16F,
             Dtype::Bf16 => sys::cudaDataType::CUDA_R_16BF,
         };
+        let blas = self.blas.as_ref().ok_or_else(|| {
+            Error::Usage("this GPU was opened for kernels alone (no cuBLAS): no GEMMs".into())
+        })?;
         let alpha = 1.0f32;
         self.dev
             .context()
@@ -298,7 +335,7 @@ impl CudaGpu {
         // beta live for the call; the handle is bound to the engine's stream.
         unsafe {
             cudarc::cublas::result::gemm_ex(
-                *self.blas.handle.handle(),
+                *blas.handle.handle(),
                 sys::cublasOperation_t::CUBLAS_OP_T,
                 sys::cublasOperation_t::CUBLAS_OP_N,
                 n,

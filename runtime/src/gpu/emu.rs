@@ -108,6 +108,13 @@ impl EmuGpu {
             .copy_within(from * row_bytes..(from + 1) * row_bytes, to * row_bytes);
     }
 
+    /// Repeats `pattern` over the whole buffer (whole patterns only).
+    pub(super) fn fill(&self, buf: &mut HostMem, pattern: &[u8]) {
+        for chunk in buf.bytes_mut().chunks_exact_mut(pattern.len()) {
+            chunk.copy_from_slice(pattern);
+        }
+    }
+
     /// g++ against the emulation header.
     pub(super) fn module(&self, source: &str, entries: &[&str]) -> Result<GpuModule> {
         Ok(GpuModule::Emu(EmuModule::build(

@@ -19,7 +19,9 @@
 //! the CPU GEMM), as candle's storage dispatches to its cpu and cuda backends.
 //!
 //! [`attention`] runs moac's attention kernels on such buffers: the device-resident
-//! runtime API.
+//! runtime API, one layer ([`attention::LayerAttention`]) or all of an artifact's
+//! ([`attention::DeviceAttention`]); the engine, the autotuner, `moac-gpu-bench` and the
+//! cuda [`LayerBackend`](crate::backend::LayerBackend) all drive the kernels through it.
 
 pub mod attention;
 mod cuda;
@@ -27,6 +29,7 @@ mod emu;
 
 pub use cuda::{cublas_version, GpuGraph};
 
+use crate::artifact::UnitBinaries;
 use crate::backend::cuda::CudaDevice;
 use crate::backend::emu::{EmuModule, EmuOptions};
 use crate::backend::Backend;
@@ -82,7 +85,27 @@ pub enum GpuModule {
     Cuda {
         _module: Arc<CudaModule>,
         functions: Vec<(String, CudaFunction)>,
+        /// How the binary was obtained (`cubin sm_90`, `nvrtc sm_90`, ...).
+        binary: String,
     },
+}
+
+impl GpuModule {
+    /// How the module's binary was obtained: the artifact's CUBIN or PTX, NVRTC, or g++
+    /// against the emulation header (emu).
+    pub fn binary(&self) -> &str {
+        match self {
+            GpuModule::Emu(_) => "emu g++",
+            GpuModule::Cuda { binary, .. } => binary,
+        }
+    }
+}
+
+/// A fill pattern of [`Gpu::fill_u16`] / [`Gpu::fill_f32`].
+#[derive(Debug, Clone, Copy)]
+enum Fill {
+    U16(u16),
+    U32(u32),
 }
 
 /// What [`Gpu::capture`] did.
@@ -101,8 +124,9 @@ enum Kind {
 /// The machine the engine runs on.
 pub struct Gpu {
     kind: Kind,
-    /// Modules loaded by [`Gpu::module_cached`], by unit name.
-    modules: Mutex<HashMap<String, Arc<GpuModule>>>,
+    /// Modules loaded by [`Gpu::module_cached`], by unit name and source digest (two
+    /// artifacts may name different sources alike: the autotuner's candidates do).
+    modules: Mutex<HashMap<(String, String), Arc<GpuModule>>>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -144,19 +168,32 @@ impl Gpu {
         }))
     }
 
-    /// [`Gpu::module`], loaded once per unit name and kept.
+    /// An opened CUDA device for kernels alone: buffers, copies, launches and timing on
+    /// its stream, no cuBLAS (a [`Gpu::gemm`] is refused). What the attention backend,
+    /// the autotuner and `moac-gpu-bench` need; the engine opens with [`Gpu::open`].
+    pub fn kernels_only(dev: &Arc<CudaDevice>) -> Arc<Gpu> {
+        Arc::new(Gpu {
+            kind: Kind::Cuda(CudaGpu::without_blas(dev.clone())),
+            modules: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// [`Gpu::module`], loaded once per unit name and source and kept.
     pub fn module_cached(
         &self,
         name: &str,
         source: &str,
         entries: &[&str],
+        binaries: Option<&UnitBinaries>,
     ) -> Result<Arc<GpuModule>> {
+        let digest = moac::plan::hex(&<sha2::Sha256 as sha2::Digest>::digest(source.as_bytes()));
+        let key = (name.to_string(), digest);
         let mut mods = self.modules.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(m) = mods.get(name) {
+        if let Some(m) = mods.get(&key) {
             return Ok(m.clone());
         }
-        let m = Arc::new(self.module(name, source, entries)?);
-        mods.insert(name.to_string(), m.clone());
+        let m = Arc::new(self.module_with(name, source, entries, binaries)?);
+        mods.insert(key, m.clone());
         Ok(m)
     }
 
@@ -324,9 +361,48 @@ impl Gpu {
     /// Loads a translation unit with its entry points: NVRTC (through moac's compile
     /// cache) on cuda, g++ against the emulation header on emu.
     pub fn module(&self, name: &str, source: &str, entries: &[&str]) -> Result<GpuModule> {
+        self.module_with(name, source, entries, None)
+    }
+
+    /// [`Gpu::module`], taking an artifact's CUBIN or PTX of the unit on cuda where one
+    /// fits the GPU (NVRTC otherwise); emu always builds the source.
+    pub fn module_with(
+        &self,
+        name: &str,
+        source: &str,
+        entries: &[&str],
+        binaries: Option<&UnitBinaries>,
+    ) -> Result<GpuModule> {
         match &self.kind {
             Kind::Emu(e) => e.module(source, entries),
-            Kind::Cuda(c) => c.module(name, source, entries),
+            Kind::Cuda(c) => c.module(name, source, entries, binaries),
+        }
+    }
+
+    /// Sets every 16-bit element of `buf` to `bits` (a NaN pattern poisons a buffer
+    /// before a checked launch, so an element a kernel fails to write shows).
+    pub fn fill_u16(&self, buf: &mut GpuBuf, bits: u16) -> Result<()> {
+        let n = buf.bytes / 2;
+        match (&self.kind, &mut buf.mem) {
+            (Kind::Cuda(c), Mem::Cuda(s)) => c.fill(s, n, Fill::U16(bits)),
+            (Kind::Emu(e), Mem::Host(h)) => {
+                e.fill(h, &bits.to_ne_bytes());
+                Ok(())
+            }
+            _ => Err(other_machine("buffer")),
+        }
+    }
+
+    /// Sets every f32 element of `buf` to `x`.
+    pub fn fill_f32(&self, buf: &mut GpuBuf, x: f32) -> Result<()> {
+        let n = buf.bytes / 4;
+        match (&self.kind, &mut buf.mem) {
+            (Kind::Cuda(c), Mem::Cuda(s)) => c.fill(s, n, Fill::U32(x.to_bits())),
+            (Kind::Emu(e), Mem::Host(h)) => {
+                e.fill(h, &x.to_ne_bytes());
+                Ok(())
+            }
+            _ => Err(other_machine("buffer")),
         }
     }
 
