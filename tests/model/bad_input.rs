@@ -5,8 +5,7 @@
 //! SmolLM2's file, where present, is truncated too.
 #![allow(clippy::unwrap_used)]
 
-#[path = "tiny_gguf.rs"]
-mod tiny_gguf;
+use crate::tiny_gguf;
 
 use candle_core::{DType, Device, Tensor};
 use moac_model::attention::Engine;

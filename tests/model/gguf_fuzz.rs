@@ -6,8 +6,7 @@
 //! half of the time.
 #![allow(clippy::unwrap_used)]
 
-#[path = "tiny_gguf.rs"]
-mod tiny_gguf;
+use crate::tiny_gguf;
 
 use moac_model::attention::Engine;
 use moac_model::gguf::GgufMetadata;

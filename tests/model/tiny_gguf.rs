@@ -1,7 +1,7 @@
 //! A GGUF writer for tests: a tiny llama (a few small f32 tensors, a byte-level BPE
 //! tokenizer of a handful of tokens) built in memory, with every part open to change
 //! so tests can break exactly one thing.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 /// A metadata value as GGUF stores it.
 #[derive(Debug, Clone)]
