@@ -327,17 +327,22 @@ impl Llama {
         Ok(p)
     }
 
-    /// The MLP's residual branch of x2 and what its backward needs.
-    fn mlp(&self, l: &Layer, w: &Dense, x2: &Tensor) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+    /// The MLP's gate and up products of x2 (what its backward needs).
+    fn gate_up(&self, l: &Layer, w: &Dense, x2: &Tensor) -> Result<(Tensor, Tensor)> {
         let n2 = self.rms_norm(x2, &l.ffn_norm)?;
-        let g = linear(&n2, &w.gate)?;
-        let u = linear(&n2, &w.up)?;
-        let out = linear(&(g.silu()? * &u)?, &w.down)?;
-        Ok((out, n2, g, u))
+        Ok((linear(&n2, &w.gate)?, linear(&n2, &w.up)?))
     }
 
-    /// Dense forward of one sequence: the inputs of every layer, every layer's attention
-    /// output [T, Hq*D], and the last layer's output.
+    /// The MLP's residual branch of x2 and its gate and up products.
+    fn mlp(&self, l: &Layer, w: &Dense, x2: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (g, u) = self.gate_up(l, w, x2)?;
+        let out = linear(&(g.silu()? * &u)?, &w.down)?;
+        Ok((out, g, u))
+    }
+
+    /// Dense forward of one sequence: the inputs of every layer, every layer's residual
+    /// stream after its attention (`x + attention(x) W_o^T`, the MLP's input) [T,
+    /// hidden], and the last layer's output.
     pub(super) fn forward_exact(
         &self,
         tokens: &[u32],
@@ -348,7 +353,7 @@ impl Llama {
         let positions: Vec<usize> = (0..t).collect();
         let (cos, sin) = self.rope_tables(&positions, 1)?;
         let mut x = Tensor::from_vec(self.embed.rows_f32(tokens)?, (t, c.hidden), &Device::Cpu)?;
-        let (mut inputs, mut attn) = (Vec::new(), Vec::new());
+        let (mut inputs, mut mids) = (Vec::new(), Vec::new());
         for (li, l) in self.layers.iter().enumerate() {
             let w = Dense::of(l)?;
             let (q, k, v) = self.qkv(l, &w, &x, &cos, &sin)?;
@@ -368,10 +373,10 @@ impl Llama {
             let x2 = (&x + linear(&a, &w.wo)?)?;
             let (m, ..) = self.mlp(l, &w, &x2)?;
             inputs.push(x);
-            attn.push(a);
-            x = (x2 + m)?;
+            x = (&x2 + m)?;
+            mids.push(x2);
         }
-        Ok((inputs, attn, x))
+        Ok((inputs, mids, x))
     }
 
     /// Mean cross-entropy (f64) of tokens[prompt_len..] predicted from the final layer
@@ -467,7 +472,7 @@ impl Llama {
         let n = n.max(t);
         let g = c.num_heads / c.num_kv_heads;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
-        let (inputs, attn, x) = self.forward_exact(tokens, None)?;
+        let (inputs, mids, x) = self.forward_exact(tokens, None)?;
         let (loss, mut dx) = self.response_loss(&x, tokens, prompt_len)?;
         let positions: Vec<usize> = (0..t).collect();
         let (cos, sin) = self.rope_tables(&positions, 1)?;
@@ -482,9 +487,10 @@ impl Llama {
             let w = Dense::of(l)?;
             let x_in = &inputs[li];
             let (q, k, v) = self.qkv(l, &w, x_in, &cos, &sin)?;
-            let x2 = (x_in + linear(&attn[li], &w.wo)?)?;
-            // MLP backward.
-            let (_, _, gate, up) = self.mlp(l, &w, &x2)?;
+            let x2 = &mids[li];
+            // MLP backward (the forward's gate and up again; its down product is not
+            // needed).
+            let (gate, up) = self.gate_up(l, &w, x2)?;
             let dm = dx.matmul(&w.down)?;
             let sg = (gate.neg()?.exp()? + 1.0)?.recip()?;
             let silu = (&gate * &sg)?;
@@ -492,7 +498,7 @@ impl Llama {
             let dgate = ((&dm * &up)? * dsilu)?;
             let dup = (&dm * silu)?;
             let dn2 = (dgate.matmul(&w.gate)? + dup.matmul(&w.up)?)?;
-            let dx2 = (&dx + self.rms_norm_backward(&x2, &l.ffn_norm, &dn2)?)?;
+            let dx2 = (&dx + self.rms_norm_backward(x2, &l.ffn_norm, &dn2)?)?;
             // Attention backward, one query head at a time.
             let da = dx2.matmul(&w.wo)?.reshape((t, c.num_heads, c.head_dim))?;
             // Each query head's backward is independent: they run in parallel (unless a
