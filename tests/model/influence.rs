@@ -273,9 +273,15 @@ fn needle_sums_are_the_needle_attention_of_the_copy_steps_under_each_mask() {
     let needle: Vec<u32> = toks[120..126].to_vec();
     let prompt = toks.len();
     toks.extend_from_slice(&needle);
-    // (Not the token after the needle either, or the answer's last 4-gram would be there.)
+    // (Not the token after the needle either, or the answer's last 4-gram would be there;
+    // and not a token the random prompt holds three times in a row, or the answer of
+    // three of it below would be found there.)
     let outside = (0..61u32)
-        .find(|t| !needle.contains(t) && *t != toks[126])
+        .find(|t| {
+            !needle.contains(t)
+                && *t != toks[126]
+                && !toks[..prompt].windows(3).any(|w| w == [*t; 3])
+        })
         .unwrap();
     toks.push(outside);
     let mask = needle_mask(&toks, prompt);

@@ -65,6 +65,42 @@ struct Q41 {
     qs: [u8; BLOCK / 2],
 }
 
+/// The two 4-bit block types to the SIMD kernels: the same unsigned nibbles times the
+/// input's bytes, and a constant term per block that differs (Q4_1's minimum, Q4_0's
+/// `-8 d`, each times the input block's sum).
+trait FourBit {
+    fn nibbles(&self) -> &[u8; BLOCK / 2];
+    fn scale(&self) -> f32;
+    /// The block's constant term against an input block whose values sum to `s`.
+    fn offset(&self, s: f32) -> f32;
+}
+
+impl FourBit for Q41 {
+    fn nibbles(&self) -> &[u8; BLOCK / 2] {
+        &self.qs
+    }
+    fn scale(&self) -> f32 {
+        self.d.to_f32()
+    }
+    #[inline(always)]
+    fn offset(&self, s: f32) -> f32 {
+        self.m.to_f32() * s
+    }
+}
+
+impl FourBit for Q40 {
+    fn nibbles(&self) -> &[u8; BLOCK / 2] {
+        &self.qs
+    }
+    fn scale(&self) -> f32 {
+        self.d.to_f32()
+    }
+    #[inline(always)]
+    fn offset(&self, s: f32) -> f32 {
+        -8.0 * self.d.to_f32() * s
+    }
+}
+
 /// Q8_0: `d * q`.
 #[derive(Clone, Copy, Debug)]
 struct Q80 {
@@ -206,8 +242,8 @@ impl QuantMatrix {
         // the CPU runs AVX2 and FMA, the kernels' only features.
         unsafe {
             match &*self.blocks {
-                Blocks::Q4_0(bs) => avx2::wide_q4_0(&bs[range], x),
-                Blocks::Q4_1(bs) => avx2::wide_q4_1(&bs[range], x),
+                Blocks::Q4_0(bs) => avx2::wide_q4(&bs[range], x),
+                Blocks::Q4_1(bs) => avx2::wide_q4(&bs[range], x),
                 Blocks::Q8_0(bs) => avx2::wide_q8_0(&bs[range], x),
             }
         }
@@ -336,8 +372,8 @@ impl QuantMatrix {
             // features the kernels are compiled for.
             return unsafe {
                 match &*self.blocks {
-                    Blocks::Q4_0(bs) => avx2::dot_q4_0(&bs[range], x),
-                    Blocks::Q4_1(bs) => avx2::dot_q4_1(&bs[range], x),
+                    Blocks::Q4_0(bs) => avx2::dot_q4(&bs[range], x),
+                    Blocks::Q4_1(bs) => avx2::dot_q4(&bs[range], x),
                     Blocks::Q8_0(bs) => avx2::dot_q8_0(&bs[range], x),
                 }
             };
@@ -399,7 +435,7 @@ impl QuantMatrix {
 /// block with the product of the scales.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{ActBlock, WideBlock, Q40, Q41, Q80};
+    use super::{ActBlock, FourBit, WideBlock, Q40, Q41, Q80};
     use std::arch::x86_64::*;
     use std::sync::OnceLock;
 
@@ -441,26 +477,15 @@ mod avx2 {
         _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(p32), acc)
     }
 
+    /// Q4_1 or Q4_0 (as unsigned nibbles minus 8: the 8 comes off through the
+    /// activations' sums, in the block's constant term).
     #[target_feature(enable = "avx2,fma")]
-    pub fn dot_q4_1(w: &[Q41], x: &[ActBlock]) -> f32 {
+    pub fn dot_q4<B: FourBit>(w: &[B], x: &[ActBlock]) -> f32 {
         let mut acc = _mm256_setzero_ps();
         let mut offset = 0f32;
         for (b, a) in w.iter().zip(x) {
-            acc = block_sum(acc, nibbles(&b.qs), load32(&a.qs), b.d.to_f32() * a.d);
-            offset += b.m.to_f32() * a.s;
-        }
-        hsum(acc) + offset
-    }
-
-    /// Q4_0 as unsigned nibbles minus 8: the 8 comes off through the activations' sums.
-    #[target_feature(enable = "avx2,fma")]
-    pub fn dot_q4_0(w: &[Q40], x: &[ActBlock]) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        let mut offset = 0f32;
-        for (b, a) in w.iter().zip(x) {
-            let d = b.d.to_f32();
-            acc = block_sum(acc, nibbles(&b.qs), load32(&a.qs), d * a.d);
-            offset -= 8.0 * d * a.s;
+            acc = block_sum(acc, nibbles(b.nibbles()), load32(&a.qs), b.scale() * a.d);
+            offset += b.offset(a.s);
         }
         hsum(acc) + offset
     }
@@ -496,13 +521,13 @@ mod avx2 {
         dot4_q4_1,
         Q41,
         |b: &Q41, xv| (nibbles(&b.qs), xv),
-        |b: &Q41, a: &ActBlock| b.m.to_f32() * a.s
+        |b: &Q41, a: &ActBlock| b.offset(a.s)
     );
     four_rows!(
         dot4_q4_0,
         Q40,
         |b: &Q40, xv| (nibbles(&b.qs), xv),
-        |b: &Q40, a: &ActBlock| -8.0 * b.d.to_f32() * a.s
+        |b: &Q40, a: &ActBlock| b.offset(a.s)
     );
     four_rows!(
         dot4_q8_0,
@@ -540,30 +565,15 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub fn wide_q4_1(w: &[Q41], x: &[WideBlock]) -> f32 {
+    pub fn wide_q4<B: FourBit>(w: &[B], x: &[WideBlock]) -> f32 {
         let mut acc = _mm256_setzero_ps();
         let mut offset = 0f32;
         for (b, a) in w.iter().zip(x) {
-            let v = nibbles(&b.qs);
+            let v = nibbles(b.nibbles());
             let lo = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(v));
             let hi = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(v, 1));
-            acc = wide_sum(acc, lo, hi, a, b.d.to_f32() * a.d);
-            offset += b.m.to_f32() * a.s;
-        }
-        hsum(acc) + offset
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub fn wide_q4_0(w: &[Q40], x: &[WideBlock]) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        let mut offset = 0f32;
-        for (b, a) in w.iter().zip(x) {
-            let v = nibbles(&b.qs);
-            let lo = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(v));
-            let hi = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(v, 1));
-            let d = b.d.to_f32();
-            acc = wide_sum(acc, lo, hi, a, d * a.d);
-            offset -= 8.0 * d * a.s;
+            acc = wide_sum(acc, lo, hi, a, b.scale() * a.d);
+            offset += b.offset(a.s);
         }
         hsum(acc) + offset
     }
