@@ -220,19 +220,16 @@ fn causal_scores(a: &Tensor, b: &Tensor) -> Result<Vec<f32>> {
     Ok(out)
 }
 
-/// `m b` for m [T, T] zero above the diagonal (row-major) and b [T, D]: each band of
-/// rows times the rows of b up to its last row.
-fn causal_left(m: &[f32], t: usize, b: &Tensor) -> Result<Tensor> {
+/// `m b` for m [T, T] zero above the diagonal and b [T, D]: each band of rows (a
+/// strided view of m, not a copy) times the rows of b up to its last row.
+fn causal_left(m: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let t = m.dim(0)?;
     let band = band_rows(t);
     let mut parts = Vec::new();
     let mut r0 = 0;
     while r0 < t {
         let r1 = (r0 + band).min(t);
-        let mut block = Vec::with_capacity((r1 - r0) * r1);
-        for i in r0..r1 {
-            block.extend_from_slice(&m[i * t..i * t + r1]);
-        }
-        let block = Tensor::from_vec(block, (r1 - r0, r1), &Device::Cpu)?;
+        let block = m.narrow(0, r0, r1 - r0)?.narrow(1, 0, r1)?;
         parts.push(block.matmul(&b.narrow(0, 0, r1)?)?);
         r0 = r1;
     }
@@ -240,22 +237,25 @@ fn causal_left(m: &[f32], t: usize, b: &Tensor) -> Result<Tensor> {
 }
 
 /// `m^T b` for m [T, T] zero above the diagonal and b [T, D]: output rows c0..c1 take
-/// the entries of m's columns c0..c1 in rows c0.. (the only ones not zero).
-fn causal_left_t(m: &[f32], t: usize, b: &Tensor) -> Result<Tensor> {
+/// the entries of m's columns c0..c1 in rows c0.. (the only ones not zero; a strided
+/// view of m).
+fn causal_left_t(m: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let t = m.dim(0)?;
     let band = band_rows(t);
     let mut parts = Vec::new();
     let mut c0 = 0;
     while c0 < t {
         let c1 = (c0 + band).min(t);
-        let mut block = Vec::with_capacity((t - c0) * (c1 - c0));
-        for i in c0..t {
-            block.extend_from_slice(&m[i * t + c0..i * t + c1]);
-        }
-        let block = Tensor::from_vec(block, (t - c0, c1 - c0), &Device::Cpu)?;
+        let block = m.narrow(0, c0, t - c0)?.narrow(1, c0, c1 - c0)?;
         parts.push(block.t()?.matmul(&b.narrow(0, c0, t - c0)?)?);
         c0 = c1;
     }
     Ok(Tensor::cat(&parts, 0)?)
+}
+
+/// A [T, T] row-major buffer as a tensor (the buffer moves in; nothing is copied).
+fn square(m: Vec<f32>, t: usize) -> Result<Tensor> {
+    Ok(Tensor::from_vec(m, (t, t), &Device::Cpu)?)
 }
 
 fn head(x: &Tensor, h: usize) -> Result<Tensor> {
@@ -362,10 +362,9 @@ impl Llama {
                 let pt = perturb
                     .filter(|p| p.layer == li && p.head == h)
                     .map(|p| (p.row, p.col, p.factor));
-                let p = self.probs(&q, &k, h, pt)?;
+                let p = square(self.probs(&q, &k, h, pt)?, t)?;
                 outs.push(causal_left(
                     &p,
-                    t,
                     &head(&v, h / (c.num_heads / c.num_kv_heads))?,
                 )?);
             }
@@ -534,10 +533,11 @@ impl Llama {
                     &mut needle_e_h,
                 );
                 let seen = keep.then(|| (a.clone(), ds.clone()));
+                let (a, ds) = (square(a, t)?, square(ds, t)?);
                 Ok(HeadGrad {
-                    dq: (causal_left(&ds, t, &head(&k, kv)?)? * scale)?,
-                    dk: (causal_left_t(&ds, t, &head(&q, h)?)? * scale)?,
-                    dv: causal_left_t(&a, t, &d_o)?,
+                    dq: (causal_left(&ds, &head(&k, kv)?)? * scale)?,
+                    dk: (causal_left_t(&ds, &head(&q, h)?)? * scale)?,
+                    dv: causal_left_t(&a, &d_o)?,
                     sums,
                     needle: needle_sums_h,
                     needle_e: needle_e_h,
@@ -770,8 +770,9 @@ mod tests {
                     close(s[i * t + j], want, d as f64);
                 }
             }
-            let l = causal_left(&m, t, &bt).unwrap().to_vec2::<f32>().unwrap();
-            let lt = causal_left_t(&m, t, &bt).unwrap().to_vec2::<f32>().unwrap();
+            let mt = square(m.clone(), t).unwrap();
+            let l = causal_left(&mt, &bt).unwrap().to_vec2::<f32>().unwrap();
+            let lt = causal_left_t(&mt, &bt).unwrap().to_vec2::<f32>().unwrap();
             for i in 0..t {
                 for x in 0..d {
                     let want: f64 = (0..=i)
