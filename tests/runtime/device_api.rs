@@ -60,8 +60,8 @@ fn device_api_matches_the_tensor_api() {
         let plens = up32(&lens.map(|l| l as i32));
         let mut o = gpu.alloc_of::<u16>(qb.len()).unwrap();
         let scale = 1.0 / (d as f32).sqrt();
-        att.prefill(
-            0,
+        let l0 = att.layer(0).unwrap();
+        l0.prefill(
             &q,
             &k,
             &v,
@@ -73,7 +73,7 @@ fn device_api_matches_the_tensor_api() {
         )
         .unwrap();
         let mut cache = att.new_cache(0, b).unwrap();
-        att.fill(0, &k, &v, &plens, (b, p), &mut cache).unwrap();
+        l0.fill(&k, &v, &plens, (b, p), &mut cache).unwrap();
         let opts = PrefillOptions::default()
             .prompt_lens(lens.to_vec())
             .mode(PrefillMode::Block64);
@@ -125,8 +125,8 @@ fn device_api_matches_the_tensor_api() {
             )
             .unwrap();
             let (qd, kd, vd) = (up16(&q1b), up16(&k1b), up16(&v1b));
-            att.append(0, &kd, &vd, &seq, b, &mut cache).unwrap();
-            att.decode(0, &qd, &cache, &seq, b, &mut scratch, &mut out, scale)
+            l0.append(&kd, &vd, &seq, b, &mut cache).unwrap();
+            l0.decode(&qd, &cache, &seq, b, &mut scratch, &mut out, scale)
                 .unwrap();
             let (qt, kt, vt) = (
                 tensor(&q1, &[b, hq, d]),
@@ -151,13 +151,13 @@ fn device_api_matches_the_tensor_api() {
         }
         // Undersized buffers and absent layers are refused by name.
         let small = gpu.alloc_of::<u16>(8).unwrap();
-        let e = att
-            .decode(0, &small, &cache, &seq, b, &mut scratch, &mut out, scale)
+        let e = l0
+            .decode(&small, &cache, &seq, b, &mut scratch, &mut out, scale)
             .unwrap_err()
             .to_string();
         assert!(e.contains("q must be"), "{e}");
-        let e = att
-            .append(0, &small, &small, &seq, b + 1, &mut cache)
+        let e = l0
+            .append(&small, &small, &seq, b + 1, &mut cache)
             .unwrap_err()
             .to_string();
         assert!(e.contains("cache"), "{e}");
@@ -167,6 +167,7 @@ fn device_api_matches_the_tensor_api() {
             .unwrap()
             .to_string()
             .contains("layer 3"));
+        assert!(att.layer(3).is_err(), "an absent layer");
     }
 }
 

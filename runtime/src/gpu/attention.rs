@@ -447,68 +447,6 @@ impl DeviceAttention {
             })
             .sum()
     }
-
-    /// [`LayerAttention::prefill`] of `layer`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn prefill(
-        &self,
-        layer: usize,
-        q: &GpuBuf,
-        k: &GpuBuf,
-        v: &GpuBuf,
-        prompt_lens: &GpuBuf,
-        bp: (usize, usize),
-        o: &mut GpuBuf,
-        mode: PrefillMode,
-        scale: f32,
-    ) -> Result<()> {
-        self.layer(layer)?
-            .prefill(q, k, v, prompt_lens, bp, o, mode, scale)
-    }
-
-    /// [`LayerAttention::fill`] of `layer`.
-    pub fn fill(
-        &self,
-        layer: usize,
-        k: &GpuBuf,
-        v: &GpuBuf,
-        prompt_lens: &GpuBuf,
-        bp: (usize, usize),
-        cache: &mut DeviceKv,
-    ) -> Result<()> {
-        self.layer(layer)?.fill(k, v, prompt_lens, bp, cache)
-    }
-
-    /// [`LayerAttention::append`] of `layer`.
-    pub fn append(
-        &self,
-        layer: usize,
-        k_new: &GpuBuf,
-        v_new: &GpuBuf,
-        seq_lens: &GpuBuf,
-        batch: usize,
-        cache: &mut DeviceKv,
-    ) -> Result<()> {
-        self.layer(layer)?
-            .append(k_new, v_new, seq_lens, batch, cache)
-    }
-
-    /// [`LayerAttention::decode`] of `layer`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn decode(
-        &self,
-        layer: usize,
-        q: &GpuBuf,
-        cache: &DeviceKv,
-        seq_lens: &GpuBuf,
-        batch: usize,
-        scratch: &mut DecodeScratch,
-        out: &mut GpuBuf,
-        scale: f32,
-    ) -> Result<()> {
-        self.layer(layer)?
-            .decode(q, cache, seq_lens, batch, scratch, out, scale)
-    }
 }
 
 /// The host-buffer [`LayerBackend`] over one layer's device kernels (the `cuda`

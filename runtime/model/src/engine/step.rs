@@ -114,9 +114,9 @@ impl DeviceEngine {
                     ],
                 )?;
             }
-            s.attn
-                .prefill(l, &q, &k, &v, &lens_d, (b, p), &mut o, self.mode, scale)?;
-            s.attn.fill(l, &k, &v, &lens_d, (b, p), &mut s.caches[l])?;
+            let att = s.attn.layer(l)?;
+            att.prefill(&q, &k, &v, &lens_d, (b, p), &mut o, self.mode, scale)?;
+            att.fill(&k, &v, &lens_d, (b, p), &mut s.caches[l])?;
             for c0 in (0..rows).step_by(chunk) {
                 let m = chunk.min(rows - c0);
                 self.mlp(w, &mut x, c0, &o, c0 * hq * d, &mut h, &mut gu, &mut act, m)?;
@@ -347,10 +347,9 @@ impl DeviceEngine {
                     ("rows", Arg::I32(b as i32)),
                 ],
             )?;
-            s.attn
-                .append(l, &bf.k, &bf.v, &s.lens_dev, b, &mut s.caches[l])?;
-            s.attn.decode(
-                l,
+            let att = s.attn.layer(l)?;
+            att.append(&bf.k, &bf.v, &s.lens_dev, b, &mut s.caches[l])?;
+            att.decode(
                 &bf.q,
                 &s.caches[l],
                 &s.lens_dev,
@@ -417,8 +416,7 @@ impl DeviceEngine {
     pub fn attention_pass(&self, s: &mut Session) -> Result<()> {
         let scale = 1.0 / (self.config.head_dim as f32).sqrt();
         for (l, c) in s.caches.iter().enumerate() {
-            s.attn.decode(
-                l,
+            s.attn.layer(l)?.decode(
                 &s.bufs.q,
                 c,
                 &s.lens_dev,
