@@ -15,8 +15,9 @@ use moac::geometry::CacheGeometry;
 use moac::ir::PrefillMode;
 use moac::plan::{ModelShape, Settings, ValidPlan};
 use moac_runtime::backend::emu::EmuOptions;
-use moac_runtime::backend::{Backend, BackendHandle, LayerShape, Prompt};
+use moac_runtime::backend::{Backend, LayerShape, Prompt};
 use moac_runtime::reference::check::Rng;
+use moac_runtime::BackendHandle;
 use moac_runtime::{reference, Artifact};
 use std::time::Instant;
 

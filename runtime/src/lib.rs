@@ -45,4 +45,4 @@ pub use backend::Backend;
 pub use error::{Error, Result};
 pub use moac::ir::PrefillMode;
 pub use moac::Dtype;
-pub use runtime::{DecodeOptions, KvCache, PrefillOptions, Runtime, RuntimeOptions};
+pub use runtime::{BackendHandle, DecodeOptions, KvCache, PrefillOptions, Runtime, RuntimeOptions};

@@ -1,13 +1,15 @@
 //! The runtime API: a compacted KV cache and per-layer prefill / decode, the same on
-//! every backend (dispatched through [`crate::backend::BackendHandle::open_layer`]).
+//! every backend (dispatched through [`BackendHandle::open_layer`], defined here: above
+//! both the backends and [`crate::gpu`], whose `DeviceLayer` is the cuda backend).
 
 use crate::artifact::Artifact;
 use crate::backend::cpu::bits_of;
-use crate::backend::{Backend, BackendHandle, LayerBackend, LayerSetup, LayerShape, Prompt};
+use crate::backend::{Backend, LayerBackend, LayerSetup, LayerShape, Prompt};
 use crate::error::{Error, Result};
 use candle_core::{DType, Tensor};
 use moac::geometry::{CacheGeometry, Dtype};
 use moac::ir::PrefillMode;
+use std::sync::Arc;
 
 /// Options of [`Runtime::prefill`].
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -148,6 +150,53 @@ impl Artifact {
             units: self.units(),
             binaries: self.binaries(),
         })
+    }
+}
+
+/// An opened backend: the GPU for cuda (kernels only: no cuBLAS), the build options
+/// for emu.
+#[derive(Debug, Clone)]
+pub enum BackendHandle {
+    Cpu,
+    Emu(crate::backend::emu::EmuOptions),
+    Cuda(Arc<crate::gpu::Gpu>),
+}
+
+impl BackendHandle {
+    /// Opens `backend`; cuda checks for a driver and a GPU first and fails with one clear
+    /// error where there is none.
+    pub fn open(backend: Backend, emu: crate::backend::emu::EmuOptions) -> Result<BackendHandle> {
+        Ok(match backend {
+            Backend::Cpu => BackendHandle::Cpu,
+            Backend::Emu => BackendHandle::Emu(emu),
+            Backend::Cuda => BackendHandle::Cuda(crate::gpu::Gpu::kernels_only(
+                &crate::backend::cuda::CudaDevice::open()?,
+            )),
+        })
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self {
+            BackendHandle::Cpu => Backend::Cpu,
+            BackendHandle::Emu(_) => Backend::Emu,
+            BackendHandle::Cuda(_) => Backend::Cuda,
+        }
+    }
+
+    /// The layer's kernels on this backend with a cache of `batch` rows.
+    pub fn open_layer(&self, setup: &LayerSetup, batch: usize) -> Result<Box<dyn LayerBackend>> {
+        let mut layer: Box<dyn LayerBackend> = match self {
+            BackendHandle::Cpu => Box::new(crate::backend::cpu::CpuLayer::new(
+                setup.shape.clone(),
+                setup.dtype,
+            )?),
+            BackendHandle::Emu(opts) => Box::new(crate::backend::emu::EmuLayer::new(setup, opts)?),
+            BackendHandle::Cuda(gpu) => {
+                Box::new(crate::gpu::attention::DeviceLayer::new(gpu, setup)?)
+            }
+        };
+        layer.new_cache(batch)?;
+        Ok(layer)
     }
 }
 

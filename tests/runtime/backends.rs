@@ -12,8 +12,9 @@ use moac::ir::{KernelKind, LowerOptions, PrefillMode};
 use moac::Dtype;
 use moac_runtime::backend::cpu::candle_dtype;
 use moac_runtime::backend::emu::{EmuModule, EmuOptions};
-use moac_runtime::backend::{Backend, BackendHandle, HostCache, LayerShape};
+use moac_runtime::backend::{Backend, HostCache, LayerShape};
 use moac_runtime::backend::{LayerBackend, Prompt};
+use moac_runtime::BackendHandle;
 use moac_runtime::{reference, Artifact};
 use moac_test_support::*;
 

@@ -12,9 +12,10 @@ use candle_core::{Device, Tensor};
 use moac::geometry::CacheGeometry;
 use moac::geometry::Dtype;
 use moac_runtime::backend::emu::EmuOptions;
-use moac_runtime::backend::{BackendHandle, LayerBackend, LayerShape, Prompt};
+use moac_runtime::backend::{LayerBackend, LayerShape, Prompt};
 use moac_runtime::gpu::attention::{DeviceAttention, DeviceLayer};
 use moac_runtime::gpu::Gpu;
+use moac_runtime::BackendHandle;
 use moac_runtime::{Artifact, Backend, DecodeOptions, PrefillMode, PrefillOptions, Runtime};
 use moac_test_support::{plan, tolerance, Rng};
 

@@ -10,10 +10,11 @@ use moac::ir::{KernelKind, LaunchConfig, LowerOptions, PlantedBug, PrefillMode};
 use moac::plan::ValidPlan;
 use moac_runtime::backend::cpu::candle_dtype;
 use moac_runtime::backend::emu::EmuOptions;
-use moac_runtime::backend::{Backend, BackendHandle, HostCache, LayerBackend, LayerShape, Prompt};
+use moac_runtime::backend::{Backend, HostCache, LayerBackend, LayerShape, Prompt};
 use moac_runtime::reference::check::{tolerance, ErrorStats, Rng};
 use moac_runtime::reference::{self, LayerCache};
 use moac_runtime::Artifact;
+use moac_runtime::BackendHandle;
 use std::collections::BTreeMap;
 
 /// What to verify and on which inputs.

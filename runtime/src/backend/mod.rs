@@ -1,7 +1,9 @@
 //! The backends: one trait, [`LayerBackend`], implemented by [`cpu`] (the candle-core
-//! reference), [`emu`] (the generated CUDA source run on the CPU) and [`cuda`] (the
-//! kernels on a GPU). [`BackendHandle::open_layer`] is the one place that picks an
-//! implementation; [`crate::Runtime`] and `moac verify` both go through it.
+//! reference), [`emu`] (the generated CUDA source run on the CPU) and, for cuda, by
+//! [`crate::gpu::attention::DeviceLayer`] over the device API ([`cuda`] here holds the
+//! device and module loading). [`crate::BackendHandle::open_layer`] (above both this
+//! module and [`crate::gpu`]) is the one place that picks an implementation;
+//! [`crate::Runtime`] and `moac verify` both go through it.
 //!
 //! A backend works on one layer, on raw element bits (`u16` of f16 or bf16) in the
 //! layouts of docs/kernel-abi.md; the runtime converts tensors at its edge.
@@ -20,7 +22,6 @@ use crate::error::{Error, Result};
 use moac::emit::SourceUnit;
 use moac::geometry::Dtype;
 use moac::ir::{KernelKind, KernelSpec, LaunchConfig, LayerKernels, PrefillMode};
-use std::sync::Arc;
 
 /// Where the attention runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -230,50 +231,6 @@ pub struct LayerSetup<'a> {
     pub units: &'a [SourceUnit],
     /// Per unit, where the artifact has them (may be empty).
     pub binaries: &'a [UnitBinaries],
-}
-
-/// An opened backend: the GPU for cuda (kernels only: no cuBLAS), the build options
-/// for emu.
-#[derive(Debug, Clone)]
-pub enum BackendHandle {
-    Cpu,
-    Emu(emu::EmuOptions),
-    Cuda(Arc<crate::gpu::Gpu>),
-}
-
-impl BackendHandle {
-    /// Opens `backend`; cuda checks for a driver and a GPU first and fails with one clear
-    /// error where there is none.
-    pub fn open(backend: Backend, emu: emu::EmuOptions) -> Result<BackendHandle> {
-        Ok(match backend {
-            Backend::Cpu => BackendHandle::Cpu,
-            Backend::Emu => BackendHandle::Emu(emu),
-            Backend::Cuda => {
-                BackendHandle::Cuda(crate::gpu::Gpu::kernels_only(&cuda::CudaDevice::open()?))
-            }
-        })
-    }
-
-    pub fn backend(&self) -> Backend {
-        match self {
-            BackendHandle::Cpu => Backend::Cpu,
-            BackendHandle::Emu(_) => Backend::Emu,
-            BackendHandle::Cuda(_) => Backend::Cuda,
-        }
-    }
-
-    /// The layer's kernels on this backend with a cache of `batch` rows.
-    pub fn open_layer(&self, setup: &LayerSetup, batch: usize) -> Result<Box<dyn LayerBackend>> {
-        let mut layer: Box<dyn LayerBackend> = match self {
-            BackendHandle::Cpu => Box::new(cpu::CpuLayer::new(setup.shape.clone(), setup.dtype)?),
-            BackendHandle::Emu(opts) => Box::new(emu::EmuLayer::new(setup, opts)?),
-            BackendHandle::Cuda(gpu) => {
-                Box::new(crate::gpu::attention::DeviceLayer::new(gpu, setup)?)
-            }
-        };
-        layer.new_cache(batch)?;
-        Ok(layer)
-    }
 }
 
 #[cfg(test)]

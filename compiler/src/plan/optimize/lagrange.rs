@@ -5,7 +5,7 @@
 //! optimal or within the limits ([`Found`]).
 
 use super::milp::{Milp, Program};
-use super::pareto::Limits;
+use super::problem::Limits;
 use crate::error::{Error, Result};
 use std::time::Instant;
 

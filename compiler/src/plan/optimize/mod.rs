@@ -50,8 +50,8 @@ mod problem;
 
 pub use exhaustive::{exhaustive, EXHAUSTIVE_LIMIT};
 pub use model::CAP_SLACK;
-pub use pareto::{pareto, pareto_with, solve, solve_with, Limits, DEFAULT_INTERVALS};
-pub use problem::{candidate_grid, Candidate, Problem, Solution};
+pub use pareto::{pareto, pareto_with, solve, solve_with, DEFAULT_INTERVALS};
+pub use problem::{candidate_grid, Candidate, Limits, Problem, Solution};
 
 #[cfg(test)]
 mod tests;

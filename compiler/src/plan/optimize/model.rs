@@ -5,7 +5,7 @@
 
 use super::lagrange::{partitions, Core, Found};
 use super::milp::{Milp, Program, Row, Sense, MAX_ASSIGNMENTS};
-use super::pareto::Limits;
+use super::problem::Limits;
 use super::problem::{Problem, Solution};
 use crate::error::{Error, Result};
 

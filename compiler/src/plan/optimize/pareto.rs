@@ -4,9 +4,8 @@
 //! non-dominated plans).
 
 use super::model::Model;
-use super::problem::{check_request, full_caps, Problem, Solution};
+use super::problem::{check_request, full_caps, Limits, Problem, Solution};
 use crate::error::{Error, Result};
-use std::time::Duration;
 
 /// The number of cap values per capped objective that [`pareto`] uses when the caller has
 /// no preference (MoA's default).
@@ -14,32 +13,6 @@ pub const DEFAULT_INTERVALS: usize = 4;
 
 /// The relative tolerance of the dominance test in [`pareto`].
 const DOMINANCE_TOLERANCE: f64 = 1e-12;
-
-/// How hard [`solve_with`] and [`pareto_with`] try. The default proves the optimum,
-/// however long that takes.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
-pub struct Limits {
-    /// Stop once the plan is proven within this relative distance of the optimum (in the
-    /// primary objective above its least possible value, so the gap in
-    /// [`Solution::gap`] is at most this when losses are non-negative). 0 asks for the
-    /// optimum.
-    pub mip_gap: f64,
-    /// The wall-clock budget of one solve (for [`pareto_with`], of each of its solves).
-    /// When it runs out, the best plan found so far is returned with its gap.
-    pub time_limit: Option<Duration>,
-}
-
-impl Limits {
-    fn check(&self) -> Result<()> {
-        if !self.mip_gap.is_finite() || self.mip_gap < 0.0 {
-            return Err(Error::Usage(format!(
-                "plan optimization: the MIP gap must be a finite non-negative number, not {}",
-                self.mip_gap
-            )));
-        }
-        Ok(())
-    }
-}
 
 /// Minimizes objective `primary` subject to the budgets, the floors, the rule limit per
 /// group and, for each `i` with `caps[i] = Some(e)`, objective `i` at most `e` (within

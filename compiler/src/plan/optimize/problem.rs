@@ -5,6 +5,7 @@
 //! padded to one per objective.
 
 use crate::error::{Error, Result};
+use std::time::Duration;
 
 /// Costs (each, and their sums over the units) must stay below this to be exact in `f64`.
 const F64_EXACT: u64 = 1 << 53;
@@ -368,4 +369,31 @@ pub(super) fn full_caps(problem: &Problem, caps: &[Option<f64>]) -> Vec<Option<f
                 .filter(|e| *e != f64::INFINITY)
         })
         .collect()
+}
+
+/// How hard [`solve_with`](super::solve_with) and [`pareto_with`](super::pareto_with) try. The default proves the optimum,
+/// however long that takes.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Limits {
+    /// Stop once the plan is proven within this relative distance of the optimum (in the
+    /// primary objective above its least possible value, so the gap in
+    /// [`Solution::gap`] is at most this when losses are non-negative). 0 asks for the
+    /// optimum.
+    pub mip_gap: f64,
+    /// The wall-clock budget of one solve (for [`pareto_with`](super::pareto_with), of
+    /// each of its solves).
+    /// When it runs out, the best plan found so far is returned with its gap.
+    pub time_limit: Option<Duration>,
+}
+
+impl Limits {
+    pub(super) fn check(&self) -> Result<()> {
+        if !self.mip_gap.is_finite() || self.mip_gap < 0.0 {
+            return Err(Error::Usage(format!(
+                "plan optimization: the MIP gap must be a finite non-negative number, not {}",
+                self.mip_gap
+            )));
+        }
+        Ok(())
+    }
 }

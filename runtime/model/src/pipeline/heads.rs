@@ -123,7 +123,7 @@ impl Llama {
         let rows: Vec<u32> = steps.iter().map(|&r| r as u32).collect();
         let rows = Tensor::new(rows.as_slice(), &candle_core::Device::Cpu)?;
         for (li, l) in self.layers.iter().enumerate() {
-            let w = super::influence::Dense::of(l)?;
+            let w = crate::llama::Dense::of(l)?;
             let (q, k, _) = self.qkv(l, &w, &inputs[li], &cos, &sin)?;
             for h in 0..c.num_heads {
                 let qh = q

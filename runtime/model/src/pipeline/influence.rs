@@ -13,7 +13,7 @@
 //! masks moac's kernels apply: the prompt's rows under prefill's `moa-block64` rule, the
 //! answer's rows under decode's token rule (the answer is decoded at run time).
 
-use crate::llama::{dense_matrix, Layer, Llama};
+use crate::llama::{dense_matrix, Dense, Layer, Llama};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, D};
 use rayon::prelude::*;
@@ -125,32 +125,6 @@ pub struct Perturb {
 /// Sees one head's probabilities A and dS = A * (G - S) (both [T, T], row-major) during
 /// the backward pass: `(layer, head, a, ds)`. For tests.
 pub type Observer<'a> = dyn FnMut(usize, usize, &[f32], &[f32]) + 'a;
-
-/// The f32 matrices of one layer ([out, in]), dequantized if the model holds them
-/// quantized.
-pub(super) struct Dense {
-    wq: Tensor,
-    wk: Tensor,
-    wv: Tensor,
-    wo: Tensor,
-    gate: Tensor,
-    up: Tensor,
-    down: Tensor,
-}
-
-impl Dense {
-    pub(super) fn of(l: &Layer) -> Result<Dense> {
-        Ok(Dense {
-            wq: dense_matrix(&l.wq)?,
-            wk: dense_matrix(&l.wk)?,
-            wv: dense_matrix(&l.wv)?,
-            wo: dense_matrix(&l.wo)?,
-            gate: dense_matrix(&l.gate)?,
-            up: dense_matrix(&l.up)?,
-            down: dense_matrix(&l.down)?,
-        })
-    }
-}
 
 /// x [T, in] times w^T (w [out, in]).
 fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
