@@ -19,7 +19,7 @@ use moac_model::chat::{ChatTemplate, CHATML};
 use moac_model::llama::{Llama, LlamaConfig, RopeStyle};
 use moac_model::pipeline::calib::{CalibHeader, CalibSample, CalibSet, FORMAT};
 use moac_model::pipeline::make::{make, MakeOptions, Reused};
-use moac_model::pipeline::optimize::{optimize, Influence, Needle, OptimizeOptions};
+use moac_model::pipeline::objective::{optimize, Influence, Needle, OptimizeOptions};
 use moac_model::pipeline::profile::{self, Profile};
 use moac_model::pipeline::stages::Quiet;
 use moac_model::pipeline::tasks::Family;
@@ -289,7 +289,7 @@ fn the_plan_is_optimal_against_brute_force() {
         }
     }
     // The optimizer reports losses as fractions of what the length has to lose.
-    let brute = brute / moac_model::pipeline::optimize::level_norm(&p, 0);
+    let brute = brute / moac_model::pipeline::objective::level_norm(&p, 0);
     assert!(
         (best.loss[0] - brute).abs() <= 1e-9 * brute.max(1e-12),
         "optimizer {} vs brute force {brute}",
@@ -516,7 +516,7 @@ fn heads_planted_as_costly_to_shorten_get_the_long_spans() {
     o.intervals = 2;
     let out = optimize(&p, &o).unwrap();
     let settings = Settings::default();
-    let long_at = |plan: &moac_model::pipeline::optimize::MadePlan, ns: &[usize]| {
+    let long_at = |plan: &moac_model::pipeline::objective::MadePlan, ns: &[usize]| {
         let mut set = std::collections::BTreeSet::new();
         for (l, layer) in plan.rules.iter().enumerate() {
             for (j, kv) in layer.chunks(shape.group_size()).enumerate() {
@@ -607,7 +607,7 @@ fn the_retrieval_weight_gives_the_heads_that_read_the_needle_long_spans() {
         lv.needle = Some(needle);
     }
     let settings = Settings::default();
-    let long = |plan: &moac_model::pipeline::optimize::MadePlan| {
+    let long = |plan: &moac_model::pipeline::objective::MadePlan| {
         let mut set = std::collections::BTreeSet::new();
         for (l, layer) in plan.rules.iter().enumerate() {
             for (j, kv) in layer.chunks(shape.group_size()).enumerate() {
@@ -664,7 +664,7 @@ fn the_retrieval_weight_gives_the_heads_that_read_the_needle_long_spans() {
 
 #[test]
 fn the_objective_counts_the_influence_by_rows_or_by_entries_as_asked() {
-    use moac_model::pipeline::optimize::{level_norm_by, Objective};
+    use moac_model::pipeline::objective::{level_norm_by, Objective};
     let shape = smollm2_shape();
     let mut rng = Rng::fresh("objective_modes");
     let seed = rng.next_u64();
@@ -697,7 +697,7 @@ fn the_objective_counts_the_influence_by_rows_or_by_entries_as_asked() {
 
 #[test]
 fn pooled_influence_shrinks_each_head_toward_the_mean_of_all_heads() {
-    use moac_model::pipeline::optimize::{level_norm_by, Objective};
+    use moac_model::pipeline::objective::{level_norm_by, Objective};
     let shape = smollm2_shape();
     let mut rng = Rng::fresh("pooled_influence");
     let seed = rng.next_u64();
@@ -750,7 +750,7 @@ fn pooled_influence_shrinks_each_head_toward_the_mean_of_all_heads() {
 #[test]
 fn the_needle_term_counts_attention_or_influence_as_asked() {
     use moac_model::pipeline::influence::HeadSums;
-    use moac_model::pipeline::optimize::{level_norm, needle_norm_by, Objective};
+    use moac_model::pipeline::objective::{level_norm, needle_norm_by, Objective};
     let shape = smollm2_shape();
     let mut rng = Rng::fresh("needle_modes");
     let seed = rng.next_u64();

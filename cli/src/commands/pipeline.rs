@@ -9,7 +9,7 @@ use moac_model::pipeline::calib::{CalibOptions, CalibSample, CalibSet};
 use moac_model::pipeline::make::{
     Made, MakeOptions, HELD_OUT_SEED, MAKE_INTERVALS, MAX_ANSWER, VALIDATE_PLANS, VALIDATE_SAMPLES,
 };
-use moac_model::pipeline::optimize::{
+use moac_model::pipeline::objective::{
     optimize, Influence, MadePlan, Needle, OptimizeOptions, Optimized, MIP_GAP, NEEDLE,
     POOL_INFLUENCE, RETRIEVAL_WEIGHT,
 };

@@ -18,7 +18,7 @@
 //! are the library calls of [`super::stages`], which the single commands share.
 
 use super::calib::{self, CalibHeader, CalibOptions, CalibSample, CalibSet};
-use super::optimize::{
+use super::objective::{
     optimize, Influence, MadePlan, Needle, OptimizeOptions, Optimized, MIP_GAP, NEEDLE,
     POOL_INFLUENCE, RETRIEVAL_WEIGHT,
 };

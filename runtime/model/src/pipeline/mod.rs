@@ -1,6 +1,6 @@
 //! MoA's plan pipeline on moac's models: calibration samples ([`calib`]), attention
 //! influence ([`influence`]) summed into a profile ([`profile`]), the solver's problem
-//! ([`optimize`]), and validation of candidate plans ([`validate`]). The stages as calls
+//! ([`objective`]), and validation of candidate plans ([`validate`]). The stages as calls
 //! with their files are [`stages`]; [`make`] runs them all, with a work folder that a
 //! later call resumes from (`moac plan make`). The solver that turns a profile into
 //! plans is model-free (`moac::plan::optimize`).
@@ -9,7 +9,7 @@ pub mod calib;
 pub mod heads;
 pub mod influence;
 pub mod make;
-pub mod optimize;
+pub mod objective;
 pub mod profile;
 pub mod stages;
 pub mod tasks;

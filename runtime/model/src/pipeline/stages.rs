@@ -7,7 +7,7 @@
 //! time. Progress and messages go to a [`Progress`], which the caller draws.
 
 use super::calib::{self, CalibOptions, CalibSample, CalibSet};
-use super::optimize::{MadePlan, Optimized};
+use super::objective::{MadePlan, Optimized};
 use super::profile::{self, Profile};
 use super::tasks::Family;
 use super::validate::response_losses;
