@@ -174,7 +174,9 @@ impl Llama {
     }
 
     /// cos / sin for `positions` laid out [rows, T, 1, D/2] (`positions` is rows * T
-    /// long, row-major).
+    /// long, row-major). With [`Llama::rope`], the tensor form of RoPE: the reference
+    /// of `fused::rope` in the tests.
+    #[cfg(test)]
     pub(crate) fn rope_tables(&self, positions: &[usize], rows: usize) -> Result<(Tensor, Tensor)> {
         let t = positions.len() / rows.max(1);
         let half = self.config.head_dim / 2;
@@ -207,7 +209,8 @@ impl Llama {
         Ok((cos, sin))
     }
 
-    /// RoPE over `x` [B, T, H, D] with tables [B or 1, T, 1, D/2].
+    /// RoPE over `x` [B, T, H, D] with tables [B or 1, T, 1, D/2] (tests only).
+    #[cfg(test)]
     pub(crate) fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let (b, t, h, d) = x.dims4()?;
         let half = d / 2;

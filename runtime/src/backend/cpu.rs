@@ -73,7 +73,7 @@ const PART_BLOCKS: usize = 8;
 /// `a * b + c`: fused where the CPU has FMA (the vectorizer turns it into vfmadd), a
 /// plain multiply and add where it has not (a software fma would be slow).
 #[inline(always)]
-fn madd(a: f32, b: f32, c: f32) -> f32 {
+pub fn madd(a: f32, b: f32, c: f32) -> f32 {
     #[cfg(target_feature = "fma")]
     {
         a.mul_add(b, c)
@@ -117,7 +117,7 @@ fn round_to(out: &mut [f32], dtype: Dtype) {
 /// the bottom of f32's normal range) the result is 0: such a weight is below f32's
 /// resolution of any softmax sum, which holds a weight of 1.
 #[inline(always)]
-fn exp_le0(x: f32) -> f32 {
+pub fn exp_le0(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4; // 355/512, exact in f32
     const LN2_LO: f32 = -2.121_944_4e-4; // ln 2 - LN2_HI
     const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23

@@ -117,7 +117,7 @@ impl Llama {
         let (inputs, _, _) = self.forward_exact(tokens, None)?;
         let t = tokens.len();
         let positions: Vec<usize> = (0..t).collect();
-        let (cos, sin) = self.rope_tables(&positions, 1)?;
+        let (cos, sin) = self.rope_angles(&positions)?;
         let g = c.num_heads / c.num_kv_heads;
         let scale = 1.0 / (c.head_dim as f32).sqrt();
         let rows: Vec<u32> = steps.iter().map(|&r| r as u32).collect();

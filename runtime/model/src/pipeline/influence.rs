@@ -13,9 +13,12 @@
 //! masks moac's kernels apply: the prompt's rows under prefill's `moa-block64` rule, the
 //! answer's rows under decode's token rule (the answer is decoded at run time).
 
+use super::causal::{self, band_end, Square};
+use crate::fused;
 use crate::llama::{dense_matrix, Dense, Layer, Llama};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, D};
+use moac_runtime::backend::cpu::exp_le0;
 use rayon::prelude::*;
 
 /// Added to `1 - A_ij` in the influence formula (MoA's epsilon).
@@ -131,32 +134,29 @@ fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(x.matmul(&w.t()?)?)
 }
 
-/// Row-wise causal softmax of `scores` [T, T] (scaled), in place; entries above the
-/// diagonal become 0. Applies `perturb` (row, col, factor) after normalizing.
+/// Row-wise causal softmax of `scores` [T, T] (scaled), in place, as [`causal_scores`]
+/// leaves it (entries right of each band's end already 0); entries above the diagonal
+/// become 0. Applies `perturb` (row, col, factor) after normalizing.
 fn causal_softmax(scores: &mut [f32], t: usize, scale: f32, perturb: Option<(usize, usize, f32)>) {
     for i in 0..t {
-        let row = &mut scores[i * t..(i + 1) * t];
-        let mut max = f32::NEG_INFINITY;
-        for s in &mut row[..=i] {
+        let (live, rest) = scores[i * t..i * t + band_end(i, t)].split_at_mut(i + 1);
+        for s in live.iter_mut() {
             *s *= scale;
-            max = max.max(*s);
         }
-        let mut sum = 0.0f64;
-        for s in &mut row[..=i] {
-            *s = (*s - max).exp();
-            sum += *s as f64;
+        let max = max_f32(live);
+        for s in live.iter_mut() {
+            *s = exp_le0(*s - max);
         }
-        let inv = (1.0 / sum) as f32;
-        for s in &mut row[..=i] {
+        let inv = (1.0 / sum_f64(live)) as f32;
+        for s in live.iter_mut() {
             *s *= inv;
         }
-        row[i + 1..].fill(0.0);
+        rest.fill(0.0);
         if let Some((r, c, f)) = perturb {
             if r == i && c <= i {
-                row[c] *= f;
-                let sum: f64 = row[..=i].iter().map(|&v| v as f64).sum();
-                let inv = (1.0 / sum) as f32;
-                for s in &mut row[..=i] {
+                live[c] *= f;
+                let inv = (1.0 / sum_f64(live)) as f32;
+                for s in live.iter_mut() {
                     *s *= inv;
                 }
             }
@@ -164,76 +164,71 @@ fn causal_softmax(scores: &mut [f32], t: usize, scale: f32, perturb: Option<(usi
     }
 }
 
-/// Rows of a causal [T, T] product taken at a time: a band of rows needs only the
-/// columns up to its last row, so the products skip most of the zero upper triangle
-/// (with 8 bands, 9/16 of the full product's work).
-fn band_rows(t: usize) -> usize {
-    (t / 8).clamp(64, 512)
-}
-
-/// The lower triangle (and diagonal) of `a b^T` for a, b [T, D], as a [T, T] row-major
-/// buffer; entries right of each band's last row are 0, the rest of the upper triangle
-/// whatever the band's product gives (callers read only j <= i).
-fn causal_scores(a: &Tensor, b: &Tensor) -> Result<Vec<f32>> {
-    let t = a.dim(0)?;
-    let band = band_rows(t);
-    let mut out = vec![0f32; t * t];
-    let mut r0 = 0;
-    while r0 < t {
-        let r1 = (r0 + band).min(t);
-        let p = a
-            .narrow(0, r0, r1 - r0)?
-            .matmul(&b.narrow(0, 0, r1)?.t()?)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        for (i, row) in p.chunks_exact(r1).enumerate() {
-            out[(r0 + i) * t..(r0 + i) * t + r1].copy_from_slice(row);
+/// Sum of `xs` in f64, eight partial sums at a time (the compiler vectorizes it).
+fn sum_f64(xs: &[f32]) -> f64 {
+    let mut acc = [0f64; 8];
+    let chunks = xs.chunks_exact(8);
+    let rest: f64 = chunks.remainder().iter().map(|&x| x as f64).sum();
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += x as f64;
         }
-        r0 = r1;
     }
-    Ok(out)
+    acc.iter().sum::<f64>() + rest
 }
 
-/// `m b` for m [T, T] zero above the diagonal and b [T, D]: each band of rows (a
-/// strided view of m, not a copy) times the rows of b up to its last row.
-fn causal_left(m: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let t = m.dim(0)?;
-    let band = band_rows(t);
-    let mut parts = Vec::new();
-    let mut r0 = 0;
-    while r0 < t {
-        let r1 = (r0 + band).min(t);
-        let block = m.narrow(0, r0, r1 - r0)?.narrow(1, 0, r1)?;
-        parts.push(block.matmul(&b.narrow(0, 0, r1)?)?);
-        r0 = r1;
+/// `a . b` in f64 (slices of one length), eight partial sums at a time.
+fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
+    let mut acc = [0f64; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let rest: f64 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(&x, &y)| x as f64 * y as f64)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for ((s, &x), &y) in acc.iter_mut().zip(x).zip(y) {
+            *s += x as f64 * y as f64;
+        }
     }
-    Ok(Tensor::cat(&parts, 0)?)
+    acc.iter().sum::<f64>() + rest
 }
 
-/// `m^T b` for m [T, T] zero above the diagonal and b [T, D]: output rows c0..c1 take
-/// the entries of m's columns c0..c1 in rows c0.. (the only ones not zero; a strided
-/// view of m).
-fn causal_left_t(m: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let t = m.dim(0)?;
-    let band = band_rows(t);
-    let mut parts = Vec::new();
-    let mut c0 = 0;
-    while c0 < t {
-        let c1 = (c0 + band).min(t);
-        let block = m.narrow(0, c0, t - c0)?.narrow(1, c0, c1 - c0)?;
-        parts.push(block.t()?.matmul(&b.narrow(0, c0, t - c0)?)?);
-        c0 = c1;
+/// The largest of `xs` (not empty, no NaN), sixteen lanes at a time.
+fn max_f32(xs: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let chunks = xs.chunks_exact(16);
+    let rest = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    for c in chunks {
+        for (m, &x) in acc.iter_mut().zip(c) {
+            *m = if x > *m { x } else { *m };
+        }
     }
-    Ok(Tensor::cat(&parts, 0)?)
+    acc.iter().fold(rest, |m, &x| m.max(x))
 }
 
-/// A [T, T] row-major buffer as a tensor (the buffer moves in; nothing is copied).
-fn square(m: Vec<f32>, t: usize) -> Result<Tensor> {
-    Ok(Tensor::from_vec(m, (t, t), &Device::Cpu)?)
+/// Head h of x [T, H, D] as [T, D] rows.
+fn head(x: &Tensor, h: usize) -> Result<Vec<f32>> {
+    Ok(x.narrow(1, h, 1)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
-fn head(x: &Tensor, h: usize) -> Result<Tensor> {
-    Ok(x.narrow(1, h, 1)?.squeeze(1)?.contiguous()?)
+/// The lower triangle (and diagonal) of a [T, T] buffer, 0 above.
+fn lower(m: &[f32], t: usize) -> Vec<f32> {
+    let mut out = vec![0f32; t * t];
+    for i in 0..t {
+        out[i * t..=i * t + i].copy_from_slice(&m[i * t..=i * t + i]);
+    }
+    out
+}
+
+/// [T, D] rows as a tensor.
+fn rows(x: Vec<f32>, t: usize) -> Result<Tensor> {
+    let d = x.len() / t.max(1);
+    Ok(Tensor::from_vec(x, (t, d), &Device::Cpu)?)
 }
 
 impl Llama {
@@ -263,40 +258,54 @@ impl Llama {
         Ok(())
     }
 
-    /// q [T,Hq,D] and k, v [T,Hkv,D] of one layer (RoPE applied), from its input x.
+    /// q [T,Hq,D] and k, v [T,Hkv,D] of one layer (RoPE applied), from its input x;
+    /// `cos`, `sin` [T, D/2] from `rope_angles`.
     pub(super) fn qkv(
         &self,
         l: &Layer,
         w: &Dense,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        cos: &[f32],
+        sin: &[f32],
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let c = &self.config;
         let t = x.dim(0)?;
         let n1 = self.rms_norm(x, &l.attn_norm)?;
-        let q = linear(&n1, &w.wq)?.reshape((1, t, c.num_heads, c.head_dim))?;
-        let k = linear(&n1, &w.wk)?.reshape((1, t, c.num_kv_heads, c.head_dim))?;
+        let q = self.rope_rows(linear(&n1, &w.wq)?, c.num_heads, cos, sin)?;
+        let k = self.rope_rows(linear(&n1, &w.wk)?, c.num_kv_heads, cos, sin)?;
         let v = linear(&n1, &w.wv)?.reshape((t, c.num_kv_heads, c.head_dim))?;
-        let q = self.rope(&q, cos, sin)?.squeeze(0)?;
-        let k = self.rope(&k, cos, sin)?.squeeze(0)?;
         Ok((q, k, v))
     }
 
-    /// Probabilities [T*T] of query head h against its KV head.
+    /// RoPE of x [T, heads * D] at the angles `cos`, `sin` [T, D/2] (a negated `sin`
+    /// undoes it), as [T, heads, D].
+    fn rope_rows(&self, x: Tensor, heads: usize, cos: &[f32], sin: &[f32]) -> Result<Tensor> {
+        let c = &self.config;
+        let t = x.dim(0)?;
+        let mut rows = x.flatten_all()?.to_vec1::<f32>()?;
+        fused::rope(&mut rows, c.head_dim, cos, sin, c.rope);
+        Ok(Tensor::from_vec(
+            rows,
+            (t, heads, c.head_dim),
+            &Device::Cpu,
+        )?)
+    }
+
+    /// Probabilities [T*T] of query head h against its KV head (row i defined up to its
+    /// band's end, 0 right of the diagonal).
     fn probs(
         &self,
         q: &Tensor,
         k: &Tensor,
         h: usize,
         perturb: Option<(usize, usize, f32)>,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<Square> {
         let c = &self.config;
         let g = c.num_heads / c.num_kv_heads;
         let t = q.dim(0)?;
         let qh = head(q, h)?;
         let kh = head(k, h / g)?;
-        let mut p = causal_scores(&qh, &kh)?;
+        let mut p = causal::scores(&qh, &kh, t, c.head_dim);
         causal_softmax(&mut p, t, 1.0 / (c.head_dim as f32).sqrt(), perturb);
         Ok(p)
     }
@@ -325,23 +334,25 @@ impl Llama {
         let c = &self.config;
         let t = tokens.len();
         let positions: Vec<usize> = (0..t).collect();
-        let (cos, sin) = self.rope_tables(&positions, 1)?;
+        let (cos, sin) = self.rope_angles(&positions)?;
         let mut x = Tensor::from_vec(self.embed.rows_f32(tokens)?, (t, c.hidden), &Device::Cpu)?;
         let (mut inputs, mut mids) = (Vec::new(), Vec::new());
         for (li, l) in self.layers.iter().enumerate() {
             let w = Dense::of(l)?;
             let (q, k, v) = self.qkv(l, &w, &x, &cos, &sin)?;
-            let mut outs = Vec::with_capacity(c.num_heads);
-            for h in 0..c.num_heads {
-                let pt = perturb
-                    .filter(|p| p.layer == li && p.head == h)
-                    .map(|p| (p.row, p.col, p.factor));
-                let p = square(self.probs(&q, &k, h, pt)?, t)?;
-                outs.push(causal_left(
-                    &p,
-                    &head(&v, h / (c.num_heads / c.num_kv_heads))?,
-                )?);
-            }
+            // The heads are independent: they run in parallel (each with its own [T, T]
+            // buffer; the products inside run on the same pool).
+            let outs: Vec<Tensor> = (0..c.num_heads)
+                .into_par_iter()
+                .map(|h| -> Result<Tensor> {
+                    let pt = perturb
+                        .filter(|p| p.layer == li && p.head == h)
+                        .map(|p| (p.row, p.col, p.factor));
+                    let p = self.probs(&q, &k, h, pt)?;
+                    let vh = head(&v, h / (c.num_heads / c.num_kv_heads))?;
+                    rows(causal::left(&p, &vh, t, c.head_dim, 1.0), t)
+                })
+                .collect::<Result<_>>()?;
             let a = Tensor::stack(&outs, 1)?.reshape((t, c.num_heads * c.head_dim))?;
             let x2 = (&x + linear(&a, &w.wo)?)?;
             let (m, ..) = self.mlp(l, &w, &x2)?;
@@ -444,12 +455,12 @@ impl Llama {
         let t = tokens.len();
         let n = n.max(t);
         let g = c.num_heads / c.num_kv_heads;
-        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        let scale = 1.0 / (c.head_dim as f32).sqrt();
         let (inputs, mids, x) = self.forward_exact(tokens, None)?;
         let (loss, mut dx) = self.response_loss(&x, tokens, prompt_len)?;
         let positions: Vec<usize> = (0..t).collect();
-        let (cos, sin) = self.rope_tables(&positions, 1)?;
-        let nsin = sin.neg()?;
+        let (cos, sin) = self.rope_angles(&positions)?;
+        let nsin: Vec<f32> = sin.iter().map(|&s| -s).collect();
         let mut heads = vec![Vec::new(); c.num_layers];
         let mut needle_heads = vec![Vec::new(); c.num_layers];
         let mut needle_e_heads = vec![Vec::new(); c.num_layers];
@@ -482,7 +493,7 @@ impl Llama {
                 let a = self.probs(&q, &k, h, None)?;
                 let d_o = head(&da, h)?;
                 let vh = head(&v, kv)?;
-                let mut ds = causal_scores(&d_o, &vh)?;
+                let mut ds = causal::scores(&d_o, &vh, t, c.head_dim);
                 let mut sums = HeadSums::new(n);
                 let mut needle_sums_h = HeadSums::new(n);
                 needle_sums(
@@ -506,12 +517,12 @@ impl Llama {
                     sink,
                     &mut needle_e_h,
                 );
-                let seen = keep.then(|| (a.clone(), ds.clone()));
-                let (a, ds) = (square(a, t)?, square(ds, t)?);
+                let seen = keep.then(|| (lower(&a, t), lower(&ds, t)));
+                let d = c.head_dim;
                 Ok(HeadGrad {
-                    dq: (causal_left(&ds, &head(&k, kv)?)? * scale)?,
-                    dk: (causal_left_t(&ds, &head(&q, h)?)? * scale)?,
-                    dv: causal_left_t(&a, &d_o)?,
+                    dq: causal::left(&ds, &head(&k, kv)?, t, d, scale),
+                    dk: causal::left_t(&ds, &head(&q, h)?, t, d, scale),
+                    dv: causal::left_t(&a, &d_o, t, d, 1.0),
                     sums,
                     needle: needle_sums_h,
                     needle_e: needle_e_h,
@@ -526,10 +537,13 @@ impl Llama {
                     .map(one)
                     .collect::<Result<_>>()?
             };
-            let mut dq = Vec::with_capacity(c.num_heads);
-            let mut dk =
-                vec![Tensor::zeros((t, c.head_dim), DType::F32, &Device::Cpu)?; c.num_kv_heads];
-            let mut dv = dk.clone();
+            // Every head's gradients into [T, heads * D] rows (the query heads of one KV
+            // head add up, in head order).
+            let d = c.head_dim;
+            let (wq, wk) = (c.num_heads * d, c.num_kv_heads * d);
+            let mut dq = vec![0f32; t * wq];
+            let mut dk = vec![0f32; t * wk];
+            let mut dv = vec![0f32; t * wk];
             let mut sums = Vec::with_capacity(c.num_heads);
             let mut nsums = Vec::with_capacity(c.num_heads);
             let mut esums = Vec::with_capacity(c.num_heads);
@@ -537,9 +551,18 @@ impl Llama {
                 if let (Some(obs), Some((a, ds))) = (observer.as_mut(), &hg.seen) {
                     obs(li, h, a, ds);
                 }
-                dq.push(hg.dq);
-                dk[h / g] = (&dk[h / g] + hg.dk)?;
-                dv[h / g] = (&dv[h / g] + hg.dv)?;
+                let kv = h / g;
+                for r in 0..t {
+                    let src = r * d..(r + 1) * d;
+                    dq[r * wq + h * d..r * wq + (h + 1) * d].copy_from_slice(&hg.dq[src.clone()]);
+                    let dst = r * wk + kv * d..r * wk + (kv + 1) * d;
+                    for (o, &x) in dk[dst.clone()].iter_mut().zip(&hg.dk[src.clone()]) {
+                        *o += x;
+                    }
+                    for (o, &x) in dv[dst].iter_mut().zip(&hg.dv[src]) {
+                        *o += x;
+                    }
+                }
                 sums.push(hg.sums);
                 nsums.push(hg.needle);
                 esums.push(hg.needle_e);
@@ -547,13 +570,13 @@ impl Llama {
             heads[li] = sums;
             needle_heads[li] = nsums;
             needle_e_heads[li] = esums;
-            let unrope = |parts: &[Tensor], hn: usize| -> Result<Tensor> {
-                let x = Tensor::stack(parts, 1)?.reshape((1, t, hn, c.head_dim))?;
-                Ok(self.rope(&x, &cos, &nsin)?.reshape((t, hn * c.head_dim))?)
+            let unrope = |mut x: Vec<f32>, hn: usize| -> Result<Tensor> {
+                fused::rope(&mut x, d, &cos, &nsin, c.rope);
+                Ok(Tensor::from_vec(x, (t, hn * d), &Device::Cpu)?)
             };
-            let dq = unrope(&dq, c.num_heads)?;
-            let dk = unrope(&dk, c.num_kv_heads)?;
-            let dv = Tensor::stack(&dv, 1)?.reshape((t, c.num_kv_heads * c.head_dim))?;
+            let dq = unrope(dq, c.num_heads)?;
+            let dk = unrope(dk, c.num_kv_heads)?;
+            let dv = Tensor::from_vec(dv, (t, wk), &Device::Cpu)?;
             let dn1 = ((dq.matmul(&w.wq)? + dk.matmul(&w.wk)?)? + dv.matmul(&w.wv)?)?;
             dx = (dx2 + self.rms_norm_backward(x_in, &l.attn_norm, &dn1)?)?;
         }
@@ -570,9 +593,10 @@ impl Llama {
 
 /// One query head's share of the backward pass.
 struct HeadGrad {
-    dq: Tensor,
-    dk: Tensor,
-    dv: Tensor,
+    /// [T, D] each.
+    dq: Vec<f32>,
+    dk: Vec<f32>,
+    dv: Vec<f32>,
     sums: HeadSums,
     needle: HeadSums,
     needle_e: HeadSums,
@@ -580,9 +604,10 @@ struct HeadGrad {
     seen: Option<(Vec<f32>, Vec<f32>)>,
 }
 
-/// Turns G = dO V^T (in `ds`) into dS = A * (G - S) in place, and adds
-/// |E| = |dS| / (1 - A + eps) of every causal entry to `sums` under the run-time masks:
-/// rows before `prompt_len` by block distance, the others by token distance.
+/// Turns G = dO V^T (in `ds`, as [`causal_scores`] leaves it) into dS = A * (G - S) in
+/// place (0 above the diagonal), and adds |E| = |dS| / (1 - A + eps) of every causal
+/// entry to `sums` under the run-time masks: rows before `prompt_len` by block
+/// distance, the others by token distance.
 fn reduce_head(
     a: &[f32],
     ds: &mut [f32],
@@ -591,35 +616,37 @@ fn reduce_head(
     sink: usize,
     sums: &mut HeadSums,
 ) {
-    let mut prefix = Vec::with_capacity(t + 1);
+    let mut e = vec![0f32; t];
+    let mut bounds = Vec::new();
     for i in 0..t {
-        let ar = &a[i * t..i * t + i + 1];
-        let gr = &mut ds[i * t..(i + 1) * t];
-        let s: f64 = ar
-            .iter()
-            .zip(gr.iter())
-            .map(|(&a, &g)| a as f64 * g as f64)
-            .sum();
-        let s = s as f32;
-        let mut row_total = 0.0f64;
-        let mut row_sink = 0.0f64;
-        for j in 0..=i {
-            let d = ar[j] * (gr[j] - s);
-            gr[j] = d;
-            let e = (d.abs() / (1.0 - ar[j] + EPS)) as f64;
-            row_total += e;
-            if j < sink {
-                row_sink += e;
-            } else if i >= prompt_len {
-                sums.token[i - j] += e;
-            } else {
-                sums.block[i / BLOCK - j / BLOCK] += e;
+        let ar = &a[i * t..=i * t + i];
+        let (gr, zero) = ds[i * t..i * t + band_end(i, t)].split_at_mut(i + 1);
+        let s = dot_f64(ar, gr) as f32;
+        let er = &mut e[..=i];
+        for ((g, &a), e) in gr.iter_mut().zip(ar).zip(er.iter_mut()) {
+            let d = a * (*g - s);
+            *g = d;
+            *e = d.abs() / (1.0 - a + EPS);
+        }
+        zero.fill(0.0);
+        // Keys [0, split) lie in the sink; the rest, `past`, start at key `split`.
+        let split = sink.min(i + 1);
+        let (in_sink, past) = er.split_at(split);
+        let row_sink = sum_f64(in_sink);
+        sums.total += row_sink + sum_f64(past);
+        sums.sink += row_sink;
+        if i >= prompt_len {
+            // past[x] is key split + x, at distance i - split - x.
+            for (slot, &v) in sums.token[..past.len()].iter_mut().rev().zip(past) {
+                *slot += v as f64;
+            }
+        } else {
+            // split (the sink) is a multiple of BLOCK: each chunk is one key block.
+            for (x, chunk) in past.chunks(BLOCK).enumerate() {
+                sums.block[i / BLOCK - split / BLOCK - x] += sum_f64(chunk);
             }
         }
-        gr[i + 1..].fill(0.0);
-        sums.total += row_total;
-        sums.sink += row_sink;
-        masked_rows(ar, &gr[..=i], i, prompt_len, sink, &mut prefix, sums);
+        masked_rows(ar, gr, i, prompt_len, sink, &mut bounds, sums);
     }
 }
 
@@ -631,28 +658,22 @@ const MIN_KEPT: f64 = 0.01;
 /// entries are a prefix `[sink, b)` of the row (b from the run-time rule of the row:
 /// decode's token rule for answer rows, `moa-block64` for prompt rows), and masking them
 /// together changes the loss, to first order, by `-sum dS / (1 - sum A)` over them.
+/// `a` and `ds` are the row's entries 0..=i; `bounds` is scratch.
 fn masked_rows(
     a: &[f32],
     ds: &[f32],
     i: usize,
     prompt_len: usize,
     sink: usize,
-    prefix: &mut Vec<(f64, f64)>,
+    bounds: &mut Vec<usize>,
     sums: &mut HeadSums,
 ) {
     if i < sink {
         return;
     }
-    // prefix[x] = sums of dS and A over [sink, sink + x).
-    prefix.clear();
-    prefix.push((0.0, 0.0));
-    let (mut d, mut m) = (0.0f64, 0.0f64);
-    for j in sink..=i {
-        d += ds[j] as f64;
-        m += a[j] as f64;
-        prefix.push((d, m));
-    }
-    for (k, slot) in sums.rows.iter_mut().enumerate() {
+    // b of window k = 0, 1, ..: strictly falling, each past the sink.
+    bounds.clear();
+    for k in 0..sums.rows.len() {
         let local = k * BLOCK;
         // First key the window keeps (past the sink).
         let first = if i >= prompt_len {
@@ -664,8 +685,16 @@ fn masked_rows(
         if b == sink {
             break;
         }
-        let (d, m) = prefix[b - sink];
-        *slot += d.abs() / (1.0 - m).max(MIN_KEPT);
+        bounds.push(b);
+    }
+    // The sums of dS and A over [sink, b), from the smallest b up.
+    let (mut d, mut m) = (0.0f64, 0.0f64);
+    let mut from = sink;
+    for (k, &b) in bounds.iter().enumerate().rev() {
+        d += sum_f64(&ds[from..b]);
+        m += sum_f64(&a[from..b]);
+        from = b;
+        sums.rows[k] += d.abs() / (1.0 - m).max(MIN_KEPT);
     }
 }
 
@@ -708,8 +737,9 @@ fn needle_sums(
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
-    //! The banded causal products against the full products in float64, on fresh random
-    //! inputs, for lengths of one band, of several bands and with a partial last band.
+    //! The softmax against float64 and the vectorized reduction against the
+    //! entry-by-entry sums, on fresh random inputs, for lengths of one band, of several
+    //! bands and with a partial last band.
     use super::*;
     use moac_runtime::reference::check::Rng;
 
@@ -717,46 +747,157 @@ mod tests {
         (0..n).map(|_| rng.uniform()).collect()
     }
 
-    #[test]
-    fn banded_causal_products_equal_the_full_ones() {
-        let mut rng = Rng::fresh("banded products");
-        let d = 8;
-        for t in [40usize, 200, 1030] {
-            let (a, b) = (rand(&mut rng, t * d), rand(&mut rng, t * d));
-            let mut m = rand(&mut rng, t * t);
-            for i in 0..t {
-                m[i * t + i + 1..(i + 1) * t].fill(0.0);
-            }
-            let at = Tensor::from_vec(a.clone(), (t, d), &Device::Cpu).unwrap();
-            let bt = Tensor::from_vec(b.clone(), (t, d), &Device::Cpu).unwrap();
-            let close = |got: f32, want: f64, mag: f64| {
-                assert!(
-                    (got as f64 - want).abs() <= 1e-5 * mag + 1e-6,
-                    "t {t}: {got} vs {want}"
-                );
-            };
-            let s = causal_scores(&at, &bt).unwrap();
-            for i in 0..t {
-                for j in 0..=i {
-                    let want: f64 = (0..d)
-                        .map(|x| a[i * d + x] as f64 * b[j * d + x] as f64)
-                        .sum();
-                    close(s[i * t + j], want, d as f64);
+    /// The reduction entry by entry, in the order the formulas read (the vectorized
+    /// [`reduce_head`] regroups the same sums).
+    fn reduce_reference(
+        a: &[f32],
+        g: &[f32],
+        t: usize,
+        prompt_len: usize,
+        sink: usize,
+        sums: &mut HeadSums,
+    ) -> Vec<f32> {
+        let mut ds = vec![0f32; t * t];
+        for i in 0..t {
+            let s: f64 = (0..=i)
+                .map(|j| a[i * t + j] as f64 * g[i * t + j] as f64)
+                .sum();
+            let s = s as f32;
+            for j in 0..=i {
+                let x = i * t + j;
+                let d = a[x] * (g[x] - s);
+                ds[x] = d;
+                let e = (d.abs() / (1.0 - a[x] + EPS)) as f64;
+                sums.total += e;
+                if j < sink {
+                    sums.sink += e;
+                } else if i >= prompt_len {
+                    sums.token[i - j] += e;
+                } else {
+                    sums.block[i / BLOCK - j / BLOCK] += e;
                 }
             }
-            let mt = square(m.clone(), t).unwrap();
-            let l = causal_left(&mt, &bt).unwrap().to_vec2::<f32>().unwrap();
-            let lt = causal_left_t(&mt, &bt).unwrap().to_vec2::<f32>().unwrap();
+            if i < sink {
+                continue;
+            }
+            for (k, slot) in sums.rows.iter_mut().enumerate() {
+                let local = k * BLOCK;
+                let first = if i >= prompt_len {
+                    (i + 1).saturating_sub(local)
+                } else {
+                    ((i / BLOCK + 1).saturating_sub(local / BLOCK)) * BLOCK
+                };
+                let b = first.clamp(sink, i + 1);
+                if b == sink {
+                    break;
+                }
+                let d: f64 = (sink..b).map(|j| ds[i * t + j] as f64).sum();
+                let m: f64 = (sink..b).map(|j| a[i * t + j] as f64).sum();
+                *slot += d.abs() / (1.0 - m).max(MIN_KEPT);
+            }
+        }
+        ds
+    }
+
+    fn close_sums(got: &HeadSums, want: &HeadSums, what: &str) {
+        let close = |g: f64, w: f64, name: &str| {
+            assert!(
+                (g - w).abs() <= 1e-9 * w.abs().max(1.0),
+                "{what}: {name} {g} vs {w}"
+            );
+        };
+        close(got.total, want.total, "total");
+        close(got.sink, want.sink, "sink");
+        for (name, g, w) in [
+            ("token", &got.token, &want.token),
+            ("block", &got.block, &want.block),
+            ("rows", &got.rows, &want.rows),
+        ] {
+            assert_eq!(g.len(), w.len());
+            for (x, (&g, &w)) in g.iter().zip(w).enumerate() {
+                close(g, w, &format!("{name}[{x}]"));
+            }
+        }
+    }
+
+    /// Softmax rows of random scores (as the profile's A), zero above the diagonal.
+    fn random_probs(rng: &mut Rng, t: usize) -> Vec<f32> {
+        let mut a = rand(rng, t * t);
+        for x in a.iter_mut() {
+            *x *= 6.0;
+        }
+        causal_softmax(&mut a, t, 1.0, None);
+        a
+    }
+
+    #[test]
+    fn reduction_matches_the_entrywise_sums() {
+        let mut rng = Rng::fresh("reduce_head");
+        // Lengths of one band, several bands and a partial band; prompts ending inside
+        // the sink, on a block edge, inside a block and at the last row but one; sinks
+        // of one and two blocks.
+        for (t, prompt_len, sink) in [
+            (40usize, 20usize, 64usize),
+            (200, 64, 64),
+            (200, 150, 128),
+            (300, 299, 64),
+            (1030, 700, 64),
+        ] {
+            let a = random_probs(&mut rng, t);
+            // Causal products leave values right of the diagonal up to the band's end.
+            let mut g = vec![0f32; t * t];
             for i in 0..t {
-                for x in 0..d {
-                    let want: f64 = (0..=i)
-                        .map(|j| m[i * t + j] as f64 * b[j * d + x] as f64)
-                        .sum();
-                    close(l[i][x], want, t as f64);
-                    let want_t: f64 = (i..t)
-                        .map(|j| m[j * t + i] as f64 * b[j * d + x] as f64)
-                        .sum();
-                    close(lt[i][x], want_t, t as f64);
+                for j in 0..band_end(i, t) {
+                    g[i * t + j] = rng.uniform() - 0.5;
+                }
+            }
+            let n = t + 64;
+            let mut want = HeadSums::new(n);
+            let want_ds = reduce_reference(&a, &g, t, prompt_len, sink, &mut want);
+            let mut got = HeadSums::new(n);
+            let mut ds = g.clone();
+            reduce_head(&a, &mut ds, t, prompt_len, sink, &mut got);
+            let what = format!("t {t}, prompt {prompt_len}, sink {sink}");
+            // S_i is summed in another order: it may round to the neighbouring f32 (a
+            // change of at most 2^-23 |S_i| <= 2^-24 in A (G - S)), about once in 10^9
+            // rows.
+            for (x, (&g, &w)) in ds.iter().zip(&want_ds).enumerate() {
+                let bound = (a[x] as f64).abs() * 1e-7 + 1e-7 * (w as f64).abs();
+                assert!(
+                    (g as f64 - w as f64).abs() <= bound,
+                    "{what}: dS entry {x}: {g:e} vs {w:e}"
+                );
+            }
+            close_sums(&got, &want, &what);
+        }
+    }
+
+    #[test]
+    fn softmax_rows_sum_to_one_and_follow_the_scores() {
+        let mut rng = Rng::fresh("causal softmax");
+        for t in [40usize, 300] {
+            let s = rand(&mut rng, t * t);
+            let mut p = s.clone();
+            for i in 0..t {
+                p[i * t + band_end(i, t)..(i + 1) * t].fill(0.0);
+            }
+            let scale = 3.0f32;
+            causal_softmax(&mut p, t, scale, None);
+            for i in 0..t {
+                let row: Vec<f64> = (0..=i).map(|j| (s[i * t + j] * scale) as f64).collect();
+                let max = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x));
+                let z: f64 = row.iter().map(|x| (x - max).exp()).sum();
+                for j in 0..t {
+                    let want = if j <= i {
+                        (row[j] - max).exp() / z
+                    } else {
+                        0.0
+                    };
+                    let got = p[i * t + j] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-6 * want + 1e-9,
+                        "t {t} row {i} col {j}: {got} vs {want}"
+                    );
                 }
             }
         }

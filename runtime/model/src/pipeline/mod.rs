@@ -6,6 +6,7 @@
 //! plans is model-free (`moac::plan::optimize`).
 
 pub mod calib;
+mod causal;
 pub mod heads;
 pub mod influence;
 pub mod make;

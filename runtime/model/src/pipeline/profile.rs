@@ -460,6 +460,8 @@ pub fn run(
         }
         levels.push(level);
     }
+    // The backward pass's [T, T] buffers stay pooled between samples; not after.
+    super::causal::release_scratch();
     Ok(Profile {
         model: model_name.to_string(),
         shape,
