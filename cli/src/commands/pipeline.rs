@@ -235,7 +235,8 @@ pub struct MakeArgs {
     #[arg(long)]
     pub keep_parts: bool,
     /// Validate the K plans of least predicted loss (summed over the profiled lengths,
-    /// each normalized); the best of them by validation loss is the plan (0: no
+    /// each normalized); the first of them is the plan unless another's validation loss
+    /// is lower by more than two standard errors of the per-sample differences (0: no
     /// validation, the plan of least predicted loss).
     #[arg(long, default_value_t = VALIDATE_PLANS)]
     pub validate_plans: usize,
@@ -483,6 +484,7 @@ fn print_validation(v: &Validation, output: &Path) {
         }
         eprintln!("{line}{mark}");
     }
+    eprintln!("chosen: {}", v.reason);
     eprintln!("wrote {} (from {})", output.display(), v.chosen.display());
 }
 
@@ -531,6 +533,7 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
             max_answer: a.max_answer,
             baselines: !a.no_baselines,
             output: &a.output,
+            incumbent: None,
         },
         &mut Terminal::default(),
     )?;

@@ -427,6 +427,7 @@ pub fn make(model: &Model, opts: &MakeOptions, progress: &mut dyn Progress) -> R
                 max_answer: opts.max_answer,
                 baselines: opts.validate_baselines,
                 output: &opts.output,
+                incumbent: top.first().map(String::as_str),
             },
             progress,
         )?;

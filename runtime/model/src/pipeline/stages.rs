@@ -304,6 +304,8 @@ pub struct Validated {
     pub loss: f64,
     /// (family, mean loss) in the order families first appear.
     pub by_family: Vec<(String, f64)>,
+    /// Each held-out sample's loss, in sample order.
+    pub losses: Vec<f64>,
 }
 
 /// What [`validate`] measured and chose.
@@ -311,8 +313,10 @@ pub struct Validated {
 pub struct Validation {
     /// Dense and uniform first (when measured), then the plans in file order.
     pub rows: Vec<Validated>,
-    /// The plan file of least mean loss (copied to the output).
+    /// The chosen plan file (copied to the output): see [`ValidateOptions::incumbent`].
     pub chosen: PathBuf,
+    /// Why it was chosen, in a sentence.
+    pub reason: String,
     /// (family, held-out samples of it) in the order families first appear.
     pub families: Vec<(String, usize)>,
     /// Held-out samples in all.
@@ -334,11 +338,33 @@ pub struct ValidateOptions<'a> {
     pub baselines: bool,
     /// Where the chosen plan is written (its bytes as they are in `plans`).
     pub output: &'a Path,
+    /// The optimizer's own choice (`plan-NN`): another plan replaces it only where its
+    /// held-out loss is lower by more than two standard errors of the per-sample
+    /// differences (a handful of held-out samples cannot tell closer plans apart, and the
+    /// optimizer's choice rests on every calibration sample). `None`: the plan of least
+    /// mean loss.
+    pub incumbent: Option<&'a str>,
+}
+
+/// Whether the losses `c` beat `inc` (same samples) beyond noise: the mean of the
+/// per-sample differences below zero by more than two of its standard errors; with
+/// fewer than two samples nothing can be shown. Returns (beats, mean difference,
+/// standard error).
+pub fn beats(c: &[f64], inc: &[f64]) -> (bool, f64, f64) {
+    let n = c.len().min(inc.len());
+    if n < 2 {
+        return (false, 0.0, f64::INFINITY);
+    }
+    let d: Vec<f64> = c.iter().zip(inc).map(|(a, b)| a - b).collect();
+    let mean = d.iter().sum::<f64>() / n as f64;
+    let var = d.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+    let se = (var / n as f64).sqrt();
+    (mean < 0.0 && -mean > 2.0 * se, mean, se)
 }
 
 /// Runs every plan of `opts.plans` (and dense and uniform for reference) on `samples`,
 /// each as it runs (prompt prefilled through moac's cache, the answer fed back token by
-/// token), and writes the plan of least mean response loss to `opts.output`.
+/// token), and writes the chosen plan ([`ValidateOptions::incumbent`]) to `opts.output`.
 pub fn validate(
     model: &Model,
     attention: &AttentionOptions,
@@ -347,7 +373,6 @@ pub fn validate(
     progress: &mut dyn Progress,
 ) -> Result<Validation> {
     let mut rows = Vec::new();
-    let mut best: Option<(f64, PathBuf)> = None;
     let mut files = plan_files(opts.plans)?;
     if let Some(names) = opts.only {
         files.retain(|f| names.iter().any(|n| f.ends_with(format!("{n}.json"))));
@@ -402,19 +427,77 @@ pub fn validate(
                 (f.clone(), v.iter().sum::<f64>() / v.len().max(1) as f64)
             })
             .collect();
-        if let (Some(f), true) = (file, name.starts_with("plan-")) {
-            if best.as_ref().is_none_or(|(b, _)| mean < *b) {
-                best = Some((mean, f.clone()));
-            }
-        }
         rows.push(Validated {
             name: name.clone(),
             loss: mean,
             by_family,
+            losses,
         });
     }
     progress.finish();
-    let (_, chosen) = best.ok_or_else(|| Error::Usage("no plan to choose from".into()))?;
+    let plans: Vec<(&Validated, &PathBuf)> = rows
+        .iter()
+        .zip(&runs)
+        .filter(|(r, _)| r.name.starts_with("plan-"))
+        .filter_map(|(r, (_, f))| f.as_ref().map(|f| (r, f)))
+        .collect();
+    let least = plans
+        .iter()
+        .min_by(|a, b| a.0.loss.total_cmp(&b.0.loss))
+        .copied()
+        .ok_or_else(|| Error::Usage("no plan to choose from".into()))?;
+    let inc = opts
+        .incumbent
+        .and_then(|n| plans.iter().find(|(r, _)| r.name == n).copied());
+    let (chosen, reason) = match inc {
+        None => (
+            least.1.clone(),
+            format!("{}: the least mean loss", least.0.name),
+        ),
+        Some(inc) => {
+            // The challenger of least mean loss among those that beat the incumbent.
+            let winner = plans
+                .iter()
+                .filter(|(r, _)| r.name != inc.0.name)
+                .filter(|(r, _)| beats(&r.losses, &inc.0.losses).0)
+                .min_by(|a, b| a.0.loss.total_cmp(&b.0.loss));
+            match winner {
+                Some((r, f)) => {
+                    let (_, m, se) = beats(&r.losses, &inc.0.losses);
+                    (
+                        (*f).clone(),
+                        format!(
+                            "{}: its loss is {:.4} below the optimizer's {} (2 standard errors: {:.4})",
+                            r.name,
+                            -m,
+                            inc.0.name,
+                            2.0 * se
+                        ),
+                    )
+                }
+                None if least.0.name == inc.0.name => (
+                    inc.1.clone(),
+                    format!(
+                        "{}: the optimizer's choice and the least mean loss",
+                        inc.0.name
+                    ),
+                ),
+                None => {
+                    let (_, m, se) = beats(&least.0.losses, &inc.0.losses);
+                    (
+                        inc.1.clone(),
+                        format!(
+                            "{}: the optimizer's choice, kept ({}'s loss is {:.4} lower, within 2 standard errors: {:.4})",
+                            inc.0.name,
+                            least.0.name,
+                            -m,
+                            2.0 * se
+                        ),
+                    )
+                }
+            }
+        }
+    };
     let bytes = std::fs::read(&chosen).map_err(io(&chosen))?;
     if let Some(dir) = opts.output.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
@@ -430,8 +513,39 @@ pub fn validate(
     Ok(Validation {
         rows,
         chosen,
+        reason,
         families,
         samples: samples.len(),
         length: samples.iter().map(|s| s.length).max().unwrap_or(0),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    //! The validation's rule against hand-computed paired statistics.
+    use super::beats;
+
+    #[test]
+    fn a_plan_beats_the_incumbent_only_beyond_two_standard_errors() {
+        // Differences -0.10, -0.12, -0.08, -0.10: mean -0.1, sample sd 0.01633, se
+        // 0.008165: far beyond two standard errors.
+        let inc = [1.0, 2.0, 3.0, 4.0];
+        let c = [0.9, 1.88, 2.92, 3.9];
+        let (b, m, se) = beats(&c, &inc);
+        assert!(b);
+        assert!((m + 0.1).abs() < 1e-12);
+        assert!((se - 0.008_164_965_809_277_26).abs() < 1e-9, "{se}");
+        // The fifth round's validation: plan-02 against the summed plan-03, six
+        // families (mean -0.0114, se 0.0122): not beyond the noise.
+        let p03 = [0.7435, 0.1026, 1.5318, 0.6632, 0.6957, 0.4427];
+        let p02 = [0.7436, 0.0899, 1.4650, 0.6578, 0.6940, 0.4608];
+        let (b, m, se) = beats(&p02, &p03);
+        assert!(!b, "mean {m}, se {se}");
+        assert!(m < 0.0 && -m < 2.0 * se);
+        // Worse, equal, or one sample: never.
+        assert!(!beats(&inc, &c).0);
+        assert!(!beats(&inc, &inc).0);
+        assert!(!beats(&[0.0], &[5.0]).0);
+        assert!(!beats(&[], &[]).0);
+    }
 }

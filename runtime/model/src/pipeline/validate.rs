@@ -1,7 +1,8 @@
 //! Validation: the response loss of calibration-style samples under a plan, computed as
 //! the plan runs: the prompt prefilled through moac's cache, the answer decoded token by
 //! token with its true tokens fed back (teacher forcing). MoA picks, among the Pareto
-//! plans, the one with the lowest loss at a length longer than any profiled.
+//! plans, the one with the lowest loss at a length longer than any profiled (moac keeps
+//! the optimizer's choice unless another plan is better beyond the held-out noise).
 
 use super::calib::CalibSample;
 use crate::attention::Engine;
