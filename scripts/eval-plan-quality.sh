@@ -5,7 +5,8 @@
 # calibration set and the profile are made once), then each made plan against the
 # uniform plan of the same density (alpha 0, beta = density) and dense, on data the
 # pipeline never saw:
-# - pass-key retrieval at 1k/2k/3k, five depths 0.1..0.9, EVAL_SEEDS (4) prompts each;
+# - pass-key retrieval at 1k/2k/3k, five depths 0.1..0.9, EVAL_SEEDS (4) prompts each
+#   (seed 11), and at 2k again with EVAL_SEEDS_2K (8) prompts per depth (seed 23);
 # - LongEval lines at 1k/2k, EVAL_LINES (20) prompts each;
 # - perplexity of the license texts at 2k/4k/8k, prefill and decode scoring;
 # - the retrieval heads (`moac eval heads`) and the spans each plan gives them.
@@ -13,6 +14,8 @@
 # EVAL_PASSKEY_LENGTHS, EVAL_LINES_LENGTHS narrow it; MAKE_ARGS adds plan make flags.
 set -euo pipefail
 EVAL_OUT=eval-quality
+# The model's default weights (the file's blocks), as a user runs it.
+EVAL_WEIGHTS="${EVAL_WEIGHTS:-auto}"
 # shellcheck source=scripts/eval-common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/eval-common.sh"
 bash scripts/setup-calib-text.sh
@@ -38,6 +41,9 @@ done
 "$moac" eval retrieval --model "$model" --weights "$weights" "${plans[@]}" --task passkey \
   --lengths "${EVAL_PASSKEY_LENGTHS:-1024,2048,3072}" --depths 0.1,0.3,0.5,0.7,0.9 \
   --samples "${EVAL_SEEDS:-4}" --seed 11 --svg "$out/passkey.svg" | tee "$out/passkey.txt"
+"$moac" eval retrieval --model "$model" --weights "$weights" "${plans[@]}" --task passkey \
+  --lengths 2048 --depths 0.1,0.3,0.5,0.7,0.9 --samples "${EVAL_SEEDS_2K:-8}" --seed 23 \
+  | tee "$out/passkey-2k.txt"
 "$moac" eval retrieval --model "$model" --weights "$weights" "${plans[@]}" --task lines \
   --lengths "${EVAL_LINES_LENGTHS:-1024,2048}" --samples "${EVAL_LINES:-20}" --seed 12 \
   --svg "$out/lines.svg" | tee "$out/lines.txt"
