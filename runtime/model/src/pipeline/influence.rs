@@ -604,6 +604,17 @@ struct HeadGrad {
     seen: Option<(Vec<f32>, Vec<f32>)>,
 }
 
+/// The first key that query row `i` keeps under a window of `local` keys (the sink not
+/// counted, nor clamped to it): prompt rows (before `prompt_len`) by block distance,
+/// as the prefill kernels mask, the others by token distance.
+fn window_first(i: usize, local: usize, prompt_len: usize) -> usize {
+    if i >= prompt_len {
+        (i + 1).saturating_sub(local)
+    } else {
+        ((i / BLOCK + 1).saturating_sub(local / BLOCK)) * BLOCK
+    }
+}
+
 /// Turns G = dO V^T (in `ds`, as [`causal_scores`] leaves it) into dS = A * (G - S) in
 /// place (0 above the diagonal), and adds |E| = |dS| / (1 - A + eps) of every causal
 /// entry to `sums` under the run-time masks: rows before `prompt_len` by block
@@ -674,14 +685,7 @@ fn masked_rows(
     // b of window k = 0, 1, ..: strictly falling, each past the sink.
     bounds.clear();
     for k in 0..sums.rows.len() {
-        let local = k * BLOCK;
-        // First key the window keeps (past the sink).
-        let first = if i >= prompt_len {
-            (i + 1).saturating_sub(local)
-        } else {
-            ((i / BLOCK + 1).saturating_sub(local / BLOCK)) * BLOCK
-        };
-        let b = first.clamp(sink, i + 1);
+        let b = window_first(i, k * BLOCK, prompt_len).clamp(sink, i + 1);
         if b == sink {
             break;
         }
@@ -781,13 +785,17 @@ mod tests {
                 continue;
             }
             for (k, slot) in sums.rows.iter_mut().enumerate() {
+                // The first key past the sink that a window of `local` keys keeps, by
+                // the masks' predicates (rows before the prompt's end by block).
                 let local = k * BLOCK;
-                let first = if i >= prompt_len {
-                    (i + 1).saturating_sub(local)
-                } else {
-                    ((i / BLOCK + 1).saturating_sub(local / BLOCK)) * BLOCK
+                let kept = |j: usize| {
+                    if i >= prompt_len {
+                        i - j < local
+                    } else {
+                        i / BLOCK - j / BLOCK < local / BLOCK
+                    }
                 };
-                let b = first.clamp(sink, i + 1);
+                let b = (sink..=i).find(|&j| kept(j)).unwrap_or(i + 1);
                 if b == sink {
                     break;
                 }
