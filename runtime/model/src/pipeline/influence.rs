@@ -48,6 +48,20 @@ pub struct HeadSums {
 }
 
 impl HeadSums {
+    /// Adds `e`, the influence of entry (query `i`, key `j`), to the total and to the
+    /// bin the run-time masks put it in: the sink, else by block distance for prompt rows
+    /// (before `prompt_len`) and by token distance for the others.
+    fn add_entry(&mut self, i: usize, j: usize, e: f64, sink: usize, prompt_len: usize) {
+        self.total += e;
+        if j < sink {
+            self.sink += e;
+        } else if i >= prompt_len {
+            self.token[i - j] += e;
+        } else {
+            self.block[i / BLOCK - j / BLOCK] += e;
+        }
+    }
+
     /// Zero sums for sequences of up to `n` tokens.
     pub fn new(n: usize) -> HeadSums {
         HeadSums {
@@ -725,15 +739,7 @@ fn needle_sums(
     let w = 1.0 / rows.len() as f64;
     for &i in rows {
         for j in (0..=i).filter(|&j| needle.get(j).copied().unwrap_or(false)) {
-            let e = w * value(i * t + j);
-            sums.total += e;
-            if j < sink {
-                sums.sink += e;
-            } else if i >= prompt_len {
-                sums.token[i - j] += e;
-            } else {
-                sums.block[i / BLOCK - j / BLOCK] += e;
-            }
+            sums.add_entry(i, j, w * value(i * t + j), sink, prompt_len);
         }
     }
 }
@@ -771,15 +777,13 @@ mod tests {
                 let x = i * t + j;
                 let d = a[x] * (g[x] - s);
                 ds[x] = d;
-                let e = (d.abs() / (1.0 - a[x] + EPS)) as f64;
-                sums.total += e;
-                if j < sink {
-                    sums.sink += e;
-                } else if i >= prompt_len {
-                    sums.token[i - j] += e;
-                } else {
-                    sums.block[i / BLOCK - j / BLOCK] += e;
-                }
+                sums.add_entry(
+                    i,
+                    j,
+                    (d.abs() / (1.0 - a[x] + EPS)) as f64,
+                    sink,
+                    prompt_len,
+                );
             }
             if i < sink {
                 continue;
